@@ -1,0 +1,41 @@
+# rbr: PGXS build. `make demo` and `make test` also work on a fresh machine
+# before pg_config exists: they install what is missing first (test/setup.sh).
+
+EXTENSION = rbr
+EXTVERSION = 0.1.0
+
+MODULE_big = rbr
+OBJS = src/rbr.o src/policy.o src/classes.o src/reward.o
+HEADERS = src/rbr.h src/policy.h src/classes.h
+
+DATA = sql/rbr--$(EXTVERSION).sql
+
+# pg_regress suites: sql/<name>.sql -> expected/<name>.out
+REGRESS = policy classes gold reward
+REGRESS_OPTS = --inputdir=. --load-extension=rbr
+
+PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror
+# the server headers are not -Wextra clean: include them as system headers
+PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server 2>/dev/null)
+SHLIB_LINK = -lcurl -ljson-c
+
+EXTRA_CLEAN = results regression.diffs regression.out test/bench/*.o
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifneq ($(PGXS),)
+include $(PGXS)
+else
+all:
+	@echo "pg_config not found: install postgresql-server-dev-15, or run 'make test' / 'make demo' (they install it)" >&2
+	@exit 1
+endif
+
+.PHONY: demo test
+# Set up a fresh machine if needed, build, install, start a throwaway cluster, run the demo.
+demo:
+	bash test/run.sh demo
+
+# The same set-up, then every test suite.
+test:
+	bash test/run.sh test

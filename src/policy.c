@@ -1,0 +1,1179 @@
+/*
+ * policy.c: parse, validate and compile a policy spec, and cache compiled
+ * policies per backend.
+ *
+ * A spec is the jsonb document of ../shared/reference/policy.json, with
+ * optional extra keys (behavior_policy, label_tiers, features, description).
+ * Compilation resolves every name to an index once, so that evaluating a row
+ * (classes.c) is only arithmetic. Every validation error names the problem
+ * and the place in the spec (a dotted path).
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+
+#include "policy.h"
+
+/* Most simple propositions one class may repeat before exact mode refuses. */
+#define RBR_MAX_REPEATED 20
+
+/* Top-level keys a spec may carry. */
+static const char *const spec_keys[] = {
+	"prompt_template", "completion_class_order", "completion_classes",
+	"derived_propositions", "simple_propositions", "behavior_policy",
+	"label_tiers", "features", "description", NULL
+};
+
+/* ---------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------- */
+
+/* Raise the standard "invalid policy" error with a detail and a hint. */
+#define policy_error(path, hint, ...) \
+	ereport(ERROR, \
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE), \
+			 errmsg("invalid policy: " __VA_ARGS__), \
+			 errdetail("At %s.", (path)), \
+			 (hint) ? errhint("%s", (const char *) (hint)) : 0))
+
+/* ---------------------------------------------------------------------------
+ * Small jsonb helpers
+ * ------------------------------------------------------------------------- */
+
+/* Human name of a jsonb value's type, for error messages. */
+static const char *
+jbv_type_name(JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvNull:
+			return "null";
+		case jbvString:
+			return "a string";
+		case jbvNumeric:
+			return "a number";
+		case jbvBool:
+			return "a boolean";
+		case jbvBinary:
+			return JsonContainerIsArray(v->val.binary.data) ? "an array" : "an object";
+		default:
+			return "a container";
+	}
+}
+
+/* True if v is a jsonb object (as a nested container). */
+static inline bool
+jbv_is_object(JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data);
+}
+
+/* True if v is a jsonb array (as a nested container). */
+static inline bool
+jbv_is_array(JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data) &&
+		!JsonContainerIsScalar(v->val.binary.data);
+}
+
+/* Copy a jsonb string value into a NUL-terminated palloc'd string. */
+static char *
+jbv_cstring(JsonbValue *v)
+{
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/* One (key, value) of an object container, as produced by obj_items(). */
+typedef struct JsonItem
+{
+	char	   *key;
+	JsonbValue	value;
+} JsonItem;
+
+/* All (key, value) pairs of an object container, in jsonb key order. */
+static JsonItem *
+obj_items(JsonbContainer *c, int *n)
+{
+	JsonbIterator *it = JsonbIteratorInit(c);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	JsonItem   *items = palloc0(sizeof(JsonItem) * (JsonContainerSize(c) + 1));
+	int			count = 0;
+	char	   *key = NULL;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			key = jbv_cstring(&v);
+		else if (tok == WJB_VALUE)
+		{
+			items[count].key = key;
+			items[count].value = v;
+			count++;
+		}
+	}
+	*n = count;
+	return items;
+}
+
+/* All elements of an array container. */
+static JsonbValue *
+arr_items(JsonbContainer *c, int *n)
+{
+	JsonbIterator *it = JsonbIteratorInit(c);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	JsonbValue *items = palloc0(sizeof(JsonbValue) * (JsonContainerSize(c) + 1));
+	int			count = 0;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_ELEM)
+			items[count++] = v;
+	}
+	*n = count;
+	return items;
+}
+
+/* The value of key in an object container, or NULL. */
+static JsonbValue *
+obj_get(JsonbContainer *c, const char *key)
+{
+	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
+}
+
+/* ---------------------------------------------------------------------------
+ * Names
+ * ------------------------------------------------------------------------- */
+
+/* Fold a response type name: lower case, runs of spaces/hyphens become '_'. */
+char *
+rbr_fold_name(const char *name)
+{
+	StringInfoData buf;
+	const char *p = name;
+	bool		pending_sep = false;
+
+	initStringInfo(&buf);
+	while (*p == ' ' || *p == '\t')
+		p++;
+	for (; *p; p++)
+	{
+		char		c = *p;
+
+		if (c == ' ' || c == '\t' || c == '-' || c == '_')
+		{
+			pending_sep = true;
+			continue;
+		}
+		if (pending_sep && buf.len > 0)
+			appendStringInfoChar(&buf, '_');
+		pending_sep = false;
+		appendStringInfoChar(&buf, (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c);
+	}
+	return buf.data;
+}
+
+/* Check a name used for propositions, classes and response types. */
+static void
+check_name(const char *name, const char *path, const char *what)
+{
+	const char *p;
+
+	if (name[0] == '\0')
+		policy_error(path, "Give every entry a non-empty name.", "empty %s name", what);
+	if (strlen(name) > RBR_NAME_MAX)
+		policy_error(path, "Names become column names: keep them at most 63 bytes.",
+					 "%s name \"%s\" is too long", what, name);
+	for (p = name; *p; p++)
+	{
+		bool		ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+			*p == '_' || (p != name && *p >= '0' && *p <= '9');
+
+		if (!ok)
+			policy_error(path,
+						 "Names become column names: use letters, digits and underscores, not starting with a digit.",
+						 "%s name \"%s\" contains \"%c\"", what, name, *p);
+	}
+}
+
+/* Index of a proposition by name, or -1. */
+int
+rbr_policy_prop_index(RbrPolicy *policy, const char *name)
+{
+	for (int i = 0; i < policy->nprops; i++)
+		if (strcmp(policy->props[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+/* Index of a class by name, or -1. */
+int
+rbr_policy_class_index(RbrPolicy *policy, const char *name)
+{
+	for (int i = 0; i < policy->nclasses; i++)
+		if (strcmp(policy->classes[i], name) == 0)
+			return i;
+	return -1;
+}
+
+/* Name of a feature of a response type. */
+const char *
+rbr_feature_name(RbrPolicy *policy, RbrFeature *f)
+{
+	return f->kind == RBR_FEATURE_PROP ? policy->props[f->index].name
+		: policy->classes[f->index];
+}
+
+/* The response type of a policy, matched after folding; ERROR if absent. */
+RbrRespType *
+rbr_policy_resptype(RbrPolicy *policy, const char *name)
+{
+	char	   *folded = rbr_fold_name(name);
+	StringInfoData known;
+
+	for (int i = 0; i < policy->nresptypes; i++)
+		if (strcmp(policy->resptypes[i].name, folded) == 0)
+		{
+			pfree(folded);
+			return &policy->resptypes[i];
+		}
+
+	initStringInfo(&known);
+	for (int i = 0; i < policy->nresptypes; i++)
+		appendStringInfo(&known, "%s%s", i ? ", " : "", policy->resptypes[i].name);
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("policy \"%s\" has no response type \"%s\"", policy->name, name),
+			 errdetail("Its response types are: %s.", known.data),
+			 errhint("Names match after folding case, spaces and hyphens: 'Hard Refuse' is hard_refuse.")));
+	return NULL;				/* keep compiler quiet */
+}
+
+/* ---------------------------------------------------------------------------
+ * Compilation
+ * ------------------------------------------------------------------------- */
+
+/* qsort comparator for C strings. */
+static int
+cmp_cstring(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/* qsort comparator for JsonItems by key. */
+static int
+cmp_item(const void *a, const void *b)
+{
+	return strcmp(((const JsonItem *) a)->key, ((const JsonItem *) b)->key);
+}
+
+/* Fetch a required top-level member, checking it is an object. */
+static JsonbContainer *
+require_object(JsonbContainer *root, const char *key, bool required)
+{
+	JsonbValue *v = obj_get(root, key);
+
+	if (v == NULL)
+	{
+		if (required)
+			policy_error(key, "A policy needs prompt_template, completion_class_order, completion_classes and simple_propositions; derived_propositions is optional.",
+						 "missing \"%s\"", key);
+		return NULL;
+	}
+	if (!jbv_is_object(v))
+		policy_error(key, NULL, "\"%s\" must be an object, not %s", key, jbv_type_name(v));
+	return v->val.binary.data;
+}
+
+/* Parse an object of literals {name: bool} into resolved literals. */
+static RbrLiteral *
+parse_literals(RbrPolicy *pol, JsonbValue *v, const char *path, int *nlits)
+{
+	JsonItem   *items;
+	int			n;
+	RbrLiteral *lits;
+
+	if (!jbv_is_object(v))
+		policy_error(path, "Write a conjunction as an object of proposition names to true or false.",
+					 "literals must be an object, not %s", jbv_type_name(v));
+	items = obj_items(v->val.binary.data, &n);
+	if (n == 0)
+		policy_error(path, "List at least one literal.", "empty conjunction");
+	lits = palloc(sizeof(RbrLiteral) * n);
+	for (int i = 0; i < n; i++)
+	{
+		char	   *lpath = psprintf("%s.%s", path, items[i].key);
+		int			idx = rbr_policy_prop_index(pol, items[i].key);
+
+		if (idx < 0)
+			policy_error(lpath, "Every literal must name a simple or derived proposition of the policy.",
+						 "unknown proposition \"%s\"", items[i].key);
+		if (items[i].value.type != jbvBool)
+			policy_error(lpath, "Use true or false (JSON booleans), not strings or numbers.",
+						 "literal \"%s\" must be a boolean, not %s", items[i].key,
+						 jbv_type_name(&items[i].value));
+		lits[i].prop = idx;
+		lits[i].value = items[i].value.val.boolean;
+	}
+	*nlits = n;
+	return lits;
+}
+
+/* DFS state for cycle detection among derived propositions. */
+typedef enum
+{
+	VISIT_NEW, VISIT_ACTIVE, VISIT_DONE
+} VisitState;
+
+/* Detect cycles among derived propositions, reporting the cycle's path. */
+static void
+check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth)
+{
+	RbrProp    *prop = &pol->props[p];
+
+	if (state[p] == VISIT_DONE || !prop->derived)
+		return;
+	if (state[p] == VISIT_ACTIVE)
+	{
+		StringInfoData cyc;
+		int			start = 0;
+
+		while (stack[start] != p)
+			start++;
+		initStringInfo(&cyc);
+		for (int i = start; i < depth; i++)
+			appendStringInfo(&cyc, "%s -> ", pol->props[stack[i]].name);
+		appendStringInfoString(&cyc, prop->name);
+		policy_error(psprintf("derived_propositions.%s", prop->name),
+					 "A derived proposition may not depend on itself, directly or through others.",
+					 "cycle among derived propositions: %s", cyc.data);
+	}
+	state[p] = VISIT_ACTIVE;
+	stack[depth] = p;
+	for (int i = 0; i < prop->nlits; i++)
+		check_cycles(pol, prop->lits[i].prop, state, stack, depth + 1);
+	state[p] = VISIT_DONE;
+}
+
+/* Count how often each simple proposition is reached from a conjunction. */
+static void
+count_reach(RbrPolicy *pol, RbrLiteral *lits, int nlits, int *counts)
+{
+	for (int i = 0; i < nlits; i++)
+	{
+		RbrProp    *prop = &pol->props[lits[i].prop];
+
+		if (prop->derived)
+			count_reach(pol, prop->lits, prop->nlits, counts);
+		else
+			counts[lits[i].prop]++;
+	}
+}
+
+/* Parse simple and derived propositions into pol->props. */
+static void
+compile_propositions(RbrPolicy *pol, JsonbContainer *root)
+{
+	JsonbContainer *simple = require_object(root, "simple_propositions", true);
+	JsonbContainer *derived = require_object(root, "derived_propositions", false);
+	JsonItem   *sitems,
+			   *ditems = NULL;
+	int			ns,
+				nd = 0;
+	VisitState *state;
+	int		   *stack;
+
+	sitems = obj_items(simple, &ns);
+	if (ns == 0)
+		policy_error("simple_propositions", "Define at least one proposition with its grader prompt.",
+					 "no simple propositions");
+	if (derived)
+		ditems = obj_items(derived, &nd);
+	qsort(sitems, ns, sizeof(JsonItem), cmp_item);
+	if (nd > 0)
+		qsort(ditems, nd, sizeof(JsonItem), cmp_item);
+
+	pol->nsimple = ns;
+	pol->nprops = ns + nd;
+	pol->props = palloc0(sizeof(RbrProp) * pol->nprops);
+
+	for (int i = 0; i < ns; i++)
+	{
+		char	   *path = psprintf("simple_propositions.%s", sitems[i].key);
+		JsonbValue *prompt;
+
+		check_name(sitems[i].key, path, "proposition");
+		if (!jbv_is_object(&sitems[i].value))
+			policy_error(path, "Write each simple proposition as {\"prompt\": \"...\"}.",
+						 "simple proposition \"%s\" must be an object, not %s",
+						 sitems[i].key, jbv_type_name(&sitems[i].value));
+		prompt = obj_get(sitems[i].value.val.binary.data, "prompt");
+		if (prompt == NULL || prompt->type != jbvString || prompt->val.string.len == 0)
+			policy_error(path, "Give it a non-empty \"prompt\": the question the grader answers with yes or no.",
+						 "simple proposition \"%s\" has no grader prompt", sitems[i].key);
+		pol->props[i].name = pstrdup(sitems[i].key);
+		pol->props[i].prompt = jbv_cstring(prompt);
+	}
+	for (int i = 0; i < nd; i++)
+	{
+		char	   *path = psprintf("derived_propositions.%s", ditems[i].key);
+
+		check_name(ditems[i].key, path, "proposition");
+		for (int j = 0; j < ns; j++)
+			if (strcmp(pol->props[j].name, ditems[i].key) == 0)
+				policy_error(path, "Rename one of them: a name is either simple or derived.",
+							 "\"%s\" is both a simple and a derived proposition", ditems[i].key);
+		pol->props[ns + i].name = pstrdup(ditems[i].key);
+		pol->props[ns + i].derived = true;
+	}
+	/* literals only after every name is known */
+	for (int i = 0; i < nd; i++)
+	{
+		RbrProp    *prop = &pol->props[ns + i];
+
+		prop->lits = parse_literals(pol, &ditems[i].value,
+									psprintf("derived_propositions.%s", prop->name),
+									&prop->nlits);
+	}
+
+	state = palloc0(sizeof(VisitState) * pol->nprops);
+	stack = palloc(sizeof(int) * (pol->nprops + 1));
+	for (int i = ns; i < pol->nprops; i++)
+		check_cycles(pol, i, state, stack, 0);
+}
+
+/* Parse completion_class_order and completion_classes into response types. */
+static void
+compile_classes(RbrPolicy *pol, JsonbContainer *root)
+{
+	JsonbValue *order = obj_get(root, "completion_class_order");
+	JsonbContainer *classes = require_object(root, "completion_classes", true);
+	JsonbValue *elems;
+	JsonItem   *citems;
+	int			ncitems;
+	char	  **rtnames = NULL;
+	int			nrt = 0;
+
+	if (order == NULL)
+		policy_error("completion_class_order", "List the classes from best to worst.",
+					 "missing \"completion_class_order\"");
+	if (!jbv_is_array(order))
+		policy_error("completion_class_order", "List the classes from best to worst.",
+					 "\"completion_class_order\" must be an array, not %s", jbv_type_name(order));
+	elems = arr_items(order->val.binary.data, &pol->nclasses);
+	if (pol->nclasses == 0)
+		policy_error("completion_class_order", "List the classes from best to worst.",
+					 "no completion classes");
+	pol->classes = palloc(sizeof(char *) * pol->nclasses);
+	for (int i = 0; i < pol->nclasses; i++)
+	{
+		char	   *path = psprintf("completion_class_order[%d]", i);
+
+		if (elems[i].type != jbvString)
+			policy_error(path, NULL, "class names must be strings, not %s", jbv_type_name(&elems[i]));
+		pol->classes[i] = jbv_cstring(&elems[i]);
+		check_name(pol->classes[i], path, "class");
+		for (int j = 0; j < i; j++)
+			if (strcmp(pol->classes[j], pol->classes[i]) == 0)
+				policy_error(path, "List each class once.", "duplicate class \"%s\"", pol->classes[i]);
+		if (rbr_policy_prop_index(pol, pol->classes[i]) >= 0)
+			policy_error(path, "Features are named after propositions and classes, so their names must differ.",
+						 "\"%s\" is both a class and a proposition", pol->classes[i]);
+	}
+
+	citems = obj_items(classes, &ncitems);
+	for (int i = 0; i < ncitems; i++)
+		if (rbr_policy_class_index(pol, citems[i].key) < 0)
+			policy_error(psprintf("completion_classes.%s", citems[i].key),
+						 "Add it to completion_class_order, or remove its definition.",
+						 "class \"%s\" is not in completion_class_order", citems[i].key);
+
+	/* the response types: those of the first class in order */
+	for (int c = 0; c < pol->nclasses; c++)
+	{
+		JsonbValue *def = obj_get(classes, pol->classes[c]);
+		char	   *cpath = psprintf("completion_classes.%s", pol->classes[c]);
+		JsonItem   *rtitems;
+		int			n;
+
+		if (def == NULL)
+			policy_error("completion_classes", "Define every class listed in completion_class_order.",
+						 "class \"%s\" has no definition", pol->classes[c]);
+		if (!jbv_is_object(def))
+			policy_error(cpath, "Define a class as an object: response type -> literals.",
+						 "class \"%s\" must be an object, not %s", pol->classes[c], jbv_type_name(def));
+		rtitems = obj_items(def->val.binary.data, &n);
+		if (n == 0)
+			policy_error(cpath, "Define the class for every response type.",
+						 "class \"%s\" defines no response type", pol->classes[c]);
+		if (c == 0)
+		{
+			rtnames = palloc(sizeof(char *) * n);
+			for (int i = 0; i < n; i++)
+			{
+				char	   *folded = rbr_fold_name(rtitems[i].key);
+				char	   *rpath = psprintf("%s.%s", cpath, rtitems[i].key);
+
+				check_name(folded, rpath, "response type");
+				for (int j = 0; j < i; j++)
+					if (strcmp(rtnames[j], folded) == 0)
+						policy_error(rpath, "Response type names match after folding case, spaces and hyphens: keep one.",
+									 "response type \"%s\" is given twice", folded);
+				rtnames[i] = folded;
+			}
+			nrt = n;
+			qsort(rtnames, nrt, sizeof(char *), cmp_cstring);
+			pol->nresptypes = nrt;
+			pol->resptypes = palloc0(sizeof(RbrRespType) * nrt);
+			for (int i = 0; i < nrt; i++)
+			{
+				pol->resptypes[i].name = rtnames[i];
+				pol->resptypes[i].classes = palloc0(sizeof(RbrClassDef) * pol->nclasses);
+			}
+		}
+		/* every class must name exactly the same response types */
+		for (int i = 0; i < n; i++)
+		{
+			char	   *folded = rbr_fold_name(rtitems[i].key);
+			char	   *rpath = psprintf("%s.%s", cpath, rtitems[i].key);
+			RbrRespType *rt = NULL;
+
+			for (int j = 0; j < nrt; j++)
+				if (strcmp(pol->resptypes[j].name, folded) == 0)
+					rt = &pol->resptypes[j];
+			if (rt == NULL)
+				policy_error(rpath, psprintf("Every class must define the same response types; class \"%s\" defines only: %s.",
+											 pol->classes[0], rbr_fold_name(rtnames[0])),
+							 "class \"%s\" names response type \"%s\" that class \"%s\" lacks",
+							 pol->classes[c], folded, pol->classes[0]);
+			if (rt->classes[c].lits != NULL)
+				policy_error(rpath, "Response type names match after folding case, spaces and hyphens: keep one.",
+							 "response type \"%s\" is given twice", folded);
+			rt->classes[c].lits = parse_literals(pol, &rtitems[i].value, rpath,
+												 &rt->classes[c].nlits);
+		}
+		for (int j = 0; j < nrt; j++)
+			if (pol->resptypes[j].classes[c].lits == NULL)
+				policy_error(cpath, "Every class must define the same response types.",
+							 "class \"%s\" lacks response type \"%s\" that class \"%s\" names",
+							 pol->classes[c], pol->resptypes[j].name, pol->classes[0]);
+	}
+
+	/* needed propositions and exact-mode repeated variables per response type */
+	for (int r = 0; r < nrt; r++)
+	{
+		RbrRespType *rt = &pol->resptypes[r];
+		int		   *any = palloc0(sizeof(int) * pol->nprops);
+
+		for (int c = 0; c < pol->nclasses; c++)
+		{
+			RbrClassDef *def = &rt->classes[c];
+			int		   *counts = palloc0(sizeof(int) * pol->nprops);
+
+			count_reach(pol, def->lits, def->nlits, counts);
+			def->repeated = palloc(sizeof(int) * pol->nsimple);
+			for (int p = 0; p < pol->nsimple; p++)
+			{
+				if (counts[p] > 1)
+					def->repeated[def->nrepeated++] = p;
+				any[p] += counts[p];
+			}
+			if (def->nrepeated > RBR_MAX_REPEATED)
+				policy_error(psprintf("completion_classes.%s.%s", pol->classes[c], rt->name),
+							 "Exact class probabilities enumerate repeated propositions; simplify the class.",
+							 "class \"%s\" reaches %d propositions more than once (at most %d)",
+							 pol->classes[c], def->nrepeated, RBR_MAX_REPEATED);
+		}
+		rt->needed = palloc(sizeof(int) * pol->nsimple);
+		for (int p = 0; p < pol->nsimple; p++)
+			if (any[p] > 0)
+				rt->needed[rt->nneeded++] = p;
+	}
+}
+
+/* Parse optional per response type feature lists; default when absent. */
+static void
+compile_features(RbrPolicy *pol, JsonbContainer *root)
+{
+	JsonbContainer *feats = require_object(root, "features", false);
+
+	if (feats)
+	{
+		JsonItem   *items;
+		int			n;
+
+		items = obj_items(feats, &n);
+		for (int i = 0; i < n; i++)
+		{
+			char	   *path = psprintf("features.%s", items[i].key);
+			RbrRespType *rt = NULL;
+			char	   *folded = rbr_fold_name(items[i].key);
+			JsonbValue *elems;
+			int			ne;
+
+			for (int j = 0; j < pol->nresptypes; j++)
+				if (strcmp(pol->resptypes[j].name, folded) == 0)
+					rt = &pol->resptypes[j];
+			if (rt == NULL)
+				policy_error(path, "Feature lists are keyed by the response types the classes define.",
+							 "unknown response type \"%s\"", items[i].key);
+			if (rt->features_explicit)
+				policy_error(path, "Response type names match after folding case, spaces and hyphens: keep one.",
+							 "response type \"%s\" is given twice", folded);
+			if (!jbv_is_array(&items[i].value))
+				policy_error(path, "List feature names: propositions and classes.",
+							 "a feature list must be an array, not %s", jbv_type_name(&items[i].value));
+			elems = arr_items(items[i].value.val.binary.data, &ne);
+			if (ne == 0)
+				policy_error(path, "List at least one feature, or leave the response type out for the default list.",
+							 "empty feature list");
+			rt->features = palloc(sizeof(RbrFeature) * ne);
+			for (int k = 0; k < ne; k++)
+			{
+				char	   *epath = psprintf("%s[%d]", path, k);
+				char	   *fname;
+				int			idx;
+
+				if (elems[k].type != jbvString)
+					policy_error(epath, NULL, "feature names must be strings, not %s", jbv_type_name(&elems[k]));
+				fname = jbv_cstring(&elems[k]);
+				if ((idx = rbr_policy_prop_index(pol, fname)) >= 0)
+				{
+					rt->features[k].kind = RBR_FEATURE_PROP;
+					rt->features[k].index = idx;
+				}
+				else if ((idx = rbr_policy_class_index(pol, fname)) >= 0)
+				{
+					rt->features[k].kind = RBR_FEATURE_CLASS;
+					rt->features[k].index = idx;
+				}
+				else
+					policy_error(epath, "A feature is a simple or derived proposition, or a class of the policy.",
+								 "unknown feature \"%s\"", fname);
+				for (int j = 0; j < k; j++)
+					if (rt->features[j].kind == rt->features[k].kind &&
+						rt->features[j].index == rt->features[k].index)
+						policy_error(epath, "List each feature once.", "duplicate feature \"%s\"", fname);
+			}
+			rt->nfeatures = ne;
+			rt->features_explicit = true;
+		}
+	}
+
+	/* default: the simple propositions the classes reach, then every class */
+	for (int r = 0; r < pol->nresptypes; r++)
+	{
+		RbrRespType *rt = &pol->resptypes[r];
+		int			k = 0;
+
+		if (rt->features_explicit)
+			continue;
+		rt->nfeatures = rt->nneeded + pol->nclasses;
+		rt->features = palloc(sizeof(RbrFeature) * rt->nfeatures);
+		for (int i = 0; i < rt->nneeded; i++, k++)
+		{
+			rt->features[k].kind = RBR_FEATURE_PROP;
+			rt->features[k].index = rt->needed[i];
+		}
+		for (int c = 0; c < pol->nclasses; c++, k++)
+		{
+			rt->features[k].kind = RBR_FEATURE_CLASS;
+			rt->features[k].index = c;
+		}
+	}
+}
+
+/* Parse optional label tiers; default: a class's position in the order. */
+static void
+compile_tiers(RbrPolicy *pol, JsonbContainer *root)
+{
+	JsonbContainer *tiers = require_object(root, "label_tiers", false);
+
+	if (tiers)
+	{
+		JsonItem   *items;
+		int			n;
+
+		items = obj_items(tiers, &n);
+		for (int i = 0; i < n; i++)
+		{
+			char	   *path = psprintf("label_tiers.%s", items[i].key);
+			char	   *folded = rbr_fold_name(items[i].key);
+			RbrRespType *rt = NULL;
+			JsonItem   *labels;
+			int			nl;
+
+			for (int j = 0; j < pol->nresptypes; j++)
+				if (strcmp(pol->resptypes[j].name, folded) == 0)
+					rt = &pol->resptypes[j];
+			if (rt == NULL)
+				policy_error(path, "Label tiers are keyed by the response types the classes define.",
+							 "unknown response type \"%s\"", items[i].key);
+			if (rt->tiers_explicit)
+				policy_error(path, "Response type names match after folding case, spaces and hyphens: keep one.",
+							 "response type \"%s\" is given twice", folded);
+			if (!jbv_is_object(&items[i].value))
+				policy_error(path, "Map each label to its tier: {\"ideal\": 0, \"bad_refusal\": 1, ...}; 0 is best.",
+							 "label tiers must be an object, not %s", jbv_type_name(&items[i].value));
+			labels = obj_items(items[i].value.val.binary.data, &nl);
+			if (nl == 0)
+				policy_error(path, "Map at least one label to a tier.", "no label tiers");
+			rt->tiers = palloc(sizeof(RbrTier) * nl);
+			for (int k = 0; k < nl; k++)
+			{
+				char	   *lpath = psprintf("%s.%s", path, labels[k].key);
+				JsonbValue *v = &labels[k].value;
+				int32		tier;
+
+				if (labels[k].key[0] == '\0')
+					policy_error(lpath, "Give every label a non-empty name.", "empty label name");
+				if (v->type != jbvNumeric)
+					policy_error(lpath, "Tiers are whole numbers, 0 for the best.",
+								 "tier of label \"%s\" must be a number, not %s", labels[k].key, jbv_type_name(v));
+				tier = DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(v->val.numeric)));
+				if (tier < 0 || !DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(v->val.numeric),
+																  DirectFunctionCall1(int4_numeric, Int32GetDatum(tier)))))
+					policy_error(lpath, "Tiers are whole numbers, 0 for the best.",
+								 "tier of label \"%s\" must be a whole number >= 0", labels[k].key);
+				rt->tiers[k].label = pstrdup(labels[k].key);
+				rt->tiers[k].tier = tier;
+			}
+			rt->ntiers = nl;
+			rt->tiers_explicit = true;
+		}
+	}
+	for (int r = 0; r < pol->nresptypes; r++)
+	{
+		RbrRespType *rt = &pol->resptypes[r];
+
+		if (rt->tiers_explicit)
+			continue;
+		rt->ntiers = pol->nclasses;
+		rt->tiers = palloc(sizeof(RbrTier) * pol->nclasses);
+		for (int c = 0; c < pol->nclasses; c++)
+		{
+			rt->tiers[c].label = pol->classes[c];
+			rt->tiers[c].tier = c;
+		}
+	}
+}
+
+/* Parse the optional behavior policy: category -> response type. */
+static void
+compile_behavior(RbrPolicy *pol, JsonbContainer *root)
+{
+	JsonbContainer *beh = require_object(root, "behavior_policy", false);
+	JsonItem   *items;
+	int			n;
+
+	if (beh == NULL)
+		return;
+	items = obj_items(beh, &n);
+	pol->behavior = palloc(sizeof(RbrBehavior) * (n + 1));
+	for (int i = 0; i < n; i++)
+	{
+		char	   *path = psprintf("behavior_policy.%s", items[i].key);
+		char	   *folded;
+		int			idx = -1;
+
+		if (items[i].key[0] == '\0')
+			policy_error(path, "Give every content category a non-empty code, such as K-R.", "empty category name");
+		if (items[i].value.type != jbvString)
+			policy_error(path, "Map each content category to a response type name.",
+						 "response type of category \"%s\" must be a string, not %s",
+						 items[i].key, jbv_type_name(&items[i].value));
+		folded = rbr_fold_name(jbv_cstring(&items[i].value));
+		for (int j = 0; j < pol->nresptypes; j++)
+			if (strcmp(pol->resptypes[j].name, folded) == 0)
+				idx = j;
+		if (idx < 0)
+			policy_error(path, "Use one of the response types the classes define.",
+						 "category \"%s\" maps to unknown response type \"%s\"", items[i].key, folded);
+		pol->behavior[i].category = pstrdup(items[i].key);
+		pol->behavior[i].resptype = idx;
+	}
+	pol->nbehavior = n;
+}
+
+/* Parse and validate a spec; ERROR naming the problem if it is invalid. */
+RbrPolicy *
+rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext parent)
+{
+	MemoryContext cxt = AllocSetContextCreate(parent, "rbr policy", ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	JsonbContainer *root = &spec->root;
+	RbrPolicy  *pol;
+	JsonbValue *tmpl;
+	JsonItem   *items;
+	int			n;
+
+	if (!JsonContainerIsObject(root) || JsonContainerIsScalar(root))
+		policy_error("the top level", "Pass the policy document as a JSON object, as in policy.json.",
+					 "a policy must be a JSON object");
+
+	items = obj_items(root, &n);
+	for (int i = 0; i < n; i++)
+	{
+		bool		known = false;
+
+		for (int k = 0; spec_keys[k]; k++)
+			known |= strcmp(spec_keys[k], items[i].key) == 0;
+		if (!known)
+			policy_error(items[i].key,
+						 "Known keys: prompt_template, completion_class_order, completion_classes, derived_propositions, simple_propositions, behavior_policy, label_tiers, features, description.",
+						 "unknown key \"%s\"", items[i].key);
+	}
+
+	pol = palloc0(sizeof(RbrPolicy));
+	pol->mcxt = cxt;
+	pol->name = pstrdup(name ? name : "(unnamed)");
+	pol->version = version;
+
+	tmpl = obj_get(root, "prompt_template");
+	if (tmpl == NULL || tmpl->type != jbvString)
+		policy_error("prompt_template", "Give the grader prompt template as a string with {question} and {response}.",
+					 "missing or non-string \"prompt_template\"");
+	pol->prompt_template = jbv_cstring(tmpl);
+	if (strstr(pol->prompt_template, "{question}") == NULL)
+		policy_error("prompt_template", "Put {question} where the proposition's grader prompt goes.",
+					 "prompt template lacks the {question} placeholder");
+	if (strstr(pol->prompt_template, "{response}") == NULL)
+		policy_error("prompt_template", "Put {response} where the completion being judged goes.",
+					 "prompt template lacks the {response} placeholder");
+
+	compile_propositions(pol, root);
+	compile_classes(pol, root);
+	compile_features(pol, root);
+	compile_tiers(pol, root);
+	compile_behavior(pol, root);
+
+	MemoryContextSwitchTo(old);
+	return pol;
+}
+
+/* ---------------------------------------------------------------------------
+ * Cache: compiled policies per backend, invalidated when rbr.policy_version
+ * changes (a statement trigger sends a relcache invalidation for it).
+ * ------------------------------------------------------------------------- */
+
+#define POLICY_REF_MAX (NAMEDATALEN + 16)
+
+typedef struct PolicyCacheEntry
+{
+	char		ref[POLICY_REF_MAX];	/* hash key: "name" or "name@N" */
+	RbrPolicy  *policy;
+	uint64		generation;
+} PolicyCacheEntry;
+
+static HTAB *policy_cache = NULL;
+static uint64 policy_generation = 1;
+static Oid	policy_table_oid = InvalidOid;
+
+/* Relcache callback: any change to the policy table makes the cache stale. */
+static void
+policy_relcache_callback(Datum arg pg_attribute_unused(), Oid relid)
+{
+	if (relid == InvalidOid || relid == policy_table_oid)
+	{
+		policy_generation++;
+		policy_table_oid = InvalidOid;
+	}
+}
+
+/* Parse "name" or "name@N" into name and version (0 = latest). */
+static void
+parse_policy_ref(const char *ref, char **name, int *version)
+{
+	const char *at = strrchr(ref, '@');
+
+	*version = 0;
+	if (at != NULL)
+	{
+		char	   *end;
+		long		v = strtol(at + 1, &end, 10);
+
+		if (at[1] == '\0' || *end != '\0' || v <= 0 || v > PG_INT32_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid policy reference \"%s\"", ref),
+					 errhint("Name a policy as 'name' for its latest version or 'name@N' for version N.")));
+		*name = pnstrdup(ref, at - ref);
+		*version = (int) v;
+	}
+	else
+		*name = pstrdup(ref);
+}
+
+/* Read a policy version's spec from rbr.policy_version and compile it. */
+static RbrPolicy *
+load_policy(const char *ref)
+{
+	char	   *name;
+	int			version;
+	RbrPolicy  *pol = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		args[2];
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	int			ret;
+
+	parse_policy_ref(ref, &name, &version);
+	args[0] = CStringGetTextDatum(name);
+	args[1] = Int32GetDatum(version);
+
+	SPI_connect();
+	ret = SPI_execute_with_args("SELECT version, spec FROM rbr.policy_version "
+								"WHERE policy = $1 AND ($2 = 0 OR version = $2) "
+								"ORDER BY version DESC LIMIT 1",
+								2, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "rbr: reading rbr.policy_version failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		int			v = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		Jsonb	   *spec = DatumGetJsonbP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+
+		/* compile under the caller's context; the cache re-parents it */
+		pol = rbr_policy_compile(spec, name, v, caller);
+	}
+	SPI_finish();
+
+	if (pol == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 version ? errmsg("policy \"%s\" has no version %d", name, version)
+				 : errmsg("policy \"%s\" does not exist", name),
+				 errhint("Load it with rbr_policy_load(name, spec); rbr.policies lists the loaded ones.")));
+	return pol;
+}
+
+/* The compiled policy for 'name' (latest version) or 'name@N'; cached. */
+RbrPolicy *
+rbr_policy_get(const char *ref)
+{
+	PolicyCacheEntry *entry;
+	bool		found;
+
+	if (strlen(ref) >= POLICY_REF_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("policy reference is too long"),
+				 errdetail("It has %zu bytes; the longest is %d.", strlen(ref), POLICY_REF_MAX - 1)));
+	if (ref[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("policy name is empty"),
+				 errhint("Name a policy as 'name' for its latest version or 'name@N' for version N.")));
+
+	if (policy_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = POLICY_REF_MAX;
+		ctl.entrysize = sizeof(PolicyCacheEntry);
+		ctl.hcxt = CacheMemoryContext;
+		policy_cache = hash_create("rbr policy cache", 16, &ctl,
+								   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		CacheRegisterRelcacheCallback(policy_relcache_callback, (Datum) 0);
+	}
+	if (!OidIsValid(policy_table_oid))
+	{
+		Oid			nsp = get_namespace_oid(RBR_SCHEMA, true);
+
+		if (OidIsValid(nsp))
+			policy_table_oid = get_relname_relid("policy_version", nsp);
+	}
+
+	entry = hash_search(policy_cache, ref, HASH_FIND, &found);
+	if (found && entry->generation == policy_generation)
+		return entry->policy;
+
+	{
+		RbrPolicy  *pol = load_policy(ref);
+		uint64		gen = policy_generation;
+
+		MemoryContextSetParent(pol->mcxt, CacheMemoryContext);
+		entry = hash_search(policy_cache, ref, HASH_ENTER, &found);
+		/*
+		 * A stale version may still be referenced by a caller up the stack in
+		 * this transaction; free it when the transaction ends.
+		 */
+		if (found && entry->policy != NULL)
+			MemoryContextSetParent(entry->policy->mcxt, TopTransactionContext);
+		entry->policy = pol;
+		entry->generation = gen;
+		return pol;
+	}
+}
+
+/* ---------------------------------------------------------------------------
+ * SQL-callable functions
+ * ------------------------------------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(rbr_policy_validate);
+/* rbr_policy_validate(spec jsonb): ERROR if the spec is invalid, else true. */
+Datum
+rbr_policy_validate(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *spec = PG_GETARG_JSONB_P(0);
+	RbrPolicy  *pol = rbr_policy_compile(spec, NULL, 0, CurrentMemoryContext);
+
+	MemoryContextDelete(pol->mcxt);
+	PG_RETURN_BOOL(true);
+}
+
+PG_FUNCTION_INFO_V1(rbr_policy_changed);
+/* Statement trigger on rbr.policy_version: invalidate every backend's cache. */
+Datum
+rbr_policy_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("rbr_policy_changed() must be called as a trigger")));
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
+	PG_RETURN_POINTER(NULL);
+}
+
+PG_FUNCTION_INFO_V1(rbr_response_type);
+/* rbr_response_type(policy, category): the behavior policy's response type. */
+Datum
+rbr_response_type(PG_FUNCTION_ARGS)
+{
+	char	   *ref = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *category = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	RbrPolicy  *pol = rbr_policy_get(ref);
+
+	if (pol->nbehavior == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("policy \"%s\" has no behavior policy", pol->name),
+				 errhint("Add \"behavior_policy\": {\"K-R\": \"hard_refuse\", ...} to the spec and load it again.")));
+	for (int i = 0; i < pol->nbehavior; i++)
+		if (strcmp(pol->behavior[i].category, category) == 0)
+			PG_RETURN_TEXT_P(cstring_to_text(pol->resptypes[pol->behavior[i].resptype].name));
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("policy \"%s\" has no content category \"%s\"", pol->name, category),
+			 errhint("Categories are matched exactly; add it to the policy's behavior_policy.")));
+	PG_RETURN_NULL();
+}
+
+PG_FUNCTION_INFO_V1(rbr_label_tier);
+/* rbr_label_tier(policy, response_type, label): the tier used when fitting. */
+Datum
+rbr_label_tier(PG_FUNCTION_ARGS)
+{
+	char	   *ref = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *rtname = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char	   *label = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	RbrPolicy  *pol = rbr_policy_get(ref);
+	RbrRespType *rt = rbr_policy_resptype(pol, rtname);
+	StringInfoData known;
+
+	for (int i = 0; i < rt->ntiers; i++)
+		if (strcmp(rt->tiers[i].label, label) == 0)
+			PG_RETURN_INT32(rt->tiers[i].tier);
+	initStringInfo(&known);
+	for (int i = 0; i < rt->ntiers; i++)
+		appendStringInfo(&known, "%s%s", i ? ", " : "", rt->tiers[i].label);
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("response type \"%s\" of policy \"%s\" has no label \"%s\"", rt->name, pol->name, label),
+			 errdetail("Its labels are: %s.", known.data),
+			 errhint("Add the label to the policy's label_tiers.")));
+	PG_RETURN_NULL();
+}
+
+PG_FUNCTION_INFO_V1(rbr_policy_info);
+/* rbr_policy_info(policy): the compiled policy as jsonb (resolved defaults). */
+Datum
+rbr_policy_info(PG_FUNCTION_ARGS)
+{
+	char	   *ref = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	RbrPolicy  *pol = rbr_policy_get(ref);
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"name\": ");
+	escape_json(&buf, pol->name);
+	appendStringInfo(&buf, ", \"version\": %d, \"simple_propositions\": [", pol->version);
+	for (int i = 0; i < pol->nsimple; i++)
+	{
+		if (i)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, pol->props[i].name);
+	}
+	appendStringInfoString(&buf, "], \"derived_propositions\": [");
+	for (int i = pol->nsimple; i < pol->nprops; i++)
+	{
+		if (i > pol->nsimple)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, pol->props[i].name);
+	}
+	appendStringInfoString(&buf, "], \"classes\": [");
+	for (int i = 0; i < pol->nclasses; i++)
+	{
+		if (i)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, pol->classes[i]);
+	}
+	appendStringInfoString(&buf, "], \"response_types\": {");
+	for (int r = 0; r < pol->nresptypes; r++)
+	{
+		RbrRespType *rt = &pol->resptypes[r];
+
+		if (r)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, rt->name);
+		appendStringInfoString(&buf, ": {\"propositions\": [");
+		for (int i = 0; i < rt->nneeded; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, pol->props[rt->needed[i]].name);
+		}
+		appendStringInfo(&buf, "], \"features_default\": %s, \"features\": [",
+						 rt->features_explicit ? "false" : "true");
+		for (int i = 0; i < rt->nfeatures; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, rbr_feature_name(pol, &rt->features[i]));
+		}
+		appendStringInfo(&buf, "], \"label_tiers_default\": %s, \"label_tiers\": {",
+						 rt->tiers_explicit ? "false" : "true");
+		for (int i = 0; i < rt->ntiers; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, rt->tiers[i].label);
+			appendStringInfo(&buf, ": %d", rt->tiers[i].tier);
+		}
+		appendStringInfoString(&buf, "}}");
+	}
+	appendStringInfoString(&buf, "}, \"behavior_policy\": {");
+	for (int i = 0; i < pol->nbehavior; i++)
+	{
+		if (i)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, pol->behavior[i].category);
+		appendStringInfoString(&buf, ": ");
+		escape_json(&buf, pol->resptypes[pol->behavior[i].resptype].name);
+	}
+	appendStringInfoString(&buf, "}}");
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
