@@ -7,12 +7,13 @@
 # Prints one summary line "rbr tests: N passed, N failed" at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PATH="/usr/lib/postgresql/15/bin:$PATH"
+pgc=${RBR_PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+export PATH="$("$pgc" --bindir):$PATH"
 passed=0 failed=0
 log=$(mktemp -d /tmp/rbr-test-logs.XXXXXX)
 
 echo "== pg_regress"
-make -s installcheck PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config 2>&1 | tee "$log/regress.txt"
+make -s installcheck PG_CONFIG="$pgc" 2>&1 | tee "$log/regress.txt"
 p=$(grep -cE '^ *(test +)?[a-z_0-9]+ +\.\.\. ok' "$log/regress.txt" || true)
 f=$(grep -cE '\.\.\. FAILED' "$log/regress.txt" || true)
 [ -f regression.diffs ] && [ "$f" = 0 ] && f=1

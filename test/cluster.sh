@@ -1,11 +1,14 @@
 # Throwaway PostgreSQL cluster for tests and the demo (source this file).
+# RBR_PG_CONFIG selects the PostgreSQL installation (default: Debian's 15),
+# RBR_TEST_PORT the port.
 # It runs as a non-root user (postgres when we are root) on a private socket
 # directory and port, and cluster_stop removes it whatever happened.
 #   cluster_start    initdb + start; exports PGHOST, PGPORT, PGUSER, PGDATABASE
 #   cluster_stop     stop immediately and delete the directory
 #   cluster_psql     psql with ON_ERROR_STOP, quiet
 
-RBR_PGBIN=/usr/lib/postgresql/15/bin
+RBR_PG_CONFIG=${RBR_PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+RBR_PGBIN=$("$RBR_PG_CONFIG" --bindir)
 RBR_TEST_PORT=${RBR_TEST_PORT:-55432}
 
 cluster_as() {

@@ -21,12 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-export PATH="/usr/lib/postgresql/15/bin:$PATH"
+pgc=${RBR_PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 echo "rbr setup: building"
-make -s PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null
-if [ "$(id -u)" = 0 ]; then
-    make -s install PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null
+make -s PG_CONFIG="$pgc" >/dev/null
+if [ "$(id -u)" = 0 ] || [ -w "$("$pgc" --pkglibdir)" ]; then
+    make -s install PG_CONFIG="$pgc" >/dev/null
 else
-    sudo -n make -s install PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null
+    sudo -n make -s install PG_CONFIG="$pgc" >/dev/null
 fi
-echo "rbr setup: installed into $(/usr/lib/postgresql/15/bin/pg_config --pkglibdir)"
+echo "rbr setup: installed into $("$pgc" --pkglibdir)"
