@@ -278,6 +278,18 @@ cmp_item(const void *a, const void *b)
 	return strcmp(((const JsonItem *) a)->key, ((const JsonItem *) b)->key);
 }
 
+/* "a, b, c" from an array of names. */
+static char *
+joined_names(char **names, int n)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < n; i++)
+		appendStringInfo(&buf, "%s%s", i ? ", " : "", names[i]);
+	return buf.data;
+}
+
 /* Fetch a required top-level member, checking it is an object. */
 static JsonbContainer *
 require_object(JsonbContainer *root, const char *key, bool required)
@@ -553,8 +565,8 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 				if (strcmp(pol->resptypes[j].name, folded) == 0)
 					rt = &pol->resptypes[j];
 			if (rt == NULL)
-				policy_error(rpath, psprintf("Every class must define the same response types; class \"%s\" defines only: %s.",
-											 pol->classes[0], rbr_fold_name(rtnames[0])),
+				policy_error(rpath, psprintf("Every class must define the same response types; class \"%s\" defines: %s.",
+											 pol->classes[0], joined_names(rtnames, nrt)),
 							 "class \"%s\" names response type \"%s\" that class \"%s\" lacks",
 							 pol->classes[c], folded, pol->classes[0]);
 			if (rt->classes[c].lits != NULL)

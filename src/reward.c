@@ -82,5 +82,8 @@ rbr_reward(PG_FUNCTION_ARGS)
 		}
 		rbr_check_finite(sum, "the weighted sum of the features");
 	}
-	PG_RETURN_FLOAT8(base + sum);
+	sum += base;
+	if (unlikely(isinf(sum)))
+		rbr_check_finite(sum, "the reward");
+	PG_RETURN_FLOAT8(sum);
 }

@@ -1,0 +1,151 @@
+/*
+ * fit_solver.h - fitting the RBR weights (Mu et al. 2024, "Fitting the weights").
+ *
+ * A pure C99 library, independent of PostgreSQL, so that it can be unit-tested and benchmarked on
+ * its own and called from an aggregate's final function.
+ *
+ * Problem.  Rows are grouped by prompt.  Row i has features x_i (d doubles), a base reward r_i and a
+ * tier (0 = best).  Inside one group every ordered pair (a, b) with tier(a) < tier(b) is compared
+ * (equal tiers are not).  With the score s_i = r_i + w.x_i (coefficient 1 on the base reward, no bias):
+ *
+ *     L(w) = (1/P) sum_pairs max(0, m_ab - (s_a - s_b))  +  (l2/2) |w|^2
+ *
+ * where m_ab is the margin of the pair: tier_margin[tier(a)] when given (not NaN), else margin.
+ * Features flagged fixed_zero are held at w_j = 0.
+ *
+ * Solvers.
+ *   RBR_SOLVER_EXACT  minimises L over the pairs of the groups flagged group_is_train and returns a
+ *                     certificate: `gap` is a rigorous upper bound (up to floating-point rounding) on
+ *                     L(w) - min L, obtained from a dual feasible point built on every pair.  Converged
+ *                     means gap <= tol * L(w).  When l2 == 0 the hinge problem is a linear programme whose
+ *                     optimal set may be unbounded (separable data), so the solver minimises with
+ *                     l2_tiebreak instead (reported as l2_used): the result is the minimiser of
+ *                     hinge + (l2_tiebreak/2)|w|^2, which for a small enough tie-breaker is exactly the
+ *                     least-norm optimal solution of the linear programme (Mangasarian & Meyer 1979); its
+ *                     hinge exceeds the linear optimum by at most gap + (l2_tiebreak/2)|w_ln|^2 where
+ *                     w_ln is that least-norm solution.  Deterministic: the result depends only on the
+ *                     data in the order given.
+ *   RBR_SOLVER_ADAMW  the paper's released fitter: full-batch AdamW (torch.optim.AdamW semantics) from
+ *                     w = 0 on the mean hinge, with the PAIRS (of all groups; group_is_train is ignored)
+ *                     split into train / validation by rbr_fit_pair_is_val(seed, a, b, val_fraction).
+ *                     `l2` does not enter its gradient (weight_decay is its regulariser); it is only added
+ *                     to the reported objective.
+ *
+ * Memory and control.  All memory comes from alloc/free in RbrFitAlloc (never malloc); everything is
+ * freed before rbr_fit_solve returns.  check_interrupts (may be NULL) is called at least every ~64k
+ * pair evaluations and once per inner iteration; it may longjmp out (PostgreSQL's ereport), in which
+ * case the memory obtained so far is NOT freed by the library: the allocator must own it (a memory
+ * context).  alloc may either return NULL on failure (reported as RBR_FIT_ENOMEM) or not return.  The
+ * library never prints and never exits.  Single allocations can exceed 1 GB for very large inputs
+ * (about 48 bytes per row plus pair-free working sets), so a PostgreSQL caller should use the
+ * MemoryContextAllocHuge family.
+ */
+#ifndef RBR_FIT_SOLVER_H
+#define RBR_FIT_SOLVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* return codes of rbr_fit_solve / rbr_fit_evaluate; the message goes to errbuf */
+#define RBR_FIT_OK 0
+#define RBR_FIT_EINVAL 1   /* invalid argument or data (non-finite value, bad group offsets, ...) */
+#define RBR_FIT_ENOPAIRS 2 /* no training pair at all (one tier per group, no train groups, ...) */
+#define RBR_FIT_ENOMEM 3   /* the allocator returned NULL, or a size overflowed */
+#define RBR_FIT_ENUMERIC 4 /* numerical breakdown that the safeguards could not repair */
+
+/* Allocator and interrupt callbacks; ctx is passed back unchanged. */
+typedef struct RbrFitAlloc
+{
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t size);
+    void (*free)(void *ctx, void *ptr);
+    void (*check_interrupts)(void *ctx); /* may be NULL */
+} RbrFitAlloc;
+
+/* The data, read only.  Rows of a group are contiguous: group g is rows group_start[g] ..
+ * group_start[g+1]-1, with group_start[0] = 0 and group_start[ngroups] = nrows. */
+typedef struct RbrFitData
+{
+    int d;                      /* number of features, >= 0 */
+    int64_t nrows;
+    const double *x;            /* nrows * d, row-major, finite (values in [0,1] expected, not required) */
+    const double *base;         /* nrows, finite: the reward model's score */
+    const int32_t *tier;        /* nrows, 0 = best; only the order matters (any int32) */
+    int64_t ngroups;
+    const int64_t *group_start; /* ngroups + 1 offsets, non-decreasing */
+    const bool *group_is_train; /* ngroups; NULL = every group is a training group (EXACT only) */
+} RbrFitData;
+
+typedef enum RbrSolverKind
+{
+    RBR_SOLVER_EXACT = 0,
+    RBR_SOLVER_ADAMW = 1
+} RbrSolverKind;
+
+/* Options; start from rbr_fit_options_default(). */
+typedef struct RbrFitOptions
+{
+    RbrSolverKind solver;      /* default RBR_SOLVER_EXACT */
+    double margin;             /* default margin, finite and >= 0; default 1 */
+    int n_tier_margin;         /* length of tier_margin, >= 0; default 0 */
+    const double *tier_margin; /* margin by tier of the better side; NaN = use margin; >= 0 */
+    double l2;                 /* >= 0; default 1e-6 */
+    const bool *fixed_zero;    /* d flags, may be NULL: those w_j are held at exactly 0 */
+
+    /* EXACT */
+    double tol;         /* relative tolerance on the certified gap; default 1e-9 */
+    int max_iter;       /* cap on outer (working-set) iterations at full size; default 100 */
+    double l2_tiebreak; /* l2 used when l2 == 0; > 0; default 1e-9 */
+    int working_set;    /* target number of pairs modelled individually (0 = automatic) */
+
+    /* ADAMW (the paper's released fitter): full batch, weights from zero */
+    double lr;           /* default 0.01 */
+    int steps;           /* default 1000 */
+    double weight_decay; /* decoupled, as torch.optim.AdamW; default 0.05 (the released example) */
+    double beta1, beta2; /* default 0.9, 0.999 */
+    double eps;          /* default 1e-8 */
+    double val_fraction; /* share of PAIRS held out, in [0,1]; default 0.05 */
+    uint64_t seed;       /* seed of the pair split; default 0 */
+} RbrFitOptions;
+
+/* Output.  w is allocated by the caller (d doubles).  Losses are mean hinge without the l2 term;
+ * accuracies count pairs with s_a > s_b strictly (ties are wrong); NaN where there is no pair. */
+typedef struct RbrFitResult
+{
+    double *w;
+    int64_t train_pairs, val_pairs;
+    double train_loss, val_loss;
+    double objective;       /* train_loss + (l2/2)|w|^2, with the caller's l2 */
+    double zero_loss_share; /* share of train pairs with zero hinge */
+    double train_accuracy, val_accuracy;
+    int iterations;        /* EXACT: outer iterations (all levels); ADAMW: steps */
+    bool converged;        /* EXACT: gap <= tol * objective_used; ADAMW: always true */
+    double gap;            /* EXACT: certified bound on objective_used - min; ADAMW: NaN */
+    double l2_used;        /* the l2 actually minimised with (l2, or l2_tiebreak when l2 == 0) */
+    int64_t passes;        /* full passes over the train pairs (sub-sample work rounded up) */
+    int64_t pair_evaluations; /* every pair evaluation, sub-samples and validation included */
+    int64_t working_set_pairs; /* EXACT: pairs modelled individually in the last inner solve */
+} RbrFitResult;
+
+/* Fill o with the defaults documented above. */
+void rbr_fit_options_default(RbrFitOptions *o);
+
+/* Fit the weights; returns RBR_FIT_OK or an error code with a message in errbuf (may be NULL). */
+int rbr_fit_solve(const RbrFitData *data, const RbrFitOptions *opts, const RbrFitAlloc *alloc,
+                  RbrFitResult *result, char *errbuf, size_t errlen);
+
+/* Evaluate a given w (d doubles) with the EXACT solver's split (group_is_train) and opts->l2, margins
+ * and fixed_zero ignored for w (w is used as given): fills the loss, accuracy, objective and pair
+ * counts of result (result->w is not touched; gap NaN). */
+int rbr_fit_evaluate(const RbrFitData *data, const RbrFitOptions *opts, const double *w,
+                     const RbrFitAlloc *alloc, RbrFitResult *result, char *errbuf, size_t errlen);
+
+/* The AdamW pair split: true when the pair (better row a, worse row b; row indices of the data) is a
+ * validation pair, i.e. when a 53-bit hash of (seed, a, b) is below val_fraction * 2^53. */
+bool rbr_fit_pair_is_val(uint64_t seed, int64_t a, int64_t b, double val_fraction);
+
+/* A static English description of a return code. */
+const char *rbr_fit_strerror(int code);
+
+#endif /* RBR_FIT_SOLVER_H */
