@@ -5,8 +5,8 @@ EXTENSION = rbr
 EXTVERSION = 0.1.0
 
 MODULE_big = rbr
-OBJS = src/rbr.o src/policy.o src/classes.o src/reward.o
-HEADERS = src/rbr.h src/policy.h src/classes.h
+OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o
+HEADERS = src/rbr.h src/jsonutil.h src/policy.h src/classes.h
 
 DATA = sql/rbr--$(EXTVERSION).sql
 

@@ -22,6 +22,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 
+#include "jsonutil.h"
 #include "policy.h"
 
 /* Most simple propositions one class may repeat before exact mode refuses. */
@@ -45,112 +46,6 @@ static const char *const spec_keys[] = {
 			 errmsg("invalid policy: " __VA_ARGS__), \
 			 errdetail("At %s.", (path)), \
 			 (hint) ? errhint("%s", (const char *) (hint)) : 0))
-
-/* ---------------------------------------------------------------------------
- * Small jsonb helpers
- * ------------------------------------------------------------------------- */
-
-/* Human name of a jsonb value's type, for error messages. */
-static const char *
-jbv_type_name(JsonbValue *v)
-{
-	switch (v->type)
-	{
-		case jbvNull:
-			return "null";
-		case jbvString:
-			return "a string";
-		case jbvNumeric:
-			return "a number";
-		case jbvBool:
-			return "a boolean";
-		case jbvBinary:
-			return JsonContainerIsArray(v->val.binary.data) ? "an array" : "an object";
-		default:
-			return "a container";
-	}
-}
-
-/* True if v is a jsonb object (as a nested container). */
-static inline bool
-jbv_is_object(JsonbValue *v)
-{
-	return v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data);
-}
-
-/* True if v is a jsonb array (as a nested container). */
-static inline bool
-jbv_is_array(JsonbValue *v)
-{
-	return v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data) &&
-		!JsonContainerIsScalar(v->val.binary.data);
-}
-
-/* Copy a jsonb string value into a NUL-terminated palloc'd string. */
-static char *
-jbv_cstring(JsonbValue *v)
-{
-	return pnstrdup(v->val.string.val, v->val.string.len);
-}
-
-/* One (key, value) of an object container, as produced by obj_items(). */
-typedef struct JsonItem
-{
-	char	   *key;
-	JsonbValue	value;
-} JsonItem;
-
-/* All (key, value) pairs of an object container, in jsonb key order. */
-static JsonItem *
-obj_items(JsonbContainer *c, int *n)
-{
-	JsonbIterator *it = JsonbIteratorInit(c);
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-	JsonItem   *items = palloc0(sizeof(JsonItem) * (JsonContainerSize(c) + 1));
-	int			count = 0;
-	char	   *key = NULL;
-
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-	{
-		if (tok == WJB_KEY)
-			key = jbv_cstring(&v);
-		else if (tok == WJB_VALUE)
-		{
-			items[count].key = key;
-			items[count].value = v;
-			count++;
-		}
-	}
-	*n = count;
-	return items;
-}
-
-/* All elements of an array container. */
-static JsonbValue *
-arr_items(JsonbContainer *c, int *n)
-{
-	JsonbIterator *it = JsonbIteratorInit(c);
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-	JsonbValue *items = palloc0(sizeof(JsonbValue) * (JsonContainerSize(c) + 1));
-	int			count = 0;
-
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-	{
-		if (tok == WJB_ELEM)
-			items[count++] = v;
-	}
-	*n = count;
-	return items;
-}
-
-/* The value of key in an object container, or NULL. */
-static JsonbValue *
-obj_get(JsonbContainer *c, const char *key)
-{
-	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
-}
 
 /* ---------------------------------------------------------------------------
  * Names
@@ -275,7 +170,7 @@ cmp_cstring(const void *a, const void *b)
 static int
 cmp_item(const void *a, const void *b)
 {
-	return strcmp(((const JsonItem *) a)->key, ((const JsonItem *) b)->key);
+	return strcmp(((const RbrJsonItem *) a)->key, ((const RbrJsonItem *) b)->key);
 }
 
 /* "a, b, c" from an array of names. */
@@ -294,7 +189,7 @@ joined_names(char **names, int n)
 static JsonbContainer *
 require_object(JsonbContainer *root, const char *key, bool required)
 {
-	JsonbValue *v = obj_get(root, key);
+	JsonbValue *v = rbr_obj_get(root, key);
 
 	if (v == NULL)
 	{
@@ -303,8 +198,8 @@ require_object(JsonbContainer *root, const char *key, bool required)
 						 "missing \"%s\"", key);
 		return NULL;
 	}
-	if (!jbv_is_object(v))
-		policy_error(key, NULL, "\"%s\" must be an object, not %s", key, jbv_type_name(v));
+	if (!rbr_jbv_is_object(v))
+		policy_error(key, NULL, "\"%s\" must be an object, not %s", key, rbr_jbv_type_name(v));
 	return v->val.binary.data;
 }
 
@@ -312,14 +207,14 @@ require_object(JsonbContainer *root, const char *key, bool required)
 static RbrLiteral *
 parse_literals(RbrPolicy *pol, JsonbValue *v, const char *path, int *nlits)
 {
-	JsonItem   *items;
+	RbrJsonItem   *items;
 	int			n;
 	RbrLiteral *lits;
 
-	if (!jbv_is_object(v))
+	if (!rbr_jbv_is_object(v))
 		policy_error(path, "Write a conjunction as an object of proposition names to true or false.",
-					 "literals must be an object, not %s", jbv_type_name(v));
-	items = obj_items(v->val.binary.data, &n);
+					 "literals must be an object, not %s", rbr_jbv_type_name(v));
+	items = rbr_obj_items(v->val.binary.data, &n);
 	if (n == 0)
 		policy_error(path, "List at least one literal.", "empty conjunction");
 	lits = palloc(sizeof(RbrLiteral) * n);
@@ -334,7 +229,7 @@ parse_literals(RbrPolicy *pol, JsonbValue *v, const char *path, int *nlits)
 		if (items[i].value.type != jbvBool)
 			policy_error(lpath, "Use true or false (JSON booleans), not strings or numbers.",
 						 "literal \"%s\" must be a boolean, not %s", items[i].key,
-						 jbv_type_name(&items[i].value));
+						 rbr_jbv_type_name(&items[i].value));
 		lits[i].prop = idx;
 		lits[i].value = items[i].value.val.boolean;
 	}
@@ -399,22 +294,22 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 {
 	JsonbContainer *simple = require_object(root, "simple_propositions", true);
 	JsonbContainer *derived = require_object(root, "derived_propositions", false);
-	JsonItem   *sitems,
+	RbrJsonItem   *sitems,
 			   *ditems = NULL;
 	int			ns,
 				nd = 0;
 	VisitState *state;
 	int		   *stack;
 
-	sitems = obj_items(simple, &ns);
+	sitems = rbr_obj_items(simple, &ns);
 	if (ns == 0)
 		policy_error("simple_propositions", "Define at least one proposition with its grader prompt.",
 					 "no simple propositions");
 	if (derived)
-		ditems = obj_items(derived, &nd);
-	qsort(sitems, ns, sizeof(JsonItem), cmp_item);
+		ditems = rbr_obj_items(derived, &nd);
+	qsort(sitems, ns, sizeof(RbrJsonItem), cmp_item);
 	if (nd > 0)
-		qsort(ditems, nd, sizeof(JsonItem), cmp_item);
+		qsort(ditems, nd, sizeof(RbrJsonItem), cmp_item);
 
 	pol->nsimple = ns;
 	pol->nprops = ns + nd;
@@ -426,16 +321,16 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 		JsonbValue *prompt;
 
 		check_name(sitems[i].key, path, "proposition");
-		if (!jbv_is_object(&sitems[i].value))
+		if (!rbr_jbv_is_object(&sitems[i].value))
 			policy_error(path, "Write each simple proposition as {\"prompt\": \"...\"}.",
 						 "simple proposition \"%s\" must be an object, not %s",
-						 sitems[i].key, jbv_type_name(&sitems[i].value));
-		prompt = obj_get(sitems[i].value.val.binary.data, "prompt");
+						 sitems[i].key, rbr_jbv_type_name(&sitems[i].value));
+		prompt = rbr_obj_get(sitems[i].value.val.binary.data, "prompt");
 		if (prompt == NULL || prompt->type != jbvString || prompt->val.string.len == 0)
 			policy_error(path, "Give it a non-empty \"prompt\": the question the grader answers with yes or no.",
 						 "simple proposition \"%s\" has no grader prompt", sitems[i].key);
 		pol->props[i].name = pstrdup(sitems[i].key);
-		pol->props[i].prompt = jbv_cstring(prompt);
+		pol->props[i].prompt = rbr_jbv_cstring(prompt);
 	}
 	for (int i = 0; i < nd; i++)
 	{
@@ -469,10 +364,10 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 static void
 compile_classes(RbrPolicy *pol, JsonbContainer *root)
 {
-	JsonbValue *order = obj_get(root, "completion_class_order");
+	JsonbValue *order = rbr_obj_get(root, "completion_class_order");
 	JsonbContainer *classes = require_object(root, "completion_classes", true);
 	JsonbValue *elems;
-	JsonItem   *citems;
+	RbrJsonItem   *citems;
 	int			ncitems;
 	char	  **rtnames = NULL;
 	int			nrt = 0;
@@ -480,10 +375,10 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	if (order == NULL)
 		policy_error("completion_class_order", "List the classes from best to worst.",
 					 "missing \"completion_class_order\"");
-	if (!jbv_is_array(order))
+	if (!rbr_jbv_is_array(order))
 		policy_error("completion_class_order", "List the classes from best to worst.",
-					 "\"completion_class_order\" must be an array, not %s", jbv_type_name(order));
-	elems = arr_items(order->val.binary.data, &pol->nclasses);
+					 "\"completion_class_order\" must be an array, not %s", rbr_jbv_type_name(order));
+	elems = rbr_arr_items(order->val.binary.data, &pol->nclasses);
 	if (pol->nclasses == 0)
 		policy_error("completion_class_order", "List the classes from best to worst.",
 					 "no completion classes");
@@ -493,8 +388,8 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 		char	   *path = psprintf("completion_class_order[%d]", i);
 
 		if (elems[i].type != jbvString)
-			policy_error(path, NULL, "class names must be strings, not %s", jbv_type_name(&elems[i]));
-		pol->classes[i] = jbv_cstring(&elems[i]);
+			policy_error(path, NULL, "class names must be strings, not %s", rbr_jbv_type_name(&elems[i]));
+		pol->classes[i] = rbr_jbv_cstring(&elems[i]);
 		check_name(pol->classes[i], path, "class");
 		for (int j = 0; j < i; j++)
 			if (strcmp(pol->classes[j], pol->classes[i]) == 0)
@@ -504,7 +399,7 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 						 "\"%s\" is both a class and a proposition", pol->classes[i]);
 	}
 
-	citems = obj_items(classes, &ncitems);
+	citems = rbr_obj_items(classes, &ncitems);
 	for (int i = 0; i < ncitems; i++)
 		if (rbr_policy_class_index(pol, citems[i].key) < 0)
 			policy_error(psprintf("completion_classes.%s", citems[i].key),
@@ -514,18 +409,18 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	/* the response types: those of the first class in order */
 	for (int c = 0; c < pol->nclasses; c++)
 	{
-		JsonbValue *def = obj_get(classes, pol->classes[c]);
+		JsonbValue *def = rbr_obj_get(classes, pol->classes[c]);
 		char	   *cpath = psprintf("completion_classes.%s", pol->classes[c]);
-		JsonItem   *rtitems;
+		RbrJsonItem   *rtitems;
 		int			n;
 
 		if (def == NULL)
 			policy_error("completion_classes", "Define every class listed in completion_class_order.",
 						 "class \"%s\" has no definition", pol->classes[c]);
-		if (!jbv_is_object(def))
+		if (!rbr_jbv_is_object(def))
 			policy_error(cpath, "Define a class as an object: response type -> literals.",
-						 "class \"%s\" must be an object, not %s", pol->classes[c], jbv_type_name(def));
-		rtitems = obj_items(def->val.binary.data, &n);
+						 "class \"%s\" must be an object, not %s", pol->classes[c], rbr_jbv_type_name(def));
+		rtitems = rbr_obj_items(def->val.binary.data, &n);
 		if (n == 0)
 			policy_error(cpath, "Define the class for every response type.",
 						 "class \"%s\" defines no response type", pol->classes[c]);
@@ -622,10 +517,10 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 
 	if (feats)
 	{
-		JsonItem   *items;
+		RbrJsonItem   *items;
 		int			n;
 
-		items = obj_items(feats, &n);
+		items = rbr_obj_items(feats, &n);
 		for (int i = 0; i < n; i++)
 		{
 			char	   *path = psprintf("features.%s", items[i].key);
@@ -643,10 +538,10 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 			if (rt->features_explicit)
 				policy_error(path, "Response type names match after folding case, spaces and hyphens: keep one.",
 							 "response type \"%s\" is given twice", folded);
-			if (!jbv_is_array(&items[i].value))
+			if (!rbr_jbv_is_array(&items[i].value))
 				policy_error(path, "List feature names: propositions and classes.",
-							 "a feature list must be an array, not %s", jbv_type_name(&items[i].value));
-			elems = arr_items(items[i].value.val.binary.data, &ne);
+							 "a feature list must be an array, not %s", rbr_jbv_type_name(&items[i].value));
+			elems = rbr_arr_items(items[i].value.val.binary.data, &ne);
 			if (ne == 0)
 				policy_error(path, "List at least one feature, or leave the response type out for the default list.",
 							 "empty feature list");
@@ -658,8 +553,8 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 				int			idx;
 
 				if (elems[k].type != jbvString)
-					policy_error(epath, NULL, "feature names must be strings, not %s", jbv_type_name(&elems[k]));
-				fname = jbv_cstring(&elems[k]);
+					policy_error(epath, NULL, "feature names must be strings, not %s", rbr_jbv_type_name(&elems[k]));
+				fname = rbr_jbv_cstring(&elems[k]);
 				if ((idx = rbr_policy_prop_index(pol, fname)) >= 0)
 				{
 					rt->features[k].kind = RBR_FEATURE_PROP;
@@ -714,16 +609,16 @@ compile_tiers(RbrPolicy *pol, JsonbContainer *root)
 
 	if (tiers)
 	{
-		JsonItem   *items;
+		RbrJsonItem   *items;
 		int			n;
 
-		items = obj_items(tiers, &n);
+		items = rbr_obj_items(tiers, &n);
 		for (int i = 0; i < n; i++)
 		{
 			char	   *path = psprintf("label_tiers.%s", items[i].key);
 			char	   *folded = rbr_fold_name(items[i].key);
 			RbrRespType *rt = NULL;
-			JsonItem   *labels;
+			RbrJsonItem   *labels;
 			int			nl;
 
 			for (int j = 0; j < pol->nresptypes; j++)
@@ -735,10 +630,10 @@ compile_tiers(RbrPolicy *pol, JsonbContainer *root)
 			if (rt->tiers_explicit)
 				policy_error(path, "Response type names match after folding case, spaces and hyphens: keep one.",
 							 "response type \"%s\" is given twice", folded);
-			if (!jbv_is_object(&items[i].value))
+			if (!rbr_jbv_is_object(&items[i].value))
 				policy_error(path, "Map each label to its tier: {\"ideal\": 0, \"bad_refusal\": 1, ...}; 0 is best.",
-							 "label tiers must be an object, not %s", jbv_type_name(&items[i].value));
-			labels = obj_items(items[i].value.val.binary.data, &nl);
+							 "label tiers must be an object, not %s", rbr_jbv_type_name(&items[i].value));
+			labels = rbr_obj_items(items[i].value.val.binary.data, &nl);
 			if (nl == 0)
 				policy_error(path, "Map at least one label to a tier.", "no label tiers");
 			rt->tiers = palloc(sizeof(RbrTier) * nl);
@@ -752,7 +647,7 @@ compile_tiers(RbrPolicy *pol, JsonbContainer *root)
 					policy_error(lpath, "Give every label a non-empty name.", "empty label name");
 				if (v->type != jbvNumeric)
 					policy_error(lpath, "Tiers are whole numbers, 0 for the best.",
-								 "tier of label \"%s\" must be a number, not %s", labels[k].key, jbv_type_name(v));
+								 "tier of label \"%s\" must be a number, not %s", labels[k].key, rbr_jbv_type_name(v));
 				tier = DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(v->val.numeric)));
 				if (tier < 0 || !DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(v->val.numeric),
 																  DirectFunctionCall1(int4_numeric, Int32GetDatum(tier)))))
@@ -786,12 +681,12 @@ static void
 compile_behavior(RbrPolicy *pol, JsonbContainer *root)
 {
 	JsonbContainer *beh = require_object(root, "behavior_policy", false);
-	JsonItem   *items;
+	RbrJsonItem   *items;
 	int			n;
 
 	if (beh == NULL)
 		return;
-	items = obj_items(beh, &n);
+	items = rbr_obj_items(beh, &n);
 	pol->behavior = palloc(sizeof(RbrBehavior) * (n + 1));
 	for (int i = 0; i < n; i++)
 	{
@@ -804,8 +699,8 @@ compile_behavior(RbrPolicy *pol, JsonbContainer *root)
 		if (items[i].value.type != jbvString)
 			policy_error(path, "Map each content category to a response type name.",
 						 "response type of category \"%s\" must be a string, not %s",
-						 items[i].key, jbv_type_name(&items[i].value));
-		folded = rbr_fold_name(jbv_cstring(&items[i].value));
+						 items[i].key, rbr_jbv_type_name(&items[i].value));
+		folded = rbr_fold_name(rbr_jbv_cstring(&items[i].value));
 		for (int j = 0; j < pol->nresptypes; j++)
 			if (strcmp(pol->resptypes[j].name, folded) == 0)
 				idx = j;
@@ -827,14 +722,14 @@ rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext par
 	JsonbContainer *root = &spec->root;
 	RbrPolicy  *pol;
 	JsonbValue *tmpl;
-	JsonItem   *items;
+	RbrJsonItem   *items;
 	int			n;
 
 	if (!JsonContainerIsObject(root) || JsonContainerIsScalar(root))
 		policy_error("the top level", "Pass the policy document as a JSON object, as in policy.json.",
 					 "a policy must be a JSON object");
 
-	items = obj_items(root, &n);
+	items = rbr_obj_items(root, &n);
 	for (int i = 0; i < n; i++)
 	{
 		bool		known = false;
@@ -852,11 +747,11 @@ rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext par
 	pol->name = pstrdup(name ? name : "(unnamed)");
 	pol->version = version;
 
-	tmpl = obj_get(root, "prompt_template");
+	tmpl = rbr_obj_get(root, "prompt_template");
 	if (tmpl == NULL || tmpl->type != jbvString)
 		policy_error("prompt_template", "Give the grader prompt template as a string with {question} and {response}.",
 					 "missing or non-string \"prompt_template\"");
-	pol->prompt_template = jbv_cstring(tmpl);
+	pol->prompt_template = rbr_jbv_cstring(tmpl);
 	if (strstr(pol->prompt_template, "{question}") == NULL)
 		policy_error("prompt_template", "Put {question} where the proposition's grader prompt goes.",
 					 "prompt template lacks the {question} placeholder");
