@@ -33,14 +33,14 @@ CREATE FUNCTION @extschema@.rbr_policy_validate(spec jsonb) RETURNS boolean
     AS 'MODULE_PATHNAME', 'rbr_policy_validate'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
--- Statement trigger: tell every backend that its cached policies are stale.
-CREATE FUNCTION rbr.policy_changed() RETURNS trigger
-    AS 'MODULE_PATHNAME', 'rbr_policy_changed'
+-- Statement trigger: tell every backend that its cached policies (or models) are stale.
+CREATE FUNCTION rbr.table_changed() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'rbr_table_changed'
     LANGUAGE C;
 
 CREATE TRIGGER policy_version_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbr.policy_version
-    FOR EACH STATEMENT EXECUTE FUNCTION rbr.policy_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION rbr.table_changed();
 
 -- Row trigger: a stored version never changes (fits and grades refer to it).
 CREATE FUNCTION rbr.policy_version_immutable() RETURNS trigger
@@ -173,3 +173,147 @@ CREATE FUNCTION @extschema@.rbr_reward(weights float8[], features float8[], base
     RETURNS float8
     AS 'MODULE_PATHNAME', 'rbr_reward'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-------------------------------------------------------------------------------
+-- Fitting: rbr_fit aggregate, model registry, scoring with a stored model
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@.rbr_fit_transfn(internal, text, int, float8[], float8)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_fit_transfn(internal, text, int, float8[], float8, jsonb)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_rows_combine(internal, internal)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_combine' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_rows_serialize(internal)
+    RETURNS bytea AS 'MODULE_PATHNAME', 'rbr_rows_serialize' LANGUAGE C STRICT PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_rows_deserialize(bytea, internal)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_deserialize' LANGUAGE C STRICT PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_fit_finalfn(internal)
+    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- Fit one weight vector over ranked completions: pairs within a group
+-- (prompt) between different tiers (0 = best), mean hinge loss with margin.
+-- Use GROUP BY response_type for one vector per response type.
+CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8) (
+    SFUNC = @extschema@.rbr_fit_transfn,
+    STYPE = internal,
+    COMBINEFUNC = @extschema@.rbr_rows_combine,
+    SERIALFUNC = @extschema@.rbr_rows_serialize,
+    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
+    FINALFUNC = @extschema@.rbr_fit_finalfn,
+    PARALLEL = SAFE
+);
+CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8, options jsonb) (
+    SFUNC = @extschema@.rbr_fit_transfn,
+    STYPE = internal,
+    COMBINEFUNC = @extschema@.rbr_rows_combine,
+    SERIALFUNC = @extschema@.rbr_rows_serialize,
+    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
+    FINALFUNC = @extschema@.rbr_fit_finalfn,
+    PARALLEL = SAFE
+);
+
+-- Fitted models: one weight vector per (model, response type), traceable to
+-- the exact policy version whose features it weighs.
+CREATE TABLE rbr.model (
+    name           text        NOT NULL,
+    response_type  text        NOT NULL,
+    policy         text        NOT NULL,
+    policy_version int         NOT NULL,
+    feature_names  text[]      NOT NULL,
+    weights        float8[]    NOT NULL,
+    report         jsonb       NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by     name        NOT NULL DEFAULT CURRENT_USER,
+    PRIMARY KEY (name, response_type),
+    FOREIGN KEY (policy, policy_version) REFERENCES rbr.policy_version (policy, version),
+    CHECK (pg_catalog.cardinality(weights) = pg_catalog.cardinality(feature_names))
+);
+COMMENT ON TABLE rbr.model IS 'fitted RBR weights per model and response type';
+SELECT pg_catalog.pg_extension_config_dump('rbr.model', '');
+GRANT SELECT ON rbr.model TO PUBLIC;
+
+CREATE TRIGGER model_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbr.model
+    FOR EACH STATEMENT EXECUTE FUNCTION rbr.table_changed();
+
+-- Store (or replace) the weights of an rbr_fit() report as a model for one
+-- response type of a policy; returns the stored row.
+CREATE FUNCTION @extschema@.rbr_model_save(model text, policy text, response_type text, fit jsonb)
+    RETURNS rbr.model
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    names text[];
+    w float8[];
+    info jsonb;
+    folded text;
+    saved rbr.model;
+BEGIN
+    IF model IS NULL OR policy IS NULL OR response_type IS NULL OR fit IS NULL THEN
+        RAISE EXCEPTION 'rbr_model_save() arguments must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF model !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid model name %', quote_literal(model)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 63 letters, digits, ''_'', ''.'' or ''-''.';
+    END IF;
+    info := @extschema@.rbr_policy_info(policy);
+    names := @extschema@.rbr_feature_names(policy, response_type);
+    folded := lower(regexp_replace(btrim(response_type), '[\s_-]+', '_', 'g'));
+    IF jsonb_typeof(fit -> 'weights') IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'fit report has no "weights" array'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the jsonb that rbr_fit() returned.';
+    END IF;
+    SELECT array_agg(value::float8 ORDER BY ord) INTO w
+      FROM jsonb_array_elements_text(fit -> 'weights') WITH ORDINALITY AS e(value, ord);
+    IF coalesce(cardinality(w), 0) <> cardinality(names) THEN
+        RAISE EXCEPTION 'fit has % weights but response type % of policy % has % features',
+                coalesce(cardinality(w), 0), quote_literal(folded), quote_literal(policy), cardinality(names)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fit on rbr_features() of the same policy and response type.';
+    END IF;
+    IF fit ? 'feature_names' AND (SELECT array_agg(v ORDER BY o) FROM jsonb_array_elements_text(fit -> 'feature_names') WITH ORDINALITY AS f(v, o)) IS DISTINCT FROM names THEN
+        RAISE EXCEPTION 'fit feature_names differ from the features of response type % of policy %', quote_literal(folded), quote_literal(policy)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO rbr.model AS m (name, response_type, policy, policy_version, feature_names, weights, report)
+    VALUES (model, folded, info ->> 'name', (info ->> 'version')::int, names, w, fit)
+    ON CONFLICT ON CONSTRAINT model_pkey DO UPDATE
+       SET policy = EXCLUDED.policy, policy_version = EXCLUDED.policy_version,
+           feature_names = EXCLUDED.feature_names, weights = EXCLUDED.weights,
+           report = EXCLUDED.report, created_at = pg_catalog.now(), created_by = CURRENT_USER
+    RETURNING * INTO saved;
+    RETURN saved;
+END
+$$;
+
+-- R_tot = base_reward + w . features with the weights of a stored model.
+CREATE FUNCTION @extschema@.rbr_reward(model text, response_type text, features float8[], base_reward float8)
+    RETURNS float8
+    AS 'MODULE_PATHNAME', 'rbr_model_reward'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-------------------------------------------------------------------------------
+-- Evaluation
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@.rbr_pair_accuracy_transfn(internal, text, int, float8)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_pair_accuracy_finalfn(internal)
+    RETURNS float8 AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- Share of ordered pairs (same group, different tiers) that a score ranks
+-- right; ties count as wrong. 1 - rbr_pair_accuracy() is the paper's error rate.
+CREATE AGGREGATE @extschema@.rbr_pair_accuracy(group_key text, tier int, score float8) (
+    SFUNC = @extschema@.rbr_pair_accuracy_transfn,
+    STYPE = internal,
+    COMBINEFUNC = @extschema@.rbr_rows_combine,
+    SERIALFUNC = @extschema@.rbr_rows_serialize,
+    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
+    FINALFUNC = @extschema@.rbr_pair_accuracy_finalfn,
+    PARALLEL = SAFE
+);

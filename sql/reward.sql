@@ -18,7 +18,7 @@ SELECT rbr_reward('{1, 2}', '{1, 2}', '-Infinity');
 SELECT rbr_reward('{1e308, 1e308}', '{1e308, 1e308}');
 SELECT rbr_reward('{{1, 2}}', '{{1, 2}}');
 -- labels
-SELECT provolatile, proparallel, proisstrict FROM pg_proc WHERE proname = 'rbr_reward';
+SELECT pronargs, provolatile, proparallel, proisstrict FROM pg_proc WHERE proname = 'rbr_reward' ORDER BY pronargs;
 -- the same as plain SQL arithmetic
 SELECT abs(rbr_reward(ARRAY[0.3, -1.2, 2.5]::float8[], ARRAY[x, y, z], b) - (b + 0.3 * x + (-1.2) * y + 2.5 * z)) < 1e-12 AS same
   FROM (VALUES (0.1::float8, 0.7::float8, 0.2::float8, 1.0::float8), (1, 0, 0.5, -3)) v(x, y, z, b);

@@ -771,7 +771,7 @@ rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext par
 
 /* ---------------------------------------------------------------------------
  * Cache: compiled policies per backend, invalidated when rbr.policy_version
- * changes (a statement trigger sends a relcache invalidation for it).
+ * changes (see rbr_tables_generation() in rbr.c).
  * ------------------------------------------------------------------------- */
 
 #define POLICY_REF_MAX (NAMEDATALEN + 16)
@@ -784,19 +784,6 @@ typedef struct PolicyCacheEntry
 } PolicyCacheEntry;
 
 static HTAB *policy_cache = NULL;
-static uint64 policy_generation = 1;
-static Oid	policy_table_oid = InvalidOid;
-
-/* Relcache callback: any change to the policy table makes the cache stale. */
-static void
-policy_relcache_callback(Datum arg pg_attribute_unused(), Oid relid)
-{
-	if (relid == InvalidOid || relid == policy_table_oid)
-	{
-		policy_generation++;
-		policy_table_oid = InvalidOid;
-	}
-}
 
 /* Parse "name" or "name@N" into name and version (0 = latest). */
 static void
@@ -892,23 +879,15 @@ rbr_policy_get(const char *ref)
 		ctl.hcxt = CacheMemoryContext;
 		policy_cache = hash_create("rbr policy cache", 16, &ctl,
 								   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-		CacheRegisterRelcacheCallback(policy_relcache_callback, (Datum) 0);
-	}
-	if (!OidIsValid(policy_table_oid))
-	{
-		Oid			nsp = get_namespace_oid(RBR_SCHEMA, true);
-
-		if (OidIsValid(nsp))
-			policy_table_oid = get_relname_relid("policy_version", nsp);
 	}
 
 	entry = hash_search(policy_cache, ref, HASH_FIND, &found);
-	if (found && entry->generation == policy_generation)
+	if (found && entry->generation == rbr_tables_generation())
 		return entry->policy;
 
 	{
+		uint64		gen = rbr_tables_generation();
 		RbrPolicy  *pol = load_policy(ref);
-		uint64		gen = policy_generation;
 
 		MemoryContextSetParent(pol->mcxt, CacheMemoryContext);
 		entry = hash_search(policy_cache, ref, HASH_ENTER, &found);
@@ -938,21 +917,6 @@ rbr_policy_validate(PG_FUNCTION_ARGS)
 
 	MemoryContextDelete(pol->mcxt);
 	PG_RETURN_BOOL(true);
-}
-
-PG_FUNCTION_INFO_V1(rbr_policy_changed);
-/* Statement trigger on rbr.policy_version: invalidate every backend's cache. */
-Datum
-rbr_policy_changed(PG_FUNCTION_ARGS)
-{
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("rbr_policy_changed() must be called as a trigger")));
-	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
-	PG_RETURN_POINTER(NULL);
 }
 
 PG_FUNCTION_INFO_V1(rbr_response_type);

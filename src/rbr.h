@@ -23,6 +23,9 @@
 /* Fold a response type name: lower case, runs of spaces/hyphens become '_'. */
 extern char *rbr_fold_name(const char *name);
 
+/* The current generation of rbr's tables; cached data of older ones is stale. */
+extern uint64 rbr_tables_generation(void);
+
 /* Reject NaN and infinite values with a message naming what was wrong. */
 extern void rbr_check_finite(double v, const char *what);
 

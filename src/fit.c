@@ -1,0 +1,602 @@
+/*
+ * fit.c: the rbr_fit aggregate (fit one weight vector per response type)
+ * and rbr_pair_accuracy (share of ordered pairs a score ranks right).
+ *
+ * Both collect their rows in an RbrRowSet (rowset.c): the transition
+ * function appends, the combine function merges partial states (parallel
+ * query, Citus), and the final function sorts the rows canonically, so the
+ * result is the same whatever order or process the rows came through. The
+ * optimisation itself is fit_solver.c, a pure C library.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/float.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+
+#include "fit_solver.h"
+#include "jsonutil.h"
+#include "rbr.h"
+#include "rowset.h"
+
+/* Options rbr_fit understands (see doc/reference.md). */
+static const char *const fit_option_keys[] = {
+	"solver", "margin", "tier_margin", "l2", "fixed_zero", "feature_names",
+	"validation_fraction", "seed", "tol", "max_iter", "lr", "steps",
+	"weight_decay", "beta1", "beta2", "eps", NULL
+};
+
+/* ---------------------------------------------------------------------------
+ * Transition, combine, serialize
+ * ------------------------------------------------------------------------- */
+
+/* Read the float8[] features of a row; false if it holds a NULL. */
+static bool
+row_features(ArrayType *a, const double **x, int *d)
+{
+	if (ARR_NDIM(a) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("features must be a one-dimensional array")));
+	if (ARR_HASNULL(a))
+		return false;
+	*d = ARR_NDIM(a) == 0 ? 0 : ARR_DIMS(a)[0];
+	*x = (const double *) ARR_DATA_PTR(a);
+	for (int i = 0; i < *d; i++)
+		if (isnan((*x)[i]) || isinf((*x)[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("feature %d is %s", i + 1, isnan((*x)[i]) ? "NaN" : "infinite"),
+					 errhint("Features are probabilities in [0,1]; regrade or drop the row.")));
+	return true;
+}
+
+/* Check a tier value. */
+static inline void
+check_tier(int32 tier)
+{
+	if (tier < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tier %d is negative", tier),
+				 errhint("Tiers are whole numbers, 0 for the best completions; rbr_label_tier() maps labels to tiers.")));
+}
+
+PG_FUNCTION_INFO_V1(rbr_fit_transfn);
+/* rbr_fit transition: (group_key, tier, features, base_reward [, options]). */
+Datum
+rbr_fit_transfn(PG_FUNCTION_ARGS)
+{
+	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_fit") : (RbrRowSet *) PG_GETARG_POINTER(0);
+	const double *x = NULL;
+	int			d = 0;
+
+	if (PG_NARGS() > 5 && !PG_ARGISNULL(5) && rs->options == NULL)
+		rs->options = MemoryContextStrdup(rs->mcxt,
+										  JsonbToCString(NULL, &PG_GETARG_JSONB_P(5)->root, 0));
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3) || PG_ARGISNULL(4) ||
+		!row_features(PG_GETARG_ARRAYTYPE_P(3), &x, &d))
+	{
+		rs->skipped++;
+		PG_RETURN_POINTER(rs);
+	}
+	else
+	{
+		text	   *key = PG_GETARG_TEXT_PP(1);
+		int32		tier = PG_GETARG_INT32(2);
+		double		base = PG_GETARG_FLOAT8(4);
+
+		check_tier(tier);
+		rbr_check_finite(base, "base_reward");
+		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), tier, base, x, d);
+	}
+	PG_RETURN_POINTER(rs);
+}
+
+PG_FUNCTION_INFO_V1(rbr_pair_accuracy_transfn);
+/* rbr_pair_accuracy transition: (group_key, tier, score). */
+Datum
+rbr_pair_accuracy_transfn(PG_FUNCTION_ARGS)
+{
+	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_pair_accuracy") : (RbrRowSet *) PG_GETARG_POINTER(0);
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		rs->skipped++;
+	else
+	{
+		text	   *key = PG_GETARG_TEXT_PP(1);
+		int32		tier = PG_GETARG_INT32(2);
+		double		score = PG_GETARG_FLOAT8(3);
+
+		check_tier(tier);
+		rbr_check_finite(score, "score");
+		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), tier, score, NULL, 0);
+	}
+	PG_RETURN_POINTER(rs);
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_combine);
+/* Combine two partial row sets (parallel workers, Citus shards). */
+Datum
+rbr_rows_combine(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+	RbrRowSet  *a,
+			   *b;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "rbr_rows_combine called in non-aggregate context");
+	if (PG_ARGISNULL(1))
+		PG_RETURN_POINTER(PG_ARGISNULL(0) ? NULL : PG_GETARG_POINTER(0));
+	b = (RbrRowSet *) PG_GETARG_POINTER(1);
+	if (PG_ARGISNULL(0))
+	{
+		a = MemoryContextAllocZero(aggcxt, sizeof(RbrRowSet));
+		a->d = -1;
+		a->mcxt = aggcxt;
+	}
+	else
+		a = (RbrRowSet *) PG_GETARG_POINTER(0);
+	rbr_rowset_merge(a, b);
+	PG_RETURN_POINTER(a);
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_serialize);
+/* Serialize a row set for another process. */
+Datum
+rbr_rows_serialize(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BYTEA_P(rbr_rowset_serialize((RbrRowSet *) PG_GETARG_POINTER(0)));
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_deserialize);
+/* Deserialize a row set from another process. */
+Datum
+rbr_rows_deserialize(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "rbr_rows_deserialize called in non-aggregate context");
+	PG_RETURN_POINTER(rbr_rowset_deserialize(PG_GETARG_BYTEA_PP(0), aggcxt));
+}
+
+/* ---------------------------------------------------------------------------
+ * Options
+ * ------------------------------------------------------------------------- */
+
+/* Options of one rbr_fit call, parsed, with what is echoed in the report. */
+typedef struct FitOptions
+{
+	RbrFitOptions solver;
+	double		validation_fraction;
+	uint64		seed;
+	int			nnames;
+	char	  **names;			/* feature_names, or NULL */
+	double	   *tier_margin;
+	bool	   *fixed_zero;
+} FitOptions;
+
+/* ERROR about one option. */
+#define option_error(key, fmt, ...) \
+	ereport(ERROR, \
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE), \
+			 errmsg("invalid rbr_fit option \"%s\": " fmt, (key), ##__VA_ARGS__), \
+			 errhint("See the options of rbr_fit in doc/reference.md.")))
+
+/* A number option within [lo, hi]. */
+static double
+option_number(JsonbContainer *c, const char *key, double dflt, double lo, double hi)
+{
+	JsonbValue *v = rbr_obj_get(c, key);
+	double		x;
+
+	if (v == NULL)
+		return dflt;
+	if (v->type != jbvNumeric)
+		option_error(key, "must be a number, not %s", rbr_jbv_type_name(v));
+	x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+	if (!(x >= lo && x <= hi))
+		option_error(key, "%g is outside [%g, %g]", x, lo, hi);
+	return x;
+}
+
+/* Parse the options text of the first row into o (d features). */
+static void
+parse_fit_options(const char *text, int d, FitOptions *o)
+{
+	Jsonb	   *jb;
+	JsonbContainer *c;
+	RbrJsonItem *items;
+	int			n;
+	JsonbValue *v;
+
+	memset(o, 0, sizeof(*o));
+	rbr_fit_options_default(&o->solver);
+	o->validation_fraction = 0.05;
+	if (text == NULL)
+	{
+		o->solver.val_fraction = o->validation_fraction;
+		return;
+	}
+	jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+	if (!JB_ROOT_IS_OBJECT(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rbr_fit options must be a JSON object"),
+				 errhint("For example '{\"l2\": 0.001, \"validation_fraction\": 0.1}'.")));
+	c = &jb->root;
+	items = rbr_obj_items(c, &n);
+	for (int i = 0; i < n; i++)
+	{
+		bool		known = false;
+
+		for (int k = 0; fit_option_keys[k]; k++)
+			known |= strcmp(fit_option_keys[k], items[i].key) == 0;
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown rbr_fit option \"%s\"", items[i].key),
+					 errhint("Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, lr, steps, weight_decay, beta1, beta2, eps.")));
+	}
+
+	if ((v = rbr_obj_get(c, "solver")) != NULL)
+	{
+		char	   *s = v->type == jbvString ? rbr_jbv_cstring(v) : "";
+
+		if (strcmp(s, "exact") == 0)
+			o->solver.solver = RBR_SOLVER_EXACT;
+		else if (strcmp(s, "adamw") == 0)
+			o->solver.solver = RBR_SOLVER_ADAMW;
+		else
+			option_error("solver", "use \"exact\" (the default) or \"adamw\" (the paper's released fitter)");
+	}
+	o->solver.margin = option_number(c, "margin", o->solver.margin, 0, 1e6);
+	o->solver.l2 = option_number(c, "l2", o->solver.l2, 0, 1e6);
+	o->validation_fraction = option_number(c, "validation_fraction", o->validation_fraction, 0, 1);
+	o->solver.val_fraction = o->validation_fraction;
+	o->seed = (uint64) option_number(c, "seed", 0, 0, 9007199254740992.0);
+	o->solver.seed = o->seed;
+	o->solver.tol = option_number(c, "tol", o->solver.tol, 1e-15, 1);
+	o->solver.max_iter = (int) option_number(c, "max_iter", o->solver.max_iter, 1, 1e6);
+	o->solver.lr = option_number(c, "lr", o->solver.lr, 1e-12, 1e3);
+	o->solver.steps = (int) option_number(c, "steps", o->solver.steps, 1, 1e8);
+	o->solver.weight_decay = option_number(c, "weight_decay", o->solver.weight_decay, 0, 1e3);
+	o->solver.beta1 = option_number(c, "beta1", o->solver.beta1, 0, 0.999999);
+	o->solver.beta2 = option_number(c, "beta2", o->solver.beta2, 0, 0.99999999);
+	o->solver.eps = option_number(c, "eps", o->solver.eps, 1e-300, 1);
+
+	if ((v = rbr_obj_get(c, "feature_names")) != NULL)
+	{
+		JsonbValue *e;
+
+		if (!rbr_jbv_is_array(v))
+			option_error("feature_names", "must be an array of names, such as rbr_feature_names() returns");
+		e = rbr_arr_items(v->val.binary.data, &o->nnames);
+		if (o->nnames != d)
+			option_error("feature_names", "has %d names for %d features", o->nnames, d);
+		o->names = palloc(sizeof(char *) * Max(o->nnames, 1));
+		for (int i = 0; i < o->nnames; i++)
+		{
+			if (e[i].type != jbvString)
+				option_error("feature_names", "names must be strings");
+			o->names[i] = rbr_jbv_cstring(&e[i]);
+		}
+	}
+
+	if ((v = rbr_obj_get(c, "fixed_zero")) != NULL)
+	{
+		JsonbValue *e;
+		int			ne;
+
+		if (!rbr_jbv_is_array(v))
+			option_error("fixed_zero", "must be an array of feature positions (from 1) or names");
+		e = rbr_arr_items(v->val.binary.data, &ne);
+		o->fixed_zero = palloc0(sizeof(bool) * Max(d, 1));
+		for (int i = 0; i < ne; i++)
+		{
+			int			pos = -1;
+
+			if (e[i].type == jbvNumeric)
+			{
+				double		x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(e[i].val.numeric)));
+
+				if (x == floor(x) && x >= 1 && x <= d)
+					pos = (int) x - 1;
+			}
+			else if (e[i].type == jbvString && o->names != NULL)
+			{
+				char	   *name = rbr_jbv_cstring(&e[i]);
+
+				for (int k = 0; k < o->nnames; k++)
+					if (strcmp(o->names[k], name) == 0)
+						pos = k;
+			}
+			if (pos < 0)
+				option_error("fixed_zero", "entry %d is neither a feature position in 1..%d nor a name in feature_names", i + 1, d);
+			o->fixed_zero[pos] = true;
+		}
+		o->solver.fixed_zero = o->fixed_zero;
+	}
+
+	if ((v = rbr_obj_get(c, "tier_margin")) != NULL)
+	{
+		RbrJsonItem *t;
+		int			nt;
+		int			maxtier = -1;
+
+		if (!rbr_jbv_is_object(v))
+			option_error("tier_margin", "must be an object from the better side's tier to its margin, such as {\"0\": 2}");
+		t = rbr_obj_items(v->val.binary.data, &nt);
+		for (int i = 0; i < nt; i++)
+		{
+			char	   *end;
+			long		tier = strtol(t[i].key, &end, 10);
+
+			if (*t[i].key == '\0' || *end != '\0' || tier < 0 || tier > 1000)
+				option_error("tier_margin", "key \"%s\" is not a tier in 0..1000", t[i].key);
+			maxtier = Max(maxtier, (int) tier);
+		}
+		o->solver.n_tier_margin = maxtier + 1;
+		o->tier_margin = palloc(sizeof(double) * (maxtier + 1));
+		for (int i = 0; i <= maxtier; i++)
+			o->tier_margin[i] = NAN;
+		for (int i = 0; i < nt; i++)
+		{
+			double		m;
+
+			if (t[i].value.type != jbvNumeric)
+				option_error("tier_margin", "margins must be numbers");
+			m = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(t[i].value.val.numeric)));
+			if (!(m >= 0 && m <= 1e6))
+				option_error("tier_margin", "margin %g is outside [0, 1e6]", m);
+			o->tier_margin[strtol(t[i].key, NULL, 10)] = m;
+		}
+		o->solver.tier_margin = o->tier_margin;
+	}
+}
+
+/* ---------------------------------------------------------------------------
+ * Final functions
+ * ------------------------------------------------------------------------- */
+
+/* Append a double as JSON (null for NaN or infinity). */
+static void
+append_json_number(StringInfo buf, double v)
+{
+	if (isnan(v) || isinf(v))
+		appendStringInfoString(buf, "null");
+	else
+		appendStringInfoString(buf, float8out_internal(v));
+}
+
+/* Allocator callbacks for fit_solver.c: palloc in the current context. */
+static void *
+solver_alloc(void *ctx pg_attribute_unused(), size_t size)
+{
+	return MemoryContextAllocHuge(CurrentMemoryContext, Max(size, 1));
+}
+
+static void
+solver_free(void *ctx pg_attribute_unused(), void *ptr)
+{
+	if (ptr)
+		pfree(ptr);
+}
+
+static void
+solver_check_interrupts(void *ctx pg_attribute_unused())
+{
+	CHECK_FOR_INTERRUPTS();
+}
+
+/* True if a group is held out for validation (deterministic by key). */
+static bool
+group_is_validation(const char *key, uint64 seed, double fraction)
+{
+	uint64		h = hash_bytes_extended((const unsigned char *) key, strlen(key), seed);
+
+	return (double) (h >> 11) * (1.0 / 9007199254740992.0) < fraction;
+}
+
+PG_FUNCTION_INFO_V1(rbr_fit_finalfn);
+/* rbr_fit final: sort the rows, fit, and report as jsonb. */
+Datum
+rbr_fit_finalfn(PG_FUNCTION_ARGS)
+{
+	RbrRowSet  *rs;
+	RbrSortedRows *s;
+	FitOptions	o;
+	RbrFitData	data;
+	RbrFitResult res;
+	RbrFitAlloc alloc = {NULL, solver_alloc, solver_free, solver_check_interrupts};
+	bool	   *is_train;
+	int64		groups_without_pairs = 0;
+	char		errbuf[512];
+	int			rc;
+	StringInfoData buf;
+	MemoryContext work,
+				old;
+	Datum		result;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
+	if (rs->nrows == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("rbr_fit has no complete rows"),
+				 errdetail("All %lld rows had a NULL group key, tier, base reward or feature.", (long long) rs->skipped),
+				 errhint("Grade the missing features first, or filter the rows.")));
+
+	work = AllocSetContextCreate(CurrentMemoryContext, "rbr_fit", ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(work);
+
+	parse_fit_options(rs->options, rs->d, &o);
+	s = rbr_rowset_sort(rs);
+	is_train = palloc(sizeof(bool) * Max(s->ngroups, 1));
+	for (int64 g = 0; g < s->ngroups; g++)
+	{
+		bool		two_tiers = s->tier[s->group_start[g]] != s->tier[s->group_start[g + 1] - 1];
+
+		groups_without_pairs += !two_tiers;
+		is_train[g] = !group_is_validation(s->group_key[g], o.seed, o.validation_fraction);
+	}
+
+	data.d = s->d;
+	data.nrows = s->nrows;
+	data.x = s->x;
+	data.base = s->base;
+	data.tier = s->tier;
+	data.ngroups = s->ngroups;
+	data.group_start = s->group_start;
+	data.group_is_train = is_train;
+	memset(&res, 0, sizeof(res));
+	res.w = palloc0(sizeof(double) * Max(s->d, 1));
+
+	rc = rbr_fit_solve(&data, &o.solver, &alloc, &res, errbuf, sizeof(errbuf));
+	if (rc == RBR_FIT_ENOPAIRS)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("rbr_fit found no pairs to train on"),
+				 errdetail("%s (%lld rows in %lld groups, %lld groups with a single tier).", errbuf,
+						   (long long) s->nrows, (long long) s->ngroups, (long long) groups_without_pairs),
+				 errhint("Pairs are formed within a group (prompt) between different tiers; give each prompt completions of at least two tiers, or lower validation_fraction.")));
+	if (rc != RBR_FIT_OK)
+		ereport(ERROR,
+				(errcode(rc == RBR_FIT_ENOMEM ? ERRCODE_OUT_OF_MEMORY : ERRCODE_DATA_EXCEPTION),
+				 errmsg("rbr_fit failed: %s", errbuf)));
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"weights\": [");
+	for (int i = 0; i < s->d; i++)
+	{
+		if (i)
+			appendStringInfoString(&buf, ", ");
+		append_json_number(&buf, res.w[i]);
+	}
+	appendStringInfoString(&buf, "]");
+	if (o.names)
+	{
+		appendStringInfoString(&buf, ", \"feature_names\": [");
+		for (int i = 0; i < o.nnames; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, o.names[i]);
+		}
+		appendStringInfoString(&buf, "]");
+	}
+	appendStringInfo(&buf, ", \"rows\": %lld, \"rows_skipped_null\": %lld, \"groups\": %lld, \"groups_without_pairs\": %lld",
+					 (long long) s->nrows, (long long) rs->skipped, (long long) s->ngroups,
+					 (long long) groups_without_pairs);
+	appendStringInfo(&buf, ", \"pairs\": {\"train\": %lld, \"validation\": %lld}",
+					 (long long) res.train_pairs, (long long) res.val_pairs);
+	appendStringInfoString(&buf, ", \"loss\": {\"train\": ");
+	append_json_number(&buf, res.train_loss);
+	appendStringInfoString(&buf, ", \"validation\": ");
+	append_json_number(&buf, res.val_loss);
+	appendStringInfoString(&buf, "}, \"objective\": ");
+	append_json_number(&buf, res.objective);
+	appendStringInfoString(&buf, ", \"zero_loss_share\": ");
+	append_json_number(&buf, res.zero_loss_share);
+	appendStringInfoString(&buf, ", \"accuracy\": {\"train\": ");
+	append_json_number(&buf, res.train_accuracy);
+	appendStringInfoString(&buf, ", \"validation\": ");
+	append_json_number(&buf, res.val_accuracy);
+	appendStringInfo(&buf, "}, \"solver\": \"%s\", \"iterations\": %d, \"converged\": %s, \"gap\": ",
+					 o.solver.solver == RBR_SOLVER_EXACT ? "exact" : "adamw",
+					 res.iterations, res.converged ? "true" : "false");
+	append_json_number(&buf, res.gap);
+	appendStringInfo(&buf, ", \"passes\": %lld, \"options\": {\"margin\": ", (long long) res.passes);
+	append_json_number(&buf, o.solver.margin);
+	appendStringInfoString(&buf, ", \"tier_margin\": {");
+	for (int i = 0, k = 0; i < o.solver.n_tier_margin; i++)
+		if (!isnan(o.tier_margin[i]))
+		{
+			appendStringInfo(&buf, "%s\"%d\": ", k++ ? ", " : "", i);
+			append_json_number(&buf, o.tier_margin[i]);
+		}
+	appendStringInfoString(&buf, "}, \"l2\": ");
+	append_json_number(&buf, o.solver.l2);
+	appendStringInfoString(&buf, ", \"l2_used\": ");
+	append_json_number(&buf, res.l2_used);
+	appendStringInfoString(&buf, ", \"fixed_zero\": [");
+	for (int i = 0, k = 0; o.fixed_zero && i < s->d; i++)
+		if (o.fixed_zero[i])
+			appendStringInfo(&buf, "%s%d", k++ ? ", " : "", i + 1);
+	appendStringInfoString(&buf, "], \"validation_fraction\": ");
+	append_json_number(&buf, o.validation_fraction);
+	appendStringInfo(&buf, ", \"validation_split\": \"%s\", \"seed\": %llu",
+					 o.solver.solver == RBR_SOLVER_EXACT ? "groups" : "pairs",
+					 (unsigned long long) o.seed);
+	if (o.solver.solver == RBR_SOLVER_EXACT)
+	{
+		appendStringInfoString(&buf, ", \"tol\": ");
+		append_json_number(&buf, o.solver.tol);
+		appendStringInfo(&buf, ", \"max_iter\": %d", o.solver.max_iter);
+	}
+	else
+	{
+		appendStringInfoString(&buf, ", \"lr\": ");
+		append_json_number(&buf, o.solver.lr);
+		appendStringInfo(&buf, ", \"steps\": %d, \"weight_decay\": ", o.solver.steps);
+		append_json_number(&buf, o.solver.weight_decay);
+		appendStringInfoString(&buf, ", \"beta1\": ");
+		append_json_number(&buf, o.solver.beta1);
+		appendStringInfoString(&buf, ", \"beta2\": ");
+		append_json_number(&buf, o.solver.beta2);
+		appendStringInfoString(&buf, ", \"eps\": ");
+		append_json_number(&buf, o.solver.eps);
+	}
+	appendStringInfoString(&buf, "}}");
+
+	MemoryContextSwitchTo(old);
+	result = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
+	MemoryContextDelete(work);
+	PG_RETURN_DATUM(result);
+}
+
+PG_FUNCTION_INFO_V1(rbr_pair_accuracy_finalfn);
+/* rbr_pair_accuracy final: share of ordered pairs ranked right (ties wrong). */
+Datum
+rbr_pair_accuracy_finalfn(PG_FUNCTION_ARGS)
+{
+	RbrRowSet  *rs;
+	RbrSortedRows *s;
+	int64		pairs = 0,
+				right = 0;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
+	s = rbr_rowset_sort(rs);
+	for (int64 g = 0; g < s->ngroups; g++)
+	{
+		/* rows of a group are sorted by tier: a better row comes first */
+		for (int64 a = s->group_start[g]; a < s->group_start[g + 1]; a++)
+		{
+			for (int64 b = a + 1; b < s->group_start[g + 1]; b++)
+			{
+				if (s->tier[a] == s->tier[b])
+					continue;
+				pairs++;
+				right += s->base[a] > s->base[b];
+			}
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	if (pairs == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_FLOAT8((double) right / (double) pairs);
+}

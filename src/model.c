@@ -1,0 +1,137 @@
+/*
+ * model.c: scoring with a stored model, rbr_reward(model, response_type,
+ * features, base_reward).
+ *
+ * A model is one fitted weight vector per response type, stored in
+ * rbr.model by rbr_model_save(). Weights are cached per backend and reloaded
+ * when rbr.model changes (rbr_tables_generation()).
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+
+#include "rbr.h"
+
+#define MODEL_KEY_MAX (2 * NAMEDATALEN + 2)
+
+typedef struct ModelCacheEntry
+{
+	char		key[MODEL_KEY_MAX];	/* "model\x1fresponse_type" */
+	uint64		generation;
+	int			d;
+	double	   *weights;		/* in CacheMemoryContext */
+} ModelCacheEntry;
+
+static HTAB *model_cache = NULL;
+
+/* Read a model's weights for a response type from rbr.model. */
+static void
+load_model(ModelCacheEntry *entry, const char *model, const char *rt)
+{
+	Datum		args[2] = {CStringGetTextDatum(model), CStringGetTextDatum(rt)};
+	Oid			argtypes[2] = {TEXTOID, TEXTOID};
+	int			ret;
+
+	SPI_connect();
+	ret = SPI_execute_with_args("SELECT weights FROM rbr.model WHERE name = $1 AND response_type = $2",
+								2, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "rbr: reading rbr.model failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+	{
+		SPI_finish();
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("model \"%s\" has no weights for response type \"%s\"", model, rt),
+				 errhint("Fit and store it with rbr_model_save(); rbr.model lists the stored models.")));
+	}
+	else
+	{
+		bool		isnull;
+		ArrayType  *w = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		int			d = ARR_NDIM(w) == 0 ? 0 : ARR_DIMS(w)[0];
+
+		if (entry->weights)
+			pfree(entry->weights);
+		entry->weights = MemoryContextAlloc(CacheMemoryContext, sizeof(double) * Max(d, 1));
+		memcpy(entry->weights, ARR_DATA_PTR(w), sizeof(double) * d);
+		entry->d = d;
+	}
+	SPI_finish();
+}
+
+PG_FUNCTION_INFO_V1(rbr_model_reward);
+/* rbr_reward(model, response_type, features, base_reward): with stored weights. */
+Datum
+rbr_model_reward(PG_FUNCTION_ARGS)
+{
+	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *rt = rbr_fold_name(text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	ArrayType  *x = PG_GETARG_ARRAYTYPE_P(2);
+	double		sum = PG_GETARG_FLOAT8(3);
+	char		key[MODEL_KEY_MAX];
+	ModelCacheEntry *entry;
+	bool		found;
+	uint64		gen;
+	int			nx;
+	const double *xv;
+
+	if (strlen(model) >= NAMEDATALEN || strlen(rt) >= NAMEDATALEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("model or response type name is too long")));
+	if (model_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = MODEL_KEY_MAX;
+		ctl.entrysize = sizeof(ModelCacheEntry);
+		ctl.hcxt = CacheMemoryContext;
+		model_cache = hash_create("rbr model cache", 16, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	}
+	snprintf(key, sizeof(key), "%s\x1f%s", model, rt);
+	gen = rbr_tables_generation();
+	entry = hash_search(model_cache, key, HASH_ENTER, &found);
+	if (!found)
+	{
+		entry->weights = NULL;
+		entry->generation = 0;
+	}
+	if (entry->generation != gen)
+	{
+		load_model(entry, model, rt);
+		entry->generation = gen;
+	}
+
+	if (ARR_NDIM(x) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("features must be a one-dimensional array")));
+	nx = ARR_NDIM(x) == 0 ? 0 : ARR_DIMS(x)[0];
+	if (nx != entry->d)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("model \"%s\" has %d weights for response type \"%s\", but %d features were given",
+						model, entry->d, rt, nx),
+				 errhint("Pass the features in the order of rbr.model.feature_names.")));
+	if (ARR_HASNULL(x))
+		PG_RETURN_NULL();
+	rbr_check_finite(sum, "base_reward");
+	xv = (const double *) ARR_DATA_PTR(x);
+	for (int i = 0; i < nx; i++)
+		sum += entry->weights[i] * xv[i];
+	if (unlikely(isnan(sum) || isinf(sum)))
+	{
+		for (int i = 0; i < nx; i++)
+			rbr_check_finite(xv[i], psprintf("feature %d", i + 1));
+		rbr_check_finite(sum, "the reward");
+	}
+	PG_RETURN_FLOAT8(sum);
+}
