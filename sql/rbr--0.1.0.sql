@@ -317,3 +317,110 @@ CREATE AGGREGATE @extschema@.rbr_pair_accuracy(group_key text, tier int, score f
     FINALFUNC = @extschema@.rbr_pair_accuracy_finalfn,
     PARALLEL = SAFE
 );
+
+CREATE FUNCTION @extschema@.rbr_pair_errors_transfn(internal, text, int, text, float8, float8)
+    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_errors_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION @extschema@.rbr_pair_errors_finalfn(internal)
+    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_pair_errors_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- The paper's reward-signal error rates: share of ordered pairs ranked wrong
+-- by the reward model alone (rm), by rm + rbr, and by rbr alone; overall and
+-- per (better label, worse label). Use GROUP BY response_type.
+CREATE AGGREGATE @extschema@.rbr_pair_errors(group_key text, tier int, label text, rm float8, rbr float8) (
+    SFUNC = @extschema@.rbr_pair_errors_transfn,
+    STYPE = internal,
+    COMBINEFUNC = @extschema@.rbr_rows_combine,
+    SERIALFUNC = @extschema@.rbr_rows_serialize,
+    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
+    FINALFUNC = @extschema@.rbr_pair_errors_finalfn,
+    PARALLEL = SAFE
+);
+
+-- Histogram of values per label as a text table: one row per (label, bin),
+-- with the bin's range, count, share of the label's values and a bar.
+-- Typical input: rewards centred on each prompt's mean tier-0 reward,
+--   rbr_histogram(array_agg(label), array_agg(reward - avg(reward) FILTER (WHERE tier = 0) OVER (PARTITION BY prompt)))
+CREATE FUNCTION @extschema@.rbr_histogram(labels text[], vals float8[], bins int DEFAULT 20)
+    RETURNS TABLE (label text, bin int, low float8, high float8, count bigint, share float8, bar text)
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+WITH v AS (
+    SELECT coalesce(u.l, '(none)') AS l, u.x FROM unnest(labels, vals) AS u(l, x) WHERE u.x IS NOT NULL
+), r AS (
+    SELECT min(x) AS lo, greatest(max(x), min(x) + 1e-9) AS hi FROM v
+), c AS (
+    SELECT v.l, least(greatest(width_bucket(v.x, r.lo, r.hi, bins), 1), bins) AS b, count(*) AS n
+      FROM v, r GROUP BY 1, 2
+), t AS (
+    SELECT v.l, count(*) AS total FROM v GROUP BY 1
+), m AS (
+    SELECT max(c.n::float8 / t.total) AS top FROM c JOIN t USING (l)
+)
+SELECT t.l, g.b, r.lo + (r.hi - r.lo) * (g.b - 1) / bins, r.lo + (r.hi - r.lo) * g.b / bins,
+       coalesce(c.n, 0), coalesce(c.n, 0)::float8 / t.total,
+       repeat('#', round(40 * coalesce(c.n, 0)::float8 / t.total / m.top)::int)
+  FROM t CROSS JOIN generate_series(1, bins) AS g(b) CROSS JOIN r CROSS JOIN m
+  LEFT JOIN c ON c.l = t.l AND c.b = g.b
+ WHERE bins > 0
+ ORDER BY 1, 2
+$$;
+
+-- The same histogram as an SVG picture (one step line per label, the share
+-- of the label's values per bin; a dashed line at 0). Save it with
+--   psql -Atc "SELECT rbr_histogram_svg(...)" > rewards.svg
+CREATE FUNCTION @extschema@.rbr_histogram_svg(labels text[], vals float8[], bins int DEFAULT 40,
+                                              title text DEFAULT 'reward minus the prompt''s mean tier-0 reward')
+    RETURNS text
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    w constant int := 760;  h constant int := 380;
+    left_m constant int := 60;  right_m constant int := 200;  top_m constant int := 40;  bottom_m constant int := 40;
+    colors constant text[] := ARRAY['#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d', '#666666'];
+    lo float8;  hi float8;  top float8;
+    svg text;  pts text;  lab record;  i int := 0;  x float8;  y float8;  px float8;
+BEGIN
+    IF bins IS NULL OR bins < 1 OR bins > 1000 THEN
+        RAISE EXCEPTION 'bins must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT min(low), max(high), max(share) INTO lo, hi, top FROM @extschema@.rbr_histogram(labels, vals, bins);
+    IF lo IS NULL THEN
+        RAISE EXCEPTION 'no values to draw' USING ERRCODE = 'no_data_found';
+    END IF;
+    svg := format('<svg xmlns="http://www.w3.org/2000/svg" width="%s" height="%s" font-family="sans-serif" font-size="12">', w, h)
+        || format('<rect width="%s" height="%s" fill="white"/>', w, h)
+        || format('<text x="%s" y="22" font-size="14">%s</text>', left_m,
+                  replace(replace(replace(title, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'))
+        || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', left_m, h - bottom_m, w - right_m, h - bottom_m)
+        || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', left_m, top_m, left_m, h - bottom_m)
+        || format('<text x="%s" y="%s" text-anchor="middle">%s</text>', left_m, h - bottom_m + 16, round(lo::numeric, 2))
+        || format('<text x="%s" y="%s" text-anchor="middle">%s</text>', w - right_m, h - bottom_m + 16, round(hi::numeric, 2))
+        || format('<text x="%s" y="%s" text-anchor="end">%s</text>', left_m - 4, top_m + 4, round(top::numeric, 3))
+        || format('<text x="%s" y="%s" text-anchor="end">0</text>', left_m - 4, h - bottom_m)
+        || format('<text x="12" y="%s" transform="rotate(-90 12 %s)" text-anchor="middle">share of the label''s completions</text>',
+                  (top_m + h - bottom_m) / 2, (top_m + h - bottom_m) / 2);
+    IF lo < 0 AND hi > 0 THEN
+        px := left_m + (0 - lo) / (hi - lo) * (w - left_m - right_m);
+        svg := svg || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="#999" stroke-dasharray="4 3"/>', round(px::numeric, 1), top_m, round(px::numeric, 1), h - bottom_m)
+                   || format('<text x="%s" y="%s" text-anchor="middle">0</text>', round(px::numeric, 1), h - bottom_m + 16);
+    END IF;
+    FOR lab IN SELECT label, sum(count) AS n FROM @extschema@.rbr_histogram(labels, vals, bins) GROUP BY label ORDER BY label LOOP
+        i := i + 1;
+        pts := '';
+        FOR x, y, px IN SELECT low, share, high FROM @extschema@.rbr_histogram(labels, vals, bins) hh WHERE hh.label = lab.label ORDER BY bin LOOP
+            pts := pts || format('%s,%s %s,%s ',
+                round((left_m + (x - lo) / (hi - lo) * (w - left_m - right_m))::numeric, 1),
+                round((h - bottom_m - y / top * (h - top_m - bottom_m))::numeric, 1),
+                round((left_m + (px - lo) / (hi - lo) * (w - left_m - right_m))::numeric, 1),
+                round((h - bottom_m - y / top * (h - top_m - bottom_m))::numeric, 1));
+        END LOOP;
+        svg := svg || format('<polyline fill="none" stroke-width="2" stroke="%s" points="%s"/>', colors[1 + (i - 1) % 8], btrim(pts))
+                   || format('<rect x="%s" y="%s" width="12" height="12" fill="%s"/>', w - right_m + 16, top_m + (i - 1) * 20, colors[1 + (i - 1) % 8])
+                   || format('<text x="%s" y="%s">%s (%s)</text>', w - right_m + 34, top_m + (i - 1) * 20 + 11,
+                             replace(replace(replace(lab.label, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), lab.n);
+    END LOOP;
+    RETURN svg || '</svg>';
+END
+$$;

@@ -1,12 +1,12 @@
 /*
- * fit.c: the rbr_fit aggregate (fit one weight vector per response type)
- * and rbr_pair_accuracy (share of ordered pairs a score ranks right).
+ * fit.c: the rbr_fit aggregate, which fits one weight vector (per response
+ * type, with GROUP BY) over ranked completions.
  *
- * Both collect their rows in an RbrRowSet (rowset.c): the transition
- * function appends, the combine function merges partial states (parallel
- * query, Citus), and the final function sorts the rows canonically, so the
- * result is the same whatever order or process the rows came through. The
- * optimisation itself is fit_solver.c, a pure C library.
+ * Rows are collected in an RbrRowSet (rowset.c: append, combine across
+ * parallel workers or Citus shards, serialize); the final function sorts
+ * them canonically, so the result is the same whatever order or process the
+ * rows came through. The optimisation itself is fit_solver.c, a pure C
+ * library with its own unit tests.
  */
 #include "postgres.h"
 
@@ -60,17 +60,6 @@ row_features(ArrayType *a, const double **x, int *d)
 	return true;
 }
 
-/* Check a tier value. */
-static inline void
-check_tier(int32 tier)
-{
-	if (tier < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("tier %d is negative", tier),
-				 errhint("Tiers are whole numbers, 0 for the best completions; rbr_label_tier() maps labels to tiers.")));
-}
-
 PG_FUNCTION_INFO_V1(rbr_fit_transfn);
 /* rbr_fit transition: (group_key, tier, features, base_reward [, options]). */
 Datum
@@ -96,79 +85,11 @@ rbr_fit_transfn(PG_FUNCTION_ARGS)
 		int32		tier = PG_GETARG_INT32(2);
 		double		base = PG_GETARG_FLOAT8(4);
 
-		check_tier(tier);
+		rbr_check_tier(tier);
 		rbr_check_finite(base, "base_reward");
-		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), tier, base, x, d);
+		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), NULL, 0, tier, base, x, d);
 	}
 	PG_RETURN_POINTER(rs);
-}
-
-PG_FUNCTION_INFO_V1(rbr_pair_accuracy_transfn);
-/* rbr_pair_accuracy transition: (group_key, tier, score). */
-Datum
-rbr_pair_accuracy_transfn(PG_FUNCTION_ARGS)
-{
-	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_pair_accuracy") : (RbrRowSet *) PG_GETARG_POINTER(0);
-
-	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
-		rs->skipped++;
-	else
-	{
-		text	   *key = PG_GETARG_TEXT_PP(1);
-		int32		tier = PG_GETARG_INT32(2);
-		double		score = PG_GETARG_FLOAT8(3);
-
-		check_tier(tier);
-		rbr_check_finite(score, "score");
-		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), tier, score, NULL, 0);
-	}
-	PG_RETURN_POINTER(rs);
-}
-
-PG_FUNCTION_INFO_V1(rbr_rows_combine);
-/* Combine two partial row sets (parallel workers, Citus shards). */
-Datum
-rbr_rows_combine(PG_FUNCTION_ARGS)
-{
-	MemoryContext aggcxt;
-	RbrRowSet  *a,
-			   *b;
-
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		elog(ERROR, "rbr_rows_combine called in non-aggregate context");
-	if (PG_ARGISNULL(1))
-		PG_RETURN_POINTER(PG_ARGISNULL(0) ? NULL : PG_GETARG_POINTER(0));
-	b = (RbrRowSet *) PG_GETARG_POINTER(1);
-	if (PG_ARGISNULL(0))
-	{
-		a = MemoryContextAllocZero(aggcxt, sizeof(RbrRowSet));
-		a->d = -1;
-		a->mcxt = aggcxt;
-	}
-	else
-		a = (RbrRowSet *) PG_GETARG_POINTER(0);
-	rbr_rowset_merge(a, b);
-	PG_RETURN_POINTER(a);
-}
-
-PG_FUNCTION_INFO_V1(rbr_rows_serialize);
-/* Serialize a row set for another process. */
-Datum
-rbr_rows_serialize(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_BYTEA_P(rbr_rowset_serialize((RbrRowSet *) PG_GETARG_POINTER(0)));
-}
-
-PG_FUNCTION_INFO_V1(rbr_rows_deserialize);
-/* Deserialize a row set from another process. */
-Datum
-rbr_rows_deserialize(PG_FUNCTION_ARGS)
-{
-	MemoryContext aggcxt;
-
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		elog(ERROR, "rbr_rows_deserialize called in non-aggregate context");
-	PG_RETURN_POINTER(rbr_rowset_deserialize(PG_GETARG_BYTEA_PP(0), aggcxt));
 }
 
 /* ---------------------------------------------------------------------------
@@ -565,38 +486,4 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 	result = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
 	MemoryContextDelete(work);
 	PG_RETURN_DATUM(result);
-}
-
-PG_FUNCTION_INFO_V1(rbr_pair_accuracy_finalfn);
-/* rbr_pair_accuracy final: share of ordered pairs ranked right (ties wrong). */
-Datum
-rbr_pair_accuracy_finalfn(PG_FUNCTION_ARGS)
-{
-	RbrRowSet  *rs;
-	RbrSortedRows *s;
-	int64		pairs = 0,
-				right = 0;
-
-	if (PG_ARGISNULL(0))
-		PG_RETURN_NULL();
-	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
-	s = rbr_rowset_sort(rs);
-	for (int64 g = 0; g < s->ngroups; g++)
-	{
-		/* rows of a group are sorted by tier: a better row comes first */
-		for (int64 a = s->group_start[g]; a < s->group_start[g + 1]; a++)
-		{
-			for (int64 b = a + 1; b < s->group_start[g + 1]; b++)
-			{
-				if (s->tier[a] == s->tier[b])
-					continue;
-				pairs++;
-				right += s->base[a] > s->base[b];
-			}
-			CHECK_FOR_INTERRUPTS();
-		}
-	}
-	if (pairs == 0)
-		PG_RETURN_NULL();
-	PG_RETURN_FLOAT8((double) right / (double) pairs);
 }

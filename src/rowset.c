@@ -44,7 +44,7 @@ rbr_rowset_init_settings(void)
 static Size
 rowset_bytes(int d, int64 cap, int64 keys_cap)
 {
-	return (Size) cap * (sizeof(double) * (Max(d, 0) + 1) + sizeof(int32) + sizeof(int64)) + keys_cap;
+	return (Size) cap * (sizeof(double) * (Max(d, 0) + 1) + sizeof(int32) + 2 * sizeof(int64)) + keys_cap;
 }
 
 /* ERROR when a row set would grow past rbr.fit_max_memory. */
@@ -60,6 +60,17 @@ check_memory(int d, int64 cap, int64 keys_cap)
 				 errdetail("%lld rows of %d features need about %zu MB.",
 						   (long long) cap, Max(d, 0), bytes / (1024 * 1024)),
 				 errhint("Raise rbr.fit_max_memory if the server has the memory, or fit on a sample of the prompts.")));
+}
+
+/* ERROR unless a tier is a whole number >= 0. */
+void
+rbr_check_tier(int32 tier)
+{
+	if (tier < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tier %d is negative", tier),
+				 errhint("Tiers are whole numbers, 0 for the best completions; rbr_label_tier() maps labels to tiers.")));
 }
 
 /* A new empty row set in the aggregate's memory context. */
@@ -96,6 +107,7 @@ rowset_reserve(RbrRowSet *rs, int64 n, int64 keylen)
 			rs->base = MemoryContextAllocHuge(rs->mcxt, sizeof(double) * cap);
 			rs->tier = MemoryContextAllocHuge(rs->mcxt, sizeof(int32) * cap);
 			rs->key_off = MemoryContextAllocHuge(rs->mcxt, sizeof(int64) * cap);
+			rs->label_off = MemoryContextAllocHuge(rs->mcxt, sizeof(int64) * cap);
 		}
 		else
 		{
@@ -103,6 +115,7 @@ rowset_reserve(RbrRowSet *rs, int64 n, int64 keylen)
 			rs->base = repalloc_huge(rs->base, sizeof(double) * cap);
 			rs->tier = repalloc_huge(rs->tier, sizeof(int32) * cap);
 			rs->key_off = repalloc_huge(rs->key_off, sizeof(int64) * cap);
+			rs->label_off = repalloc_huge(rs->label_off, sizeof(int64) * cap);
 		}
 		rs->cap = cap;
 	}
@@ -116,9 +129,22 @@ rowset_reserve(RbrRowSet *rs, int64 n, int64 keylen)
 	}
 }
 
-/* Append one row; x may be NULL when d == 0. */
+/* Copy a string into the keys arena; returns its offset. */
+static int64
+rowset_put_string(RbrRowSet *rs, const char *str, int len)
+{
+	int64		off = rs->keys_len;
+
+	memcpy(rs->keys + off, str, len);
+	rs->keys[off + len] = '\0';
+	rs->keys_len += len + 1;
+	return off;
+}
+
+/* Append one row; label may be NULL, x may be NULL when d == 0. */
 void
-rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen, int32 tier,
+rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen,
+			   const char *label, int labellen, int32 tier,
 			   double base, const double *x, int d)
 {
 	bool		same_key;
@@ -136,16 +162,10 @@ rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen, int32 tier,
 	same_key = rs->nrows > 0 &&
 		strlen(rs->keys + rs->key_off[rs->nrows - 1]) == (size_t) keylen &&
 		memcmp(rs->keys + rs->key_off[rs->nrows - 1], key, keylen) == 0;
-	rowset_reserve(rs, 1, same_key ? 0 : keylen + 1);
-	if (same_key)
-		rs->key_off[rs->nrows] = rs->key_off[rs->nrows - 1];
-	else
-	{
-		rs->key_off[rs->nrows] = rs->keys_len;
-		memcpy(rs->keys + rs->keys_len, key, keylen);
-		rs->keys[rs->keys_len + keylen] = '\0';
-		rs->keys_len += keylen + 1;
-	}
+	rowset_reserve(rs, 1, (same_key ? 0 : keylen + 1) + (label ? labellen + 1 : 0));
+	rs->key_off[rs->nrows] = same_key ? rs->key_off[rs->nrows - 1]
+		: rowset_put_string(rs, key, keylen);
+	rs->label_off[rs->nrows] = label ? rowset_put_string(rs, label, labellen) : -1;
 	rs->tier[rs->nrows] = tier;
 	rs->base[rs->nrows] = base;
 	if (d > 0)
@@ -178,7 +198,10 @@ rbr_rowset_merge(RbrRowSet *dst, const RbrRowSet *src)
 	memcpy(dst->base + dst->nrows, src->base, sizeof(double) * src->nrows);
 	memcpy(dst->tier + dst->nrows, src->tier, sizeof(int32) * src->nrows);
 	for (int64 i = 0; i < src->nrows; i++)
+	{
 		dst->key_off[dst->nrows + i] = src->key_off[i] + dst->keys_len;
+		dst->label_off[dst->nrows + i] = src->label_off[i] < 0 ? -1 : src->label_off[i] + dst->keys_len;
+	}
 	memcpy(dst->keys + dst->keys_len, src->keys, src->keys_len);
 	dst->keys_len += src->keys_len;
 	dst->nrows += src->nrows;
@@ -192,7 +215,7 @@ rbr_rowset_serialize(const RbrRowSet *rs)
 	int			d = Max(rs->d, 0);
 	int32		optlen = rs->options ? (int32) strlen(rs->options) : -1;
 	Size		size = VARHDRSZ + sizeof(h) + Max(optlen, 0) +
-		rs->nrows * (sizeof(double) * (d + 1) + sizeof(int32) + sizeof(int64)) + rs->keys_len;
+		rs->nrows * (sizeof(double) * (d + 1) + sizeof(int32) + 2 * sizeof(int64)) + rs->keys_len;
 	bytea	   *b;
 	char	   *p;
 
@@ -219,6 +242,7 @@ rbr_rowset_serialize(const RbrRowSet *rs)
 	PUT(rs->base, sizeof(double) * rs->nrows);
 	PUT(rs->tier, sizeof(int32) * rs->nrows);
 	PUT(rs->key_off, sizeof(int64) * rs->nrows);
+	PUT(rs->label_off, sizeof(int64) * rs->nrows);
 	PUT(rs->keys, rs->keys_len);
 #undef PUT
 	Assert(p == (char *) b + size);
@@ -255,7 +279,7 @@ rbr_rowset_deserialize(bytea *b, MemoryContext mcxt)
 		corrupt_state("bad header");
 	d = Max(h.d, 0);
 	need = sizeof(h) + Max(h.options_len, 0) +
-		h.nrows * (sizeof(double) * (d + 1) + sizeof(int32) + sizeof(int64)) + h.keys_len;
+		h.nrows * (sizeof(double) * (d + 1) + sizeof(int32) + 2 * sizeof(int64)) + h.keys_len;
 	if (len != need)
 		corrupt_state("length does not match its header");
 
@@ -276,19 +300,28 @@ rbr_rowset_deserialize(bytea *b, MemoryContext mcxt)
 	GET(rs->base, sizeof(double) * h.nrows);
 	GET(rs->tier, sizeof(int32) * h.nrows);
 	GET(rs->key_off, sizeof(int64) * h.nrows);
+	GET(rs->label_off, sizeof(int64) * h.nrows);
 	GET(rs->keys, h.keys_len);
 #undef GET
 	rs->nrows = h.nrows;
 	rs->keys_len = h.keys_len;
 	for (int64 i = 0; i < rs->nrows; i++)
-		if (rs->key_off[i] < 0 || rs->key_off[i] >= rs->keys_len)
+		if (rs->key_off[i] < 0 || rs->key_off[i] >= rs->keys_len ||
+			rs->label_off[i] < -1 || rs->label_off[i] >= rs->keys_len)
 			corrupt_state("key offset out of range");
 	if (rs->keys_len > 0 && rs->keys[rs->keys_len - 1] != '\0')
 		corrupt_state("unterminated key");
 	return rs;
 }
 
-/* qsort_arg comparator: group key, tier, base, then features. */
+/* The label of row i, or "" when it has none (for ordering). */
+static inline const char *
+row_label(const RbrRowSet *rs, int64 i)
+{
+	return rs->label_off[i] < 0 ? "" : rs->keys + rs->label_off[i];
+}
+
+/* qsort_arg comparator: group key, tier, label, base, then features. */
 static int
 cmp_rows(const void *a, const void *b, void *arg)
 {
@@ -305,6 +338,8 @@ cmp_rows(const void *a, const void *b, void *arg)
 	}
 	if (rs->tier[i] != rs->tier[j])
 		return rs->tier[i] < rs->tier[j] ? -1 : 1;
+	if ((c = strcmp(row_label(rs, i), row_label(rs, j))) != 0)
+		return c;
 	if (rs->base[i] != rs->base[j])
 		return rs->base[i] < rs->base[j] ? -1 : 1;
 	for (int k = 0; k < rs->d; k++)
@@ -336,6 +371,7 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	s->x = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n * d, 1));
 	s->base = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n, 1));
 	s->tier = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int32) * Max(n, 1));
+	s->label = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
 	s->group_start = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * (n + 1));
 	s->group_key = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
 	for (int64 r = 0; r < n; r++)
@@ -347,6 +383,7 @@ rbr_rowset_sort(const RbrRowSet *rs)
 			memcpy(s->x + r * d, rs->x + i * d, sizeof(double) * d);
 		s->base[r] = rs->base[i];
 		s->tier[r] = rs->tier[i];
+		s->label[r] = rs->label_off[i] < 0 ? NULL : rs->keys + rs->label_off[i];
 		if (r == 0 || strcmp(key, s->group_key[s->ngroups - 1]) != 0)
 		{
 			s->group_start[s->ngroups] = r;
@@ -357,4 +394,54 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	s->group_start[s->ngroups] = n;
 	pfree(perm);
 	return s;
+}
+
+/* ---------------------------------------------------------------------------
+ * SQL-callable support functions shared by the aggregates over row sets
+ * ------------------------------------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(rbr_rows_combine);
+/* Combine two partial row sets (parallel workers, Citus shards). */
+Datum
+rbr_rows_combine(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+	RbrRowSet  *a,
+			   *b;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "rbr_rows_combine called in non-aggregate context");
+	if (PG_ARGISNULL(1))
+		PG_RETURN_POINTER(PG_ARGISNULL(0) ? NULL : PG_GETARG_POINTER(0));
+	b = (RbrRowSet *) PG_GETARG_POINTER(1);
+	if (PG_ARGISNULL(0))
+	{
+		a = MemoryContextAllocZero(aggcxt, sizeof(RbrRowSet));
+		a->d = -1;
+		a->mcxt = aggcxt;
+	}
+	else
+		a = (RbrRowSet *) PG_GETARG_POINTER(0);
+	rbr_rowset_merge(a, b);
+	PG_RETURN_POINTER(a);
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_serialize);
+/* Serialize a row set for another process. */
+Datum
+rbr_rows_serialize(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BYTEA_P(rbr_rowset_serialize((RbrRowSet *) PG_GETARG_POINTER(0)));
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_deserialize);
+/* Deserialize a row set from another process. */
+Datum
+rbr_rows_deserialize(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "rbr_rows_deserialize called in non-aggregate context");
+	PG_RETURN_POINTER(rbr_rowset_deserialize(PG_GETARG_BYTEA_PP(0), aggcxt));
 }

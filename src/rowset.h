@@ -24,7 +24,8 @@ typedef struct RbrRowSet
 	double	   *base;			/* base reward, or score */
 	int32	   *tier;
 	int64	   *key_off;		/* offset of each row's group key in keys */
-	char	   *keys;			/* NUL-terminated group keys */
+	int64	   *label_off;		/* offset of each row's label in keys, -1 = none */
+	char	   *keys;			/* NUL-terminated group keys and labels */
 	int64		keys_len;
 	int64		keys_cap;
 	int64		skipped;		/* rows skipped because an input was NULL */
@@ -32,7 +33,7 @@ typedef struct RbrRowSet
 	MemoryContext mcxt;			/* where the arrays live */
 } RbrRowSet;
 
-/* Rows sorted canonically (group key, tier, base, features) with group offsets. */
+/* Rows sorted canonically (group key, tier, label, base, features), grouped. */
 typedef struct RbrSortedRows
 {
 	int			d;
@@ -40,6 +41,7 @@ typedef struct RbrSortedRows
 	double	   *x;
 	double	   *base;
 	int32	   *tier;
+	const char **label;			/* nrows; NULL where a row has none */
 	int64		ngroups;
 	int64	   *group_start;	/* ngroups + 1 */
 	const char **group_key;		/* ngroups */
@@ -48,8 +50,9 @@ typedef struct RbrSortedRows
 /* A new empty row set in the aggregate's memory context. */
 extern RbrRowSet *rbr_rowset_create(FunctionCallInfo fcinfo, const char *fname);
 
-/* Append one row; x may be NULL when d == 0. */
-extern void rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen, int32 tier,
+/* Append one row; label may be NULL, x may be NULL when d == 0. */
+extern void rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen,
+						   const char *label, int labellen, int32 tier,
 						   double base, const double *x, int d);
 
 /* Append every row of src to dst (combine). */
@@ -61,6 +64,9 @@ extern RbrRowSet *rbr_rowset_deserialize(bytea *b, MemoryContext mcxt);
 
 /* The rows in canonical order, grouped. */
 extern RbrSortedRows *rbr_rowset_sort(const RbrRowSet *rs);
+
+/* ERROR unless a tier is a whole number >= 0. */
+extern void rbr_check_tier(int32 tier);
 
 /* Settings of the row store (rbr.fit_max_memory). */
 extern void rbr_rowset_init_settings(void);
