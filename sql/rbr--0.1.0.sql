@@ -376,8 +376,8 @@ CREATE FUNCTION @extschema@.rbr_histogram_svg(labels text[], vals float8[], bins
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    w constant int := 760;  h constant int := 380;
-    left_m constant int := 60;  right_m constant int := 200;  top_m constant int := 40;  bottom_m constant int := 40;
+    w int;  h constant int := 380;  right_m int;
+    left_m constant int := 60;  top_m constant int := 40;  bottom_m constant int := 40;
     colors constant text[] := ARRAY['#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d', '#666666'];
     lo float8;  hi float8;  top float8;
     svg text;  pts text;  lab record;  i int := 0;  x float8;  y float8;  px float8;
@@ -385,10 +385,14 @@ BEGIN
     IF bins IS NULL OR bins < 1 OR bins > 1000 THEN
         RAISE EXCEPTION 'bins must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT min(low), max(high), max(share) INTO lo, hi, top FROM @extschema@.rbr_histogram(labels, vals, bins);
+    SELECT min(low), max(high), max(share), max(length(label)) INTO lo, hi, top, right_m
+      FROM @extschema@.rbr_histogram(labels, vals, bins);
     IF lo IS NULL THEN
         RAISE EXCEPTION 'no values to draw' USING ERRCODE = 'no_data_found';
     END IF;
+    -- room for the legend: its longest label and count
+    right_m := greatest(160, 90 + 8 * right_m);
+    w := 560 + right_m;
     svg := format('<svg xmlns="http://www.w3.org/2000/svg" width="%s" height="%s" font-family="sans-serif" font-size="12">', w, h)
         || format('<rect width="%s" height="%s" fill="white"/>', w, h)
         || format('<text x="%s" y="22" font-size="14">%s</text>', left_m,

@@ -63,9 +63,31 @@ SELECT m.response_type, cardinality(m.weights) AS weights,
  ORDER BY 1;
 
 \echo
-\echo '== 5. Score the held-out prompts: error rate = share of ordered pairs ranked wrong'
-SELECT rt AS response_type,
-       round(1 - rbr_pair_accuracy(prompt::text, tier, rm)::numeric, 3) AS "RM only",
-       round(1 - rbr_pair_accuracy(prompt::text, tier, rbr_reward('demo', rt, features, rm))::numeric, 3) AS "RM + RBR",
-       round(1 - rbr_pair_accuracy(prompt::text, tier, rbr_reward('demo', rt, features, 0))::numeric, 3) AS "RBR only"
-  FROM synth WHERE (prompt / 4) % 2 = 1 GROUP BY rt ORDER BY 1;
+\echo '== 5. Score the held-out prompts. Error rate = share of ordered pairs ranked wrong'
+\echo '      by the reward model alone (RM), by RM + RBR, and by RBR alone'
+CREATE TEMP TABLE scored AS
+SELECT prompt, rt, tier, rbr_classify('paper', rt, (SELECT jsonb_object_agg(key, value::float8 > 0.5) FROM jsonb_each_text(probs))) AS label,
+       rm, rbr_reward('demo', rt, features, 0) AS rbr
+  FROM synth WHERE (prompt / 4) % 2 = 1;
+SELECT rt AS response_type, e->'all'->>'pairs' AS pairs,
+       round((e->'all'->>'rm')::numeric, 3) AS "RM only",
+       round((e->'all'->>'rm_rbr')::numeric, 3) AS "RM + RBR",
+       round((e->'all'->>'rbr')::numeric, 3) AS "RBR only"
+  FROM (SELECT rt, rbr_pair_errors(prompt::text, tier, label, rm, rbr) AS e FROM scored GROUP BY rt) s ORDER BY 1;
+
+\echo
+\echo '== 6. Hard refusals: reward (RM + RBR) minus the prompt''s mean tier-0 reward, per class'
+CREATE TEMP TABLE centred AS
+SELECT rt, label, (rm + rbr) - avg(rm + rbr) FILTER (WHERE tier = (SELECT min(tier) FROM scored s2 WHERE s2.prompt = s.prompt))
+                                OVER (PARTITION BY prompt) AS centred
+  FROM scored s;
+SELECT label, round(low::numeric, 2) AS low, round(high::numeric, 2) AS high, count, bar
+  FROM rbr_histogram((SELECT array_agg(label ORDER BY label, centred) FROM centred WHERE rt = 'Hard Refuse'),
+                     (SELECT array_agg(centred ORDER BY label, centred) FROM centred WHERE rt = 'Hard Refuse'), 8)
+ WHERE count > 0;
+\pset tuples_only on
+\pset format unaligned
+\o demo-out/rewards.svg
+SELECT rbr_histogram_svg(array_agg(label), array_agg(centred), 40,
+                         'Hard Refuse: RM + RBR minus the prompt''s best-tier mean reward') FROM centred WHERE rt = 'Hard Refuse';
+\o
