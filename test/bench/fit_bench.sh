@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Benchmark: fitting the RBR weights with rbr_fit in SQL.
+# Fit time and held-out pair accuracy of rbr's exact solver, rbr's AdamW option
+# (the paper's released procedure, 1000 steps) and the reward model alone, on
+# synthetic comparisons (test/bench/gen_comparisons.sql), 80% of prompts for
+# training and 20% held out; plus the backend's peak memory.
+# Usage (against a running server; PG* variables select it):
+#   test/bench/fit_bench.sh [prompts=6250]      # 16 rows per prompt: 6250 -> 100k rows
+# With no server at hand: make install, then
+#   bash -c 'source test/cluster.sh; cluster_start; trap cluster_stop EXIT; test/bench/fit_bench.sh 62500'
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+prompts=${1:-6250}
+psql=(psql -X -q -v ON_ERROR_STOP=1 -d "${PGDATABASE:-postgres}")
+
+"${psql[@]}" -c "CREATE EXTENSION IF NOT EXISTS rbr"
+t0=$(date +%s.%N)
+"${psql[@]}" -v prompts="$prompts" -v seed=0.25 -f test/bench/gen_comparisons.sql >/dev/null
+t1=$(date +%s.%N)
+rows=$("${psql[@]}" -At -c "SELECT count(*) FROM comparisons")
+
+# fit one solver in a fresh backend; prints "<seconds> <peak KB> <shared KB>" and stores the weights
+fit() { # name, options
+    "${psql[@]}" -At <<SQL
+SET max_parallel_workers_per_gather = 0;
+SET rbr.fit_max_memory = '8GB';
+DROP TABLE IF EXISTS fit_$1;
+SELECT clock_timestamp() AS t0 \gset
+CREATE TABLE fit_$1 AS
+SELECT rt, rbr_fit(prompt::text, tier, features, rm, '$2') AS r FROM comparisons WHERE prompt % 5 <> 0 GROUP BY rt;
+SELECT extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)
+       || ' ' || substring(s FROM 'VmHWM:\s+(\d+)') || ' ' || substring(s FROM 'RssShmem:\s+(\d+)')
+  FROM pg_read_file('/proc/' || pg_backend_pid() || '/status') s;
+SQL
+}
+heldout() { # name: held-out pair accuracy of rm + w.phi
+    "${psql[@]}" -At -c "SELECT round(rbr_pair_accuracy(c.prompt::text, c.tier,
+        rbr_reward(ARRAY(SELECT jsonb_array_elements_text(f.r->'weights')::float8), c.features, c.rm))::numeric, 4)
+        FROM comparisons c JOIN fit_$1 f USING (rt) WHERE c.prompt % 5 = 0"
+}
+
+read -r ex_s ex_hwm ex_shm <<<"$(fit exact '{"validation_fraction": 0}')"
+read -r ad_s ad_hwm ad_shm <<<"$(fit adamw '{"solver": "adamw", "validation_fraction": 0}')"
+ex_acc=$(heldout exact); ad_acc=$(heldout adamw)
+rm_acc=$("${psql[@]}" -At -c "SELECT round(rbr_pair_accuracy(prompt::text, tier, rm)::numeric, 4) FROM comparisons WHERE prompt % 5 = 0")
+pairs=$("${psql[@]}" -At -c "SELECT sum((r->'pairs'->>'train')::bigint) FROM fit_exact")
+conv=$("${psql[@]}" -At -c "SELECT string_agg(rt || ': ' || (r->>'converged') || ', gap ' || (r->>'gap') || ', passes ' || (r->>'passes'), '; ' ORDER BY rt) FROM fit_exact")
+
+echo "command: test/bench/fit_bench.sh $prompts   ($(date -u +%Y-%m-%d), $(nproc) cores, serial plans)"
+printf 'data: %s rows (%s prompts x 16 completions, 23 features), %s training pairs; generated in %.1f s\n' \
+    "$rows" "$prompts" "$pairs" "$(echo "$t1 - $t0" | bc -l)"
+printf '%-34s %10s %12s %14s\n' "fit (4 response types)" "time (s)" "held-out acc" "peak RSS (MB)"
+printf '%-34s %10.2f %12s %14.0f\n' "rbr_fit exact solver" "$ex_s" "$ex_acc" "$(echo "($ex_hwm - $ex_shm) / 1024" | bc -l)"
+printf '%-34s %10.2f %12s %14.0f\n' "rbr_fit AdamW, 1000 steps" "$ad_s" "$ad_acc" "$(echo "($ad_hwm - $ad_shm) / 1024" | bc -l)"
+printf '%-34s %10s %12s %14s\n' "reward model alone" "-" "$rm_acc" "-"
+printf 'speed-up of the exact solver over AdamW: %.1fx\n' "$(echo "$ad_s / $ex_s" | bc -l)"
+echo "exact solver: $conv"
+echo "(peak RSS = the backend's VmHWM minus its shared memory at the end)"
+"${psql[@]}" -c "DROP TABLE comparisons, fit_exact, fit_adamw"
