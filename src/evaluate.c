@@ -42,38 +42,58 @@ rbr_pair_accuracy_transfn(PG_FUNCTION_ARGS)
 	PG_RETURN_POINTER(rs);
 }
 
+/* Called for each ordered pair of a group: a is the better row. */
+typedef void (*PairVisitor) (const RbrSortedRows *s, int64 a, int64 b, void *arg);
+
+/*
+ * Visit every ordered pair: two rows of one group with different tiers.
+ * Rows of a group are sorted by tier, so the better row comes first.
+ */
+static void
+for_each_pair(const RbrSortedRows *s, PairVisitor visit, void *arg)
+{
+	for (int64 g = 0; g < s->ngroups; g++)
+	{
+		for (int64 a = s->group_start[g]; a < s->group_start[g + 1]; a++)
+		{
+			for (int64 b = a + 1; b < s->group_start[g + 1]; b++)
+				if (s->tier[a] != s->tier[b])
+					visit(s, a, b, arg);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+}
+
+/* Counts of rbr_pair_accuracy. */
+typedef struct PairCounts
+{
+	int64		pairs;
+	int64		right;
+} PairCounts;
+
+/* Pair visitor of rbr_pair_accuracy: right when the better side scores higher. */
+static void
+count_right(const RbrSortedRows *s, int64 a, int64 b, void *arg)
+{
+	PairCounts *c = arg;
+
+	c->pairs++;
+	c->right += s->base[a] > s->base[b];
+}
+
 PG_FUNCTION_INFO_V1(rbr_pair_accuracy_finalfn);
 /* rbr_pair_accuracy final: share of ordered pairs ranked right (ties wrong). */
 Datum
 rbr_pair_accuracy_finalfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs;
-	RbrSortedRows *s;
-	int64		pairs = 0,
-				right = 0;
+	PairCounts	c = {0, 0};
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
-	s = rbr_rowset_sort(rs);
-	for (int64 g = 0; g < s->ngroups; g++)
-	{
-		/* rows of a group are sorted by tier: a better row comes first */
-		for (int64 a = s->group_start[g]; a < s->group_start[g + 1]; a++)
-		{
-			for (int64 b = a + 1; b < s->group_start[g + 1]; b++)
-			{
-				if (s->tier[a] == s->tier[b])
-					continue;
-				pairs++;
-				right += s->base[a] > s->base[b];
-			}
-			CHECK_FOR_INTERRUPTS();
-		}
-	}
-	if (pairs == 0)
+	for_each_pair(rbr_rowset_sort((RbrRowSet *) PG_GETARG_POINTER(0)), count_right, &c);
+	if (c.pairs == 0)
 		PG_RETURN_NULL();
-	PG_RETURN_FLOAT8((double) right / (double) pairs);
+	PG_RETURN_FLOAT8((double) c.right / (double) c.pairs);
 }
 
 PG_FUNCTION_INFO_V1(rbr_pair_errors_transfn);
@@ -136,85 +156,89 @@ append_errors(StringInfo buf, const PairErrors *e)
 					 float8out_internal((double) e->err_rbr / (double) e->pairs));
 }
 
+/* State of rbr_pair_errors' pair visitor: totals and per label pair. */
+typedef struct ErrorTally
+{
+	PairErrors	all;
+	PairErrors *by;
+	int			nby;
+	int			capby;
+} ErrorTally;
+
+/* The entry of a (better, worse) label pair, added if new. */
+static PairErrors *
+tally_entry(ErrorTally *t, const char *better, const char *worse)
+{
+	PairErrors *e;
+
+	for (int i = 0; i < t->nby; i++)
+		if (strcmp(t->by[i].better, better) == 0 && strcmp(t->by[i].worse, worse) == 0)
+			return &t->by[i];
+	if (t->nby == t->capby)
+	{
+		t->capby = Max(16, t->capby * 2);
+		t->by = t->by ? repalloc(t->by, sizeof(PairErrors) * t->capby)
+			: palloc(sizeof(PairErrors) * t->capby);
+	}
+	e = &t->by[t->nby++];
+	memset(e, 0, sizeof(*e));
+	e->better = (char *) better;
+	e->worse = (char *) worse;
+	return e;
+}
+
+/* Add one pair's outcome to an entry. */
+static inline void
+tally_add(PairErrors *e, bool wrong_rm, bool wrong_rm_rbr, bool wrong_rbr)
+{
+	e->pairs++;
+	e->err_rm += wrong_rm;
+	e->err_rm_rbr += wrong_rm_rbr;
+	e->err_rbr += wrong_rbr;
+}
+
+/* Pair visitor of rbr_pair_errors: base is rm, x[0] is rbr. */
+static void
+count_errors(const RbrSortedRows *s, int64 a, int64 b, void *arg)
+{
+	ErrorTally *t = arg;
+	bool		wrong_rm = !(s->base[a] > s->base[b]);
+	bool		wrong_rm_rbr = !(s->base[a] + s->x[a] > s->base[b] + s->x[b]);
+	bool		wrong_rbr = !(s->x[a] > s->x[b]);
+
+	tally_add(&t->all, wrong_rm, wrong_rm_rbr, wrong_rbr);
+	tally_add(tally_entry(t, s->label[a] ? s->label[a] : "", s->label[b] ? s->label[b] : ""),
+			  wrong_rm, wrong_rm_rbr, wrong_rbr);
+}
+
 PG_FUNCTION_INFO_V1(rbr_pair_errors_finalfn);
 /* rbr_pair_errors final: error rates overall and per (better, worse) label pair. */
 Datum
 rbr_pair_errors_finalfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs;
-	RbrSortedRows *s;
-	PairErrors	all = {"", "", 0, 0, 0, 0};
-	PairErrors *by = NULL;
-	int			nby = 0,
-				capby = 0;
+	ErrorTally	t;
 	StringInfoData buf;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
-	s = rbr_rowset_sort(rs);
-	for (int64 g = 0; g < s->ngroups; g++)
-	{
-		for (int64 a = s->group_start[g]; a < s->group_start[g + 1]; a++)
-		{
-			for (int64 b = a + 1; b < s->group_start[g + 1]; b++)
-			{
-				const char *la = s->label[a] ? s->label[a] : "";
-				const char *lb = s->label[b] ? s->label[b] : "";
-				bool		wrong_rm,
-							wrong_rm_rbr,
-							wrong_rbr;
-				PairErrors *e = NULL;
-
-				if (s->tier[a] == s->tier[b])
-					continue;
-				/* rows are sorted by tier: a is the better side */
-				wrong_rm = !(s->base[a] > s->base[b]);
-				wrong_rm_rbr = !(s->base[a] + s->x[a] > s->base[b] + s->x[b]);
-				wrong_rbr = !(s->x[a] > s->x[b]);
-				for (int i = 0; i < nby && e == NULL; i++)
-					if (strcmp(by[i].better, la) == 0 && strcmp(by[i].worse, lb) == 0)
-						e = &by[i];
-				if (e == NULL)
-				{
-					if (nby == capby)
-					{
-						capby = Max(16, capby * 2);
-						by = by ? repalloc(by, sizeof(PairErrors) * capby) : palloc(sizeof(PairErrors) * capby);
-					}
-					e = &by[nby++];
-					memset(e, 0, sizeof(*e));
-					e->better = (char *) la;
-					e->worse = (char *) lb;
-				}
-				e->pairs++;
-				e->err_rm += wrong_rm;
-				e->err_rm_rbr += wrong_rm_rbr;
-				e->err_rbr += wrong_rbr;
-				all.pairs++;
-				all.err_rm += wrong_rm;
-				all.err_rm_rbr += wrong_rm_rbr;
-				all.err_rbr += wrong_rbr;
-			}
-			CHECK_FOR_INTERRUPTS();
-		}
-	}
-	if (all.pairs == 0)
+	memset(&t, 0, sizeof(t));
+	for_each_pair(rbr_rowset_sort((RbrRowSet *) PG_GETARG_POINTER(0)), count_errors, &t);
+	if (t.all.pairs == 0)
 		PG_RETURN_NULL();
 
-	if (nby > 1)
-		qsort(by, nby, sizeof(PairErrors), cmp_pair_errors);
+	if (t.nby > 1)
+		qsort(t.by, t.nby, sizeof(PairErrors), cmp_pair_errors);
 	initStringInfo(&buf);
 	appendStringInfoString(&buf, "{\"all\": ");
-	append_errors(&buf, &all);
+	append_errors(&buf, &t.all);
 	appendStringInfoString(&buf, ", \"by_label_pair\": {");
-	for (int i = 0; i < nby; i++)
+	for (int i = 0; i < t.nby; i++)
 	{
 		if (i)
 			appendStringInfoString(&buf, ", ");
-		escape_json(&buf, psprintf("%s > %s", by[i].better, by[i].worse));
+		escape_json(&buf, psprintf("%s > %s", t.by[i].better, t.by[i].worse));
 		appendStringInfoString(&buf, ": ");
-		append_errors(&buf, &by[i]);
+		append_errors(&buf, &t.by[i]);
 	}
 	appendStringInfoString(&buf, "}}");
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
