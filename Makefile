@@ -5,13 +5,13 @@ EXTENSION = rbr
 EXTVERSION = 0.1.0
 
 MODULE_big = rbr
-OBJS = src/rbr.o src/policy.o src/classes.o src/reward.o
-HEADERS = src/rbr.h src/policy.h src/classes.h
+OBJS = src/rbr.o src/policy.o src/classes.o src/reward.o src/grader.o src/http.o src/cache.o
+HEADERS = src/rbr.h src/policy.h src/classes.h src/grader.h
 
 DATA = sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
-REGRESS = policy classes gold reward
+REGRESS = policy classes gold reward grader
 REGRESS_OPTS = --inputdir=. --load-extension=rbr
 
 PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror

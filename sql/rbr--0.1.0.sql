@@ -173,3 +173,63 @@ CREATE FUNCTION @extschema@.rbr_reward(weights float8[], features float8[], base
     RETURNS float8
     AS 'MODULE_PATHNAME', 'rbr_reward'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-------------------------------------------------------------------------------
+-- Grader: ask an OpenAI-compatible LLM grader for P(yes) of propositions
+-------------------------------------------------------------------------------
+-- Functions that reach the network (and spend money) are revoked from
+-- PUBLIC. Grant them, with the cache table, to the roles that may spend:
+--   GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
+--         rbr_grade_many(text, text[], jsonb[], text[]) TO grader_role;
+--   GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO grader_role;
+--   GRANT SELECT, INSERT ON rbr.grade_cache TO grader_role;
+--   GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO grader_role;
+--   GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO grader_role;
+
+-- Successful answers, keyed by the sha256 of everything that decides them
+-- (endpoint kind, model, template, proposition prompt, conversation,
+-- completion, request parameters). Errors are never cached.
+CREATE TABLE rbr.grade_cache (
+    key               bytea       PRIMARY KEY CHECK (pg_catalog.length(key) = 32),
+    model             text        NOT NULL,
+    proposition       text        NOT NULL,
+    probability       float8      NOT NULL CHECK (probability >= 0 AND probability <= 1),
+    method            text        NOT NULL CHECK (method IN ('logprobs', 'text')),
+    yes_no_mass       float8,
+    prompt_tokens     int,
+    completion_tokens int,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE rbr.grade_cache IS
+    'grader answers by sha256 of the request; only successful answers';
+
+-- P(yes) of one simple proposition for one completion, through the cache.
+-- ERROR with the reason when the grader fails (after retries).
+CREATE FUNCTION @extschema@.rbr_grade(policy text, proposition text, prompt jsonb, completion text)
+    RETURNS float8
+    AS 'MODULE_PATHNAME', 'rbr_grade'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade(text, text, jsonb, text) FROM PUBLIC;
+
+-- Many questions at once (concurrently, through the cache): one row per
+-- question, ord = position in the arrays; failures are rows with status
+-- 'error' and the reason, never a probability.
+CREATE FUNCTION @extschema@.rbr_grade_many(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT proposition text, OUT status text, OUT probability float8, OUT method text,
+    OUT yes_no_mass float8, OUT model text, OUT error text, OUT attempts int,
+    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_many'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade_many(text, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- The request body rbr would send for one question (no network, no key).
+CREATE FUNCTION @extschema@.rbr_grader_request(policy text, proposition text, prompt jsonb, completion text)
+    RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rbr_grader_request'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- This backend's grader engine: libcurl features, live handles, counters.
+CREATE FUNCTION @extschema@.rbr_grader_stats() RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rbr_grader_stats'
+    LANGUAGE C VOLATILE PARALLEL RESTRICTED;

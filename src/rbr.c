@@ -11,6 +11,7 @@
 #include "utils/guc.h"
 
 #include "rbr.h"
+#include "grader.h"
 
 PG_MODULE_MAGIC;
 
@@ -20,5 +21,6 @@ void		_PG_init(void);
 void
 _PG_init(void)
 {
+	rbr_grader_init_settings();
 	MarkGUCPrefixReserved("rbr");
 }
