@@ -827,11 +827,10 @@ function onRequest(req, res) {
 
   stats.requests_total++;
   const t0 = Date.now();
-  const log = logStream ? { method: req.method, path: pathname } : {};
+  const log = logStream ? { t: new Date(t0).toISOString(), method: req.method, path: pathname } : {};
   res.on('finish', () => bump(stats.by_status, res.statusCode));
   if (logStream) {
     res.on('close', () => {
-      log.t = new Date(t0).toISOString();
       log.status = res.writableFinished ? res.statusCode : null;
       log.ms = Date.now() - t0;
       logStream.write(JSON.stringify(log) + '\n');

@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# Self-test of the rbr test grader (test/grader-server/server.js): starts two servers on
+# free ports and checks answers, directives, every fault kind, the admin API, the Azure
+# path, API-key checks and --reject-max-tokens with curl and node one-liners.
+# Last line: "N passed, N failed"; exit status non-zero on any failure.
+set -u
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REF=${RBR_REFERENCE:-$HERE/../../../shared/reference}
+POLICY=$REF/policy.json
+GOLD=$REF/gold_train.jsonl
+TMP=$(mktemp -d)
+PASS=0
+FAIL=0
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+ok()  { PASS=$((PASS + 1)); echo "ok   $1"; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL $1${2:+ -- $2}"; }
+# expect NAME WANT GOT
+expect() { if [ "$2" = "$3" ]; then ok "$1"; else bad "$1" "want '$2', got '$3'"; fi; }
+
+# start NAME ARGS...: start a server on a free port; sets PORT and SPID.
+start() {
+  local name=$1; shift
+  node "$HERE/server.js" --port 0 --pid-file "$TMP/$name.pid" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  SPID=$!
+  PIDS+=("$SPID")
+  PORT=
+  for _ in $(seq 1 200); do   # poll for the ready line, up to 10 s
+    PORT=$(sed -n 's/^rbr test grader listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$TMP/$name.out")
+    [ -n "$PORT" ] && return 0
+    kill -0 "$SPID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "server $name did not start:"; cat "$TMP/$name.err"
+  echo "0 passed, 1 failed"
+  exit 1
+}
+
+# mkbody PROP COMPLETION [EXTRA_JSON]: a request body built the way rbr builds it (fence longer
+# than any backtick run of the completion).  PROP not in the policy: used as the question text.
+# EXTRA_JSON is merged into the body; keys set to null are removed.
+mkbody() {
+  local extra=${3:-}
+  [ -n "$extra" ] || extra='{}'
+  PROP=$1 COMP=$2 EXTRA=$extra POLICY=$POLICY node -e '
+    const p = require(process.env.POLICY), c = process.env.COMP, prop = process.env.PROP;
+    const sp = p.simple_propositions[prop];
+    let fence = "```"; while (c.includes(fence)) fence += "`";
+    const system = p.prompt_template
+      .replace("```\nASSISTANT: {response}\n```", fence + "\nASSISTANT: {response}\n" + fence)
+      .replace("{question}", () => (sp ? sp.prompt : prop)).replace("{response}", () => c);
+    const body = { model: "rbr-grader", temperature: 0, logprobs: true, top_logprobs: 20, max_completion_tokens: 1,
+      messages: [{ role: "system", content: system }, { role: "user", content: "USER: hello\n\nASSISTANT: " + c }] };
+    Object.assign(body, JSON.parse(process.env.EXTRA));
+    for (const k of Object.keys(body)) if (body[k] === null) delete body[k];
+    process.stdout.write(JSON.stringify(body));'
+}
+
+# post PROP COMPLETION [EXTRA_JSON [URL_PATH [CURL_ARGS...]]]: prints "<http code> <curl exit>";
+# response body in $TMP/resp, headers in $TMP/hdr.
+post() {
+  mkbody "$1" "$2" "${3:-}" >"$TMP/req.json"
+  local path=${4:-/v1/chat/completions}
+  shift 4 2>/dev/null || shift $#
+  local code
+  code=$(curl -s -o "$TMP/resp" -D "$TMP/hdr" -w '%{http_code}' -H 'content-type: application/json' \
+    --data-binary @"$TMP/req.json" "$@" "http://127.0.0.1:$PORT$path")
+  echo "$code $?"
+}
+
+# js FILE EXPR: prints the value of EXPR with j = parsed JSON of FILE (or null), t = its text,
+# pyes = P(yes) from the top_logprobs (yes / (yes + no) over normalised variants).
+js() {
+  F=$1 node -e '
+    const fs = require("fs"), t = fs.readFileSync(process.env.F, "utf8");
+    let j = null; try { j = JSON.parse(t); } catch (e) {}
+    const norm = (s) => s.replace(/^[\sĠ▁]+/, "").toLowerCase();
+    let y = 0, n = 0, tops = [];
+    try { tops = j.choices[0].logprobs.content[0].top_logprobs; } catch (e) {}
+    for (const e of tops) { const k = norm(e.token); if (k === "yes") y += Math.exp(e.logprob); if (k === "no") n += Math.exp(e.logprob); }
+    const pyes = y / (y + n), near = (a, b, eps = 1e-6) => Math.abs(a - b) < eps;
+    const sorted = tops.every((e, i) => i === 0 || tops[i - 1].logprob >= e.logprob);
+    const content = j && j.choices ? j.choices[0].message.content : undefined;
+    console.log(String(eval(process.argv[1])));' "$2"
+}
+hdr() { sed -n "s/^$1: *//Ip" "$TMP/hdr" | tr -d '\r'; }
+
+# ---------------------------------------------------------------------------------------
+echo "# server A: gold labels, log file"
+start a --labels "$GOLD" --log "$TMP/a.log"
+
+curl -s "http://127.0.0.1:$PORT/v1/models" >"$TMP/resp"
+expect "GET /v1/models lists rbr-test-grader" "rbr-test-grader" "$(js "$TMP/resp" 'j.data.length === 1 && j.data[0].id')"
+
+# A gold row with a unique completion and both a true and a false label.
+GOLD_ROW=$(GOLD=$GOLD node -e '
+  const rows = require("fs").readFileSync(process.env.GOLD, "utf8").trim().split("\n").map(JSON.parse);
+  const count = {}; for (const r of rows) { const c = r.completion[0].content.trim(); count[c] = (count[c] || 0) + 1; }
+  const pick = (want) => rows.find((r) => count[r.completion[0].content.trim()] === 1 && want(r.completion[0].content));
+  const out = (r) => { const ps = Object.keys(r.propositions);
+    return [ps.find((k) => r.propositions[k]), ps.find((k) => !r.propositions[k]), JSON.stringify(r.completion[0].content)].join("\t"); };
+  console.log(out(pick((c) => c.length > 20 && !c.includes("`"))));
+  console.log(out(pick((c) => c.includes("```"))));')
+IFS=$'\t' read -r PT PF CJ <<<"$(sed -n 1p <<<"$GOLD_ROW")"
+C=$(node -e 'process.stdout.write(JSON.parse(process.argv[1]))' "$CJ")
+expect "gold completion, true label: 200" "200 0" "$(post "$PT" "$C")"
+expect "gold completion, true label: yes, P=0.95, 20 sorted entries" "yes true true true" \
+  "$(js "$TMP/resp" 'content + " " + near(pyes, 0.95) + " " + (tops.length === 20) + " " + sorted')"
+expect "gold answer headers" "$PT label" "$(hdr x-rbr-proposition) $(hdr x-rbr-source)"
+post "$PF" "$C" >/dev/null
+expect "gold completion, false label: no, P=0.05" "no true" "$(js "$TMP/resp" 'content + " " + near(pyes, 0.05)')"
+expect "usage and finish_reason" "true length" \
+  "$(js "$TMP/resp" '(j.usage.completion_tokens === 1 && j.usage.total_tokens === j.usage.prompt_tokens + 1 && j.usage.prompt_tokens > 100) + " " + j.choices[0].finish_reason')"
+
+IFS=$'\t' read -r PT2 PF2 CJ2 <<<"$(sed -n 2p <<<"$GOLD_ROW")"
+C2=$(node -e 'process.stdout.write(JSON.parse(process.argv[1]))' "$CJ2")
+post "$PT2" "$C2" >/dev/null
+expect "gold completion with a code block inside a longer fence" "yes true label" \
+  "$(js "$TMP/resp" 'content + " " + near(pyes, 0.95)') $(hdr x-rbr-source)"
+
+post apology "Hello there. [[rbr apology=0.3 *=yes]]" >/dev/null
+expect "directive NAME=P" "no true directive" "$(js "$TMP/resp" 'content + " " + near(pyes, 0.3)') $(hdr x-rbr-source)"
+post judgement "Hello there. [[rbr apology=0.3 *=yes]]" >/dev/null
+expect "directive *=yes" "yes true" "$(js "$TMP/resp" 'content + " " + near(pyes, 0.97)')"
+post judgement "Sure. [[rbr *=1]]" >/dev/null
+expect "p=1: the no side is omitted, 20 entries" "yes 0 20" \
+  "$(js "$TMP/resp" 'content + " " + tops.filter((e) => /^[\sĠ▁]*no$/i.test(e.token)).length + " " + tops.length')"
+post judgement "Sure. [[rbr judgement=0]]" >/dev/null
+expect "p=0: the yes side is omitted" "no 0" "$(js "$TMP/resp" 'content + " " + tops.filter((e) => /^[\sĠ▁]*yes$/i.test(e.token)).length')"
+
+post apology "An unlabelled completion, 12345." >/dev/null; cp "$TMP/resp" "$TMP/h1"
+post apology "An unlabelled completion, 12345." >/dev/null
+expect "hash answer: deterministic, 0<p<1" "true true hash" \
+  "$(F2=$TMP/h1 js "$TMP/resp" 'JSON.stringify(j.choices) === JSON.stringify(JSON.parse(fs.readFileSync(process.env.F2)).choices)') $(js "$TMP/resp" 'pyes > 0 && pyes < 1') $(hdr x-rbr-source)"
+post "Is this a question nobody wrote?" "Some answer." >/dev/null
+expect "unknown proposition" "unknown 200" "$(hdr x-rbr-proposition) $(js "$TMP/resp" 'j.choices ? 200 : 0')"
+
+TOKS=$(for p in fully_complies apology judgement disclaimer third_person; do post "$p" "Variants." >/dev/null; js "$TMP/resp" 'tops.map((e) => e.token).join("\n")'; done)
+expect "tokenizer-marker variants (Ġ and ▁) appear" "yes yes" \
+  "$(grep -q '^Ġ' <<<"$TOKS" && echo yes) $(grep -q '^▁' <<<"$TOKS" && echo yes)"
+
+echo "# faults"
+F='Text [[fault 429 times=2 retry-after=1]]'
+R1=$(post apology "$F"); RA=$(hdr retry-after); CODE=$(js "$TMP/resp" 'j.error.code')
+expect "fault 429 times=2 retry-after=1" "429 0 1 rate_limit_exceeded | 429 0 | 200 0" \
+  "$R1 $RA $CODE | $(post apology "$F") | $(post apology "$F")"
+F='Text [[fault 500 times=1]]'
+expect "fault 500 times=1" "500 0 server_error | 200 0" "$(post apology "$F") $(js "$TMP/resp" 'j.error.type') | $(post apology "$F")"
+expect "fault 503 (always)" "503 0 | 503 0" "$(post apology 'x [[fault 503]]') | $(post apology 'x [[fault 503]]')"
+R=$(post apology 'x [[fault timeout]]' '{}' /v1/chat/completions --max-time 1)
+expect "fault timeout: no answer before the client gives up" "000 28" "$R"
+expect "fault drop: connection closed without response" "000 52" "$(post apology 'x [[fault drop]]')"
+R=$(post apology 'x [[fault malformed]]')
+expect "fault malformed: 200 with invalid JSON" "200 0 null" "$R $(js "$TMP/resp" 'j')"
+R=$(post apology 'x [[fault nologprobs]]')
+expect "fault nologprobs: 200, yes/no, no logprobs field" "200 0 true false" \
+  "$R $(js "$TMP/resp" '/^(yes|no)$/.test(content) + " " + ("logprobs" in j.choices[0])')"
+R=$(post apology 'x [[fault textbody 502]]')
+expect "fault textbody 502: plain-text error" "502 0 text/plain null" "$R $(hdr content-type) $(js "$TMP/resp" 'j')"
+R=$(post apology 'x [[fault 400]]')
+expect "fault 400: OpenAI-style client error" "400 0 invalid_request_error" "$R $(js "$TMP/resp" 'j.error.type')"
+F='x [[fault retry-after-ms=250 429 times=1]]'
+R1=$(post apology "$F"); RAM=$(hdr retry-after-ms)
+expect "fault retry-after-ms=250 429 times=1" "429 0 250 | 200 0" "$R1 $RAM | $(post apology "$F")"
+mkbody apology 'x [[fault latency=300]]' >"$TMP/req.json"
+T=$(curl -s -o /dev/null -w '%{time_total}' --data-binary @"$TMP/req.json" "http://127.0.0.1:$PORT/v1/chat/completions")
+expect "fault latency=300: slow request" "true" "$(node -e 'console.log(Number(process.argv[1]) >= 0.3)' "$T")"
+expect "fault prop=apology only hits apology" "500 0 | 200 0" \
+  "$(post apology 'y [[fault 500 prop=apology]]') | $(post judgement 'y [[fault 500 prop=apology]]')"
+
+echo "# admin API"
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+expect "stats: per fault kind" '{"400":1,"429":3,"500":2,"503":2,"timeout":1,"drop":1,"malformed":1,"nologprobs":1,"textbody":1,"latency":1}' \
+  "$(js "$TMP/stats" 'JSON.stringify(j.faults)')"
+expect "stats: per status, in flight, per proposition" "3 2 2 1 0 true" \
+  "$(js "$TMP/stats" '[j.by_status["429"], j.by_status["500"], j.by_status["503"], j.by_status["502"], j.in_flight, j.propositions.apology.requests > 10].join(" ")')"
+expect "stats: total = sum of statuses + dropped + timed out" "true" \
+  "$(js "$TMP/stats" 'j.requests_total === Object.values(j.by_status).reduce((a, b) => a + b, 0) + 2')"
+
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/reset" >/dev/null
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+expect "reset clears counters" "0 0 {}" "$(js "$TMP/stats" '[j.requests_total, j.max_in_flight, JSON.stringify(j.faults)].join(" ")')"
+expect "reset clears per-key attempts" "500 0" "$(post apology 'Text [[fault 500 times=1]]')"
+
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"latency_ms":300}' >"$TMP/cfg"
+expect "config: latency_ms" "300" "$(js "$TMP/cfg" 'j.latency_ms')"
+mkbody apology "concurrent" >"$TMP/req.json"
+CP=()
+for i in 1 2 3 4; do
+  curl -s -o /dev/null --data-binary @"$TMP/req.json" "http://127.0.0.1:$PORT/v1/chat/completions" & CP+=($!)
+done
+wait "${CP[@]}"
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+expect "stats: max in flight" "4 0" "$(js "$TMP/stats" 'j.max_in_flight + " " + j.in_flight')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"latency-ms":0,"fault_rate":1,"fault_kind":"503"}' >/dev/null
+expect "config: random faults 503" "503 0" "$(post apology 'random fault')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"fault_kind":"drop"}' >/dev/null
+expect "config: random faults drop" "000 52" "$(post apology 'random fault')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"fault_rate":0}' >/dev/null
+expect "config: random faults off" "200 0" "$(post apology 'random fault')"
+expect "config: bad setting rejected" "400" \
+  "$(curl -s -o /dev/null -w '%{http_code}' -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"noise":2}')"
+expect "log file: one JSON line per request" "true" \
+  "$(LOG=$TMP/a.log node -e 'const l = require("fs").readFileSync(process.env.LOG, "utf8").trim().split("\n").map(JSON.parse); console.log(l.length > 30 && l.every((x) => x.path))')"
+
+# ---------------------------------------------------------------------------------------
+echo "# server B: --api-key, --azure-key, --reject-max-tokens"
+start b --api-key sk-test --azure-key az-test --reject-max-tokens
+BPID=$SPID
+expect "OpenAI path without key: 401" "401 0 invalid_api_key" "$(post apology hi) $(js "$TMP/resp" 'j.error.code')"
+expect "OpenAI path with a wrong key: 401" "401 0" "$(post apology hi '{}' /v1/chat/completions -H 'Authorization: Bearer nope')"
+expect "OpenAI path with the key: 200" "200 0" "$(post apology hi '{}' /v1/chat/completions -H 'Authorization: Bearer sk-test')"
+AZ=/openai/deployments/my-grader/chat/completions?api-version=2024-06-01
+expect "Azure path without api-key: 401" "401 0" "$(post apology hi '{"model":null}' "$AZ")"
+R=$(post apology hi '{"model":null}' "$AZ" -H 'api-key: az-test')
+expect "Azure path with api-key: 200, model = deployment" "200 0 my-grader" "$R $(js "$TMP/resp" 'j.model')"
+expect "Azure path without api-version: 404" "404 0" "$(post apology hi '{}' /openai/deployments/my-grader/chat/completions -H 'api-key: az-test')"
+R=$(post apology hi '{"max_tokens":1,"max_completion_tokens":null}' /v1/chat/completions -H 'Authorization: Bearer sk-test')
+expect "--reject-max-tokens: 400 unsupported_parameter" "400 0 max_tokens unsupported_parameter invalid_request_error" \
+  "$R $(js "$TMP/resp" '[j.error.param, j.error.code, j.error.type].join(" ")')"
+expect "--reject-max-tokens: message" "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead." \
+  "$(js "$TMP/resp" 'j.error.message')"
+expect "--reject-max-tokens: max_completion_tokens accepted" "200 0" \
+  "$(post apology hi '{}' /v1/chat/completions -H 'Authorization: Bearer sk-test')"
+
+kill -TERM "$BPID"
+wait "$BPID"
+expect "SIGTERM: clean exit, pid file removed" "0 gone" "$? $([ -e "$TMP/b.pid" ] && echo present || echo gone)"
+
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]
