@@ -561,6 +561,7 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 		long		wait_ms = 100;
 		int			running = 0;
 		int			nmsg;
+		int			finished = 0;
 		CURLMsg    *msg;
 
 		/* retries whose time has come, then new jobs */
@@ -608,6 +609,7 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 				continue;
 			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &job);
 			in_flight--;
+			finished++;
 			if (job_finish(b, job, msg->data.result))
 				waiting[nwaiting++] = job - jobs;
 			else
@@ -621,6 +623,12 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 		}
 		if (remaining == 0)
 			break;
+		if (finished > 0)
+		{
+			/* slots were freed: fill them now rather than after a poll */
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
 
 		/* wake up in time for the next retry or rate-limit slot */
 		now = GetCurrentTimestamp();
