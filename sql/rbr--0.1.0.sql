@@ -428,3 +428,457 @@ BEGIN
     RETURN svg || '</svg>';
 END
 $$;
+
+-------------------------------------------------------------------------------
+-- Grader: ask an OpenAI-compatible LLM grader for P(yes) of propositions
+-------------------------------------------------------------------------------
+-- Functions that reach the network (and spend money) are revoked from
+-- PUBLIC. Grant them, with the cache table, to the roles that may spend:
+--   GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
+--         rbr_grade_many(text, text[], jsonb[], text[]) TO grader_role;
+--   GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO grader_role;
+--   GRANT SELECT, INSERT ON rbr.grade_cache TO grader_role;
+--   GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO grader_role;
+--   GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO grader_role;
+
+-- Successful answers, keyed by the sha256 of everything that decides them
+-- (endpoint kind, model, template, proposition prompt, conversation,
+-- completion, request parameters). Errors are never cached.
+CREATE TABLE rbr.grade_cache (
+    key               bytea       PRIMARY KEY CHECK (pg_catalog.length(key) = 32),
+    model             text        NOT NULL,
+    proposition       text        NOT NULL,
+    probability       float8      NOT NULL CHECK (probability >= 0 AND probability <= 1),
+    method            text        NOT NULL CHECK (method IN ('logprobs', 'text')),
+    yes_no_mass       float8,
+    prompt_tokens     int,
+    completion_tokens int,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE rbr.grade_cache IS
+    'grader answers by sha256 of the request; only successful answers';
+
+-- P(yes) of one simple proposition for one completion, through the cache.
+-- ERROR with the reason when the grader fails (after retries).
+CREATE FUNCTION @extschema@.rbr_grade(policy text, proposition text, prompt jsonb, completion text)
+    RETURNS float8
+    AS 'MODULE_PATHNAME', 'rbr_grade'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade(text, text, jsonb, text) FROM PUBLIC;
+
+-- Many questions at once (concurrently, through the cache): one row per
+-- question, ord = position in the arrays; failures are rows with status
+-- 'error' and the reason, never a probability.
+CREATE FUNCTION @extschema@.rbr_grade_many(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT proposition text, OUT status text, OUT probability float8, OUT method text,
+    OUT yes_no_mass float8, OUT model text, OUT error text, OUT attempts int,
+    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_many'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade_many(text, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- The request body rbr would send for one question (no network, no key).
+CREATE FUNCTION @extschema@.rbr_grader_request(policy text, proposition text, prompt jsonb, completion text)
+    RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rbr_grader_request'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- This backend's grader engine: libcurl features, live handles, counters.
+CREATE FUNCTION @extschema@.rbr_grader_stats() RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rbr_grader_stats'
+    LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+-------------------------------------------------------------------------------
+-- Bulk grading: CALL rbr_featurize(source, policy, options)
+-------------------------------------------------------------------------------
+-- Grades every (row, simple proposition) value of a source table that is
+-- still missing into <source>_features (one float8 column per simple
+-- proposition, then per class; NULL = not graded yet) and records each
+-- answer or error in <source>_grades. Work is claimed in chunks of rows with
+-- FOR UPDATE SKIP LOCKED and committed per chunk, so a run can be cancelled
+-- or crash and be resumed, and several sessions can share one table.
+
+-- One row per rbr_featurize call; updated after every chunk.
+CREATE TABLE rbr.featurize_run (
+    run_id            bigserial   PRIMARY KEY,
+    source            regclass    NOT NULL,
+    features_table    text        NOT NULL,
+    grades_table      text        NOT NULL,
+    policy            text        NOT NULL,     -- name@version, fixed for the run
+    options           jsonb       NOT NULL,
+    pid               int         NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    total_values      bigint      NOT NULL,     -- missing values when the run started
+    done_values       bigint      NOT NULL DEFAULT 0,
+    error_values      bigint      NOT NULL DEFAULT 0,
+    cached_values     bigint      NOT NULL DEFAULT 0,
+    requests          bigint      NOT NULL DEFAULT 0,
+    prompt_tokens     bigint      NOT NULL DEFAULT 0,
+    completion_tokens bigint      NOT NULL DEFAULT 0,
+    chunks            int         NOT NULL DEFAULT 0,
+    last_key          text,
+    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at       timestamptz
+);
+COMMENT ON TABLE rbr.featurize_run IS 'rbr_featurize runs, updated per committed chunk';
+
+-- Progress of every run: done, total, errors, rate and ETA. A run whose
+-- backend is gone (cancelled, crashed) shows as 'interrupted'; CALL
+-- rbr_featurize again to resume it. With several sessions on one table each
+-- run counts its own work against the values missing when it started.
+CREATE VIEW rbr.featurize_progress AS
+    SELECT r.run_id, r.source, r.policy,
+           CASE WHEN r.state = 'running' AND NOT EXISTS
+                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.pid)
+                THEN 'interrupted' ELSE r.state END AS state,
+           r.done_values AS done, r.error_values AS errors, r.total_values AS total,
+           pg_catalog.round(100.0 * (r.done_values + r.error_values) / GREATEST(r.total_values, 1), 1) AS percent,
+           pg_catalog.round(((r.done_values + r.error_values) /
+                 GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS values_per_second,
+           CASE WHEN r.state = 'done' THEN interval '0'
+                WHEN r.done_values + r.error_values = 0 THEN NULL
+                ELSE (r.updated_at - r.started_at) *
+                     ((r.total_values - r.done_values - r.error_values)::float8 / (r.done_values + r.error_values))
+           END AS eta,
+           r.requests, r.cached_values AS cached, r.prompt_tokens, r.completion_tokens,
+           r.chunks, r.started_at, r.updated_at, r.finished_at
+      FROM rbr.featurize_run r;
+
+-- Set up a run: check the source and options, create or extend the feature
+-- and status tables, add a features row per source row, record the run.
+CREATE FUNCTION rbr.featurize_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    chunk int;
+    mode text := COALESCE(options->>'class_mode', 'product');
+    ftab text;
+    gtab text;
+    cols text[];
+    col text;
+    bad text;
+    t text;
+    nulls_expr text;
+    total bigint;
+    run bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_featurize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode.';
+    END IF;
+    BEGIN
+        chunk := COALESCE((options->>'chunk_rows')::int, 64);
+    EXCEPTION WHEN others THEN
+        chunk := 0;
+    END;
+    IF chunk NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'chunk_rows must be an integer between 1 and 100000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+
+    SELECT n.nspname, c.relname INTO nsp, rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'rbr_featurize() keys its results by the source''s primary key; add one (e.g. a bigint identity column).';
+    END IF;
+    FOREACH col IN ARRAY ARRAY[pcol, ccol, rcol] LOOP
+        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
+         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF t IS NULL THEN
+            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.';
+        END IF;
+        IF (col = rcol AND t NOT IN ('text', 'character varying'))
+           OR (col <> rcol AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
+            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.';
+        END IF;
+    END LOOP;
+    IF length(rel) > 63 - length('_features') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_features', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    ftab := format('%I.%I', nsp, rel || '_features');
+    gtab := format('%I.%I', nsp, rel || '_grades');
+    SELECT array_agg(x ORDER BY o) INTO cols FROM (
+        SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
+        UNION ALL
+        SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
+    IF keycol = ANY (cols) THEN
+        RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
+            USING ERRCODE = 'duplicate_column';
+    END IF;
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY)', ftab, keycol, keytype);
+    FOREACH col IN ARRAY cols LOOP
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
+    END LOOP;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        proposition text NOT NULL,
+        status text NOT NULL CHECK (status IN (''ok'', ''error'')),
+        probability float8 CHECK ((status = ''ok'') = (probability IS NOT NULL)),
+        method text,
+        yes_no_mass float8,
+        model text,
+        error text,
+        attempts int NOT NULL,
+        prompt_tokens int,
+        completion_tokens int,
+        cached boolean NOT NULL,
+        graded_at timestamptz NOT NULL,
+        PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
+    EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
+                   ftab, keycol, keycol, source);
+
+    SELECT string_agg(format('f.%I', x), ', ') INTO nulls_expr
+      FROM jsonb_array_elements_text(info->'simple_propositions') x;
+    EXECUTE format('SELECT COALESCE(sum(num_nulls(%s)), 0) FROM %s f JOIN %s s ON s.%I = f.%I',
+                   nulls_expr, ftab, source, keycol, keycol) INTO total;
+    INSERT INTO rbr.featurize_run (source, features_table, grades_table, policy, options, total_values)
+        VALUES (source, ftab, gtab, polref,
+                jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
+                                   'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
+                                   'key_column', keycol, 'key_type', keytype),
+                total)
+        RETURNING run_id INTO run;
+    RETURN run;
+END
+$$;
+
+-- Grade one chunk of a run: claim up to chunk_rows rows with missing values
+-- (SKIP LOCKED: rows another session holds are left to it), grade their
+-- missing values, write values, grades and class probabilities, and update
+-- the run. Returns the number of rows claimed (0: nothing left for us).
+CREATE FUNCTION rbr.featurize_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.featurize_run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    props text[];
+    classes text[];
+    nulls_cond text;
+    prompt_expr text;
+    compl_expr text;
+    ptype text;
+    ctype text;
+    claim text;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    rts text[] := '{}';
+    q_idx int[] := '{}';
+    q_prop text[] := '{}';
+    q_prompt jsonb[] := '{}';
+    q_compl text[] := '{}';
+    vals jsonb[] := '{}';
+    nrows int := 0;
+    i int;
+    p text;
+    n_ok bigint := 0;
+    n_err bigint := 0;
+    n_cached bigint := 0;
+    n_req bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    upd_props text;
+    upd_classes text;
+    rt text;
+    needed text[];
+    probs jsonb;
+    cp jsonb;
+    cur jsonb;
+    elapsed float8;
+    rate float8;
+    remaining bigint;
+BEGIN
+    SELECT * INTO r FROM rbr.featurize_run f WHERE f.run_id = featurize_chunk.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no rbr_featurize run %', run_id USING ERRCODE = 'undefined_object';
+    END IF;
+    o := r.options;
+    keycol := o->>'key_column';
+    keytype := o->>'key_type';
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
+    SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
+    SELECT string_agg(format('f.%I IS NULL', x), ' OR ') INTO nulls_cond FROM unnest(props) x;
+
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'completion_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+    -- a jsonb completion: the content of its last message (or the string itself)
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END',
+                              o->>'completion_column')
+                       ELSE format('s.%I::text', o->>'completion_column') END;
+
+    claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur, %2$s AS prompt, %3$s AS completion,'
+                    ' s.%4$I::text AS rt FROM %5$s f JOIN %6$s s ON s.%1$I = f.%1$I'
+                    ' WHERE ($1 IS NULL OR f.%1$I > $1::%7$s) AND (%8$s)'
+                    ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
+                    keycol, prompt_expr, compl_expr, o->>'response_type_column',
+                    r.features_table, r.source, keytype, nulls_cond);
+    FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
+        nrows := nrows + 1;
+        keys := keys || rec.key;
+        rts := rts || rec.rt;
+        vals := vals || '{}'::jsonb;
+        FOREACH p IN ARRAY props LOOP
+            IF rec.cur->p = 'null'::jsonb AND rec.completion IS NOT NULL AND rec.prompt IS NOT NULL THEN
+                q_idx := q_idx || nrows;
+                q_prop := q_prop || p;
+                q_prompt := q_prompt || rec.prompt;
+                q_compl := q_compl || rec.completion;
+            END IF;
+        END LOOP;
+    END LOOP;
+    IF nrows = 0 THEN
+        RETURN 0;
+    END IF;
+
+    -- ask the grader (cache first), then record every answer or error
+    FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+        i := q_idx[g.ord];
+        EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, probability, method, yes_no_mass, model, error,'
+                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at)'
+                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp())'
+                       ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                       ' probability = EXCLUDED.probability, method = EXCLUDED.method,'
+                       ' yes_no_mass = EXCLUDED.yes_no_mass, model = EXCLUDED.model, error = EXCLUDED.error,'
+                       ' attempts = t.attempts + EXCLUDED.attempts,'
+                       ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
+                       ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
+                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at',
+                       r.grades_table, keycol, keytype, keycol)
+            USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
+                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached;
+        IF g.status = 'ok' THEN
+            vals[i] := vals[i] || jsonb_build_object(g.proposition, g.probability);
+            n_ok := n_ok + 1;
+        ELSE
+            n_err := n_err + 1;
+        END IF;
+        n_cached := n_cached + (g.cached)::int;
+        n_req := n_req + g.attempts;
+        n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+        n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+    END LOOP;
+
+    -- values, then class probabilities of rows whose needed propositions are all graded
+    SELECT string_agg(format('%1$I = COALESCE(f.%1$I, ($2->>%2$L)::float8)', x, x), ', ') INTO upd_props FROM unnest(props) x;
+    SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
+    FOR i IN 1 .. nrows LOOP
+        EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+                       r.features_table, upd_props, keycol, keytype)
+            INTO cur USING keys[i], vals[i];
+        rt := lower(btrim(regexp_replace(rts[i], '[ \t_-]+', '_', 'g'), '_'));
+        IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
+            CONTINUE;
+        END IF;
+        SELECT array_agg(x) INTO needed FROM jsonb_array_elements_text(info->'response_types'->rt->'propositions') x;
+        SELECT jsonb_object_agg(x, cur->x) INTO probs FROM unnest(needed) x WHERE cur->x <> 'null'::jsonb;
+        IF COALESCE(array_length(needed, 1), 0) = (SELECT count(*) FROM jsonb_object_keys(COALESCE(probs, '{}')))
+        THEN
+            cp := @extschema@.rbr_class_probs(r.policy, rt, COALESCE(probs, '{}'), o->>'class_mode');
+            EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s', r.features_table, upd_classes, keycol, keytype)
+                USING keys[i], cp;
+        END IF;
+    END LOOP;
+
+    UPDATE rbr.featurize_run f
+       SET done_values = f.done_values + n_ok, error_values = f.error_values + n_err,
+           cached_values = f.cached_values + n_cached, requests = f.requests + n_req,
+           prompt_tokens = f.prompt_tokens + n_pt, completion_tokens = f.completion_tokens + n_ct,
+           chunks = f.chunks + 1, last_key = keys[nrows], updated_at = clock_timestamp()
+     WHERE f.run_id = featurize_chunk.run_id
+     RETURNING * INTO r;
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := (r.done_values + r.error_values) / elapsed;
+    remaining := greatest(r.total_values - r.done_values - r.error_values, 0);
+    RAISE NOTICE 'rbr_featurize %: % of % values done (% errors, % cached), % values/s, ETA %',
+        r.source, r.done_values + r.error_values, r.total_values, r.error_values, r.cached_values,
+        round(rate::numeric, 1),
+        CASE WHEN rate > 0 THEN make_interval(secs => round(remaining / rate)) END;
+    RETURN nrows;
+END
+$$;
+
+-- Mark a run done.
+CREATE FUNCTION rbr.featurize_finish(run_id bigint) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    UPDATE rbr.featurize_run f SET state = 'done', finished_at = clock_timestamp(), updated_at = clock_timestamp()
+     WHERE f.run_id = featurize_finish.run_id;
+$$;
+
+-- Grade every missing value of a source table, committing per chunk.
+-- CALL it outside an explicit transaction block (it commits). Safe to
+-- cancel, to kill, to rerun (only missing values are graded) and to run from
+-- several sessions at once on one table.
+-- options: prompt_column, completion_column, response_type_column (column
+-- names; default prompt, completion, response_type), chunk_rows (64),
+-- class_mode ('product' or 'exact').
+CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    run := rbr.featurize_start(source, policy, options);
+    COMMIT;
+    WHILE rbr.featurize_chunk(run) > 0 LOOP
+        COMMIT;
+    END LOOP;
+    PERFORM rbr.featurize_finish(run);
+    COMMIT;
+END
+$$;
+REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_featurize(regclass, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_chunk(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_finish(bigint) FROM PUBLIC;
+GRANT SELECT ON rbr.featurize_progress TO PUBLIC;

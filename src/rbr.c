@@ -16,6 +16,7 @@
 #include "utils/rel.h"
 
 #include "rbr.h"
+#include "grader.h"
 #include "rowset.h"
 
 PG_MODULE_MAGIC;
@@ -27,6 +28,7 @@ void
 _PG_init(void)
 {
 	rbr_rowset_init_settings();
+	rbr_grader_init_settings();
 	MarkGUCPrefixReserved("rbr");
 }
 

@@ -1,0 +1,104 @@
+/*
+ * grader.h: the LLM grader. Settings, request building, P(yes) parsing
+ * (grader.c), the libcurl multi engine with retries (http.c) and the answer
+ * cache (cache.c).
+ *
+ * One "job" is one (proposition, conversation, completion) question. A batch
+ * of jobs is sent concurrently (rbr.grader_max_in_flight at a time) through
+ * one libcurl multi handle per backend; every job ends either 'ok' with a
+ * probability or 'error' with a reason, never as a made-up "no".
+ */
+#ifndef RBR_GRADER_H
+#define RBR_GRADER_H
+
+#include "rbr.h"
+
+#include "policy.h"
+
+/* Settings (defined in rbr_grader_init_settings). */
+extern char *rbr_grader_url;
+extern char *rbr_grader_model;
+extern char *rbr_grader_api_key;
+extern char *rbr_grader_azure_api_version;
+extern char *rbr_grader_extra_headers;
+extern int	rbr_grader_timeout_ms;
+extern int	rbr_grader_max_in_flight;
+extern int	rbr_grader_max_retries;
+extern int	rbr_grader_retry_base_ms;
+extern double rbr_grader_requests_per_second;
+extern int	rbr_grader_token_parameter;
+extern bool rbr_grader_strict_logprobs;
+
+/* Values of rbr.grader_token_parameter. */
+#define RBR_TOKENS_MAX_COMPLETION_TOKENS 0
+#define RBR_TOKENS_MAX_TOKENS 1
+
+/* Largest response body accepted (a one-token answer with logprobs is ~3 kB). */
+#define RBR_MAX_RESPONSE_BYTES (1024 * 1024)
+
+/* Longest wait a Retry-After header may impose, and the backoff cap (ms). */
+#define RBR_MAX_RETRY_AFTER_MS 60000
+#define RBR_MAX_BACKOFF_MS 30000
+
+/* The outcome of one question. Strings are palloc'd in the caller's context. */
+typedef struct RbrGradeResult
+{
+	bool		ok;
+	double		probability;	/* P(yes), when ok */
+	const char *method;			/* "logprobs" or "text", when ok */
+	double		yes_no_mass;	/* observed yes+no probability mass; NaN for text */
+	char	   *model;			/* model that answered (or the setting) */
+	char	   *error;			/* reason, when not ok */
+	int			attempts;		/* HTTP attempts made (0: from the cache) */
+	int			prompt_tokens;	/* -1 when unknown */
+	int			completion_tokens;
+	bool		cached;
+} RbrGradeResult;
+
+/* One question to the grader, with its request and outcome. */
+typedef struct RbrGradeJob
+{
+	char	   *messages_json;	/* the "messages" array, JSON text */
+	uint8		key[32];		/* cache key: sha256 of what decides the answer */
+	RbrGradeResult result;
+
+	/* engine state (http.c) */
+	char	   *body;			/* full request body for body_param */
+	int			body_param;		/* token parameter the body was built with */
+	void	   *easy;			/* CURL *, while in flight */
+	char	   *resp;			/* malloc'd response body */
+	size_t		resp_len;
+	size_t		resp_cap;
+	bool		resp_too_big;
+	long		retry_after_ms; /* from the last response's headers, or -1 */
+	int64		not_before;		/* earliest start of the next attempt (us) */
+	int			retries;		/* retries used (token-parameter switch excluded) */
+	char		errbuf[256];	/* curl's error text of the last attempt */
+	bool		done;
+} RbrGradeJob;
+
+/* grader.c */
+extern void rbr_grader_init_settings(void);
+extern char *rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt,
+									  const char *completion);
+extern char *rbr_grader_body(RbrGradeJob *job, int token_param);
+extern int	rbr_grader_token_param(void);
+extern void rbr_grader_switch_token_param(int from);
+extern bool rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res,
+									void **json_holder);
+extern char *rbr_grader_error_reason(long status, const char *body, size_t len,
+									 char **param, void **json_holder);
+extern char *rbr_grader_scrub(const char *msg);
+extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
+							   double *mass, bool *found);
+
+/* http.c */
+extern void rbr_http_run(RbrGradeJob *jobs, int njobs);
+extern void rbr_http_stats(StringInfo buf);
+
+/* cache.c */
+extern void rbr_cache_key(RbrGradeJob *job);
+extern void rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props);
+extern void rbr_cache_store(RbrGradeJob *jobs, int njobs, const char *const *props);
+
+#endif							/* RBR_GRADER_H */

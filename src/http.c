@@ -1,0 +1,669 @@
+/*
+ * http.c: the libcurl multi engine that sends a batch of grader questions
+ * concurrently, with retries, inside a backend.
+ *
+ * - One multi handle per backend, created on first use (libcurl is
+ *   initialised lazily, never in _PG_init); connections stay in its pool
+ *   between batches and are multiplexed over HTTP/2 where offered.
+ * - libcurl uses its own malloc. Every easy handle, header list, response
+ *   buffer and json-c object of a batch is owned by a "batch" whose memory
+ *   context carries a reset callback, so an ERROR (cancel, statement_timeout,
+ *   out of memory) frees them all.
+ * - Callbacks never ereport: they record the failure and return a short
+ *   count. The loop polls with at most 100 ms timeouts and calls
+ *   CHECK_FOR_INTERRUPTS() between rounds, so a cancel or statement_timeout
+ *   stops a batch within a fraction of a second with SQLSTATE 57014.
+ * - Connection errors, timeouts, 408, 409, 429 and 5xx are retried with
+ *   exponential backoff and jitter, honouring retry-after-ms / retry-after
+ *   (capped); other 4xx are not retried. A job that runs out of retries ends
+ *   as an error with its reason.
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <time.h>
+
+#include <curl/curl.h>
+#include <json-c/json.h>
+
+#include "common/pg_prng.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "grader.h"
+
+/* A batch in flight: what must be freed if the batch ends by ERROR. */
+typedef struct RbrHttpBatch
+{
+	RbrGradeJob *jobs;
+	int			njobs;
+	struct curl_slist *headers;
+	void	   *json;			/* json-c object being read, if any */
+	bool		cleaned;
+} RbrHttpBatch;
+
+static CURLM *rbr_multi = NULL;
+static bool rbr_curl_ready = false;
+static bool rbr_async_dns = false;
+static RbrHttpBatch *rbr_active_batch = NULL;
+static int64 rbr_next_slot = 0; /* rate limiter: earliest next start (us) */
+
+/* counters for rbr_grader_stats() */
+static int64 stat_live_easy = 0;
+static int64 stat_requests = 0;
+static int64 stat_retries = 0;
+static int64 stat_ok = 0;
+static int64 stat_errors = 0;
+static int64 stat_batches = 0;
+static int64 stat_param_switches = 0;
+
+/* Initialise libcurl and the backend's multi handle on first use. */
+static void
+http_init(void)
+{
+	curl_version_info_data *vi;
+
+	if (rbr_multi != NULL)
+		return;
+	if (!rbr_curl_ready)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_SYSTEM_ERROR),
+					 errmsg("could not initialise libcurl")));
+		rbr_curl_ready = true;
+		vi = curl_version_info(CURLVERSION_NOW);
+		rbr_async_dns = (vi->features & CURL_VERSION_ASYNCHDNS) != 0;
+		if (!rbr_async_dns)
+			ereport(WARNING,
+					(errmsg("libcurl %s has no asynchronous DNS resolver", vi->version),
+					 errdetail("A slow DNS lookup of the grader host cannot be cancelled until it ends."),
+					 errhint("Use a libcurl built with the threaded resolver or c-ares.")));
+	}
+	rbr_multi = curl_multi_init();
+	if (rbr_multi == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl multi handle")));
+	curl_multi_setopt(rbr_multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
+	curl_multi_setopt(rbr_multi, CURLMOPT_MAXCONNECTS, (long) 1024);
+}
+
+/* Free the curl objects of one job (safe to call twice). */
+static void
+job_release(RbrGradeJob *job)
+{
+	if (job->easy != NULL)
+	{
+		curl_multi_remove_handle(rbr_multi, (CURL *) job->easy);
+		curl_easy_cleanup((CURL *) job->easy);
+		job->easy = NULL;
+		stat_live_easy--;
+	}
+	if (job->resp != NULL)
+	{
+		free(job->resp);
+		job->resp = NULL;
+	}
+	job->resp_len = job->resp_cap = 0;
+}
+
+/* Free everything a batch owns; runs on normal exit and on ERROR. */
+static void
+batch_cleanup(void *arg)
+{
+	RbrHttpBatch *b = (RbrHttpBatch *) arg;
+
+	if (b->cleaned)
+		return;
+	for (int i = 0; i < b->njobs; i++)
+		job_release(&b->jobs[i]);
+	if (b->headers != NULL)
+		curl_slist_free_all(b->headers);
+	b->headers = NULL;
+	if (b->json != NULL)
+		json_object_put((json_object *) b->json);
+	b->json = NULL;
+	b->cleaned = true;
+	if (rbr_active_batch == b)
+		rbr_active_batch = NULL;
+}
+
+/* libcurl write callback: append to the job's buffer, or stop the transfer. */
+static size_t
+write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	RbrGradeJob *job = (RbrGradeJob *) userdata;
+	size_t		n = size * nmemb;
+
+	if (job->resp_len + n + 1 > RBR_MAX_RESPONSE_BYTES)
+	{
+		job->resp_too_big = true;
+		return 0;
+	}
+	if (job->resp_len + n + 1 > job->resp_cap)
+	{
+		size_t		cap = Max(job->resp_cap * 2, Max(job->resp_len + n + 1, 4096));
+		char	   *p = realloc(job->resp, cap);
+
+		if (p == NULL)
+			return 0;			/* curl reports a write error */
+		job->resp = p;
+		job->resp_cap = cap;
+	}
+	memcpy(job->resp + job->resp_len, ptr, n);
+	job->resp_len += n;
+	job->resp[job->resp_len] = '\0';
+	return n;
+}
+
+/* Does header line h (length n) start with name (case-insensitive) and ':'? */
+static const char *
+header_value(const char *h, size_t n, const char *name)
+{
+	size_t		k = strlen(name);
+
+	if (n <= k || pg_strncasecmp(h, name, k) != 0 || h[k] != ':')
+		return NULL;
+	h += k + 1;
+	while (*h == ' ' || *h == '\t')
+		h++;
+	return h;
+}
+
+/* libcurl header callback: remember retry-after-ms / retry-after. */
+static size_t
+header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	RbrGradeJob *job = (RbrGradeJob *) userdata;
+	size_t		n = size * nitems;
+	char		val[128];
+	const char *v;
+	size_t		vl;
+	char	   *end;
+	double		d;
+
+	if ((v = header_value(buffer, n, "retry-after-ms")) != NULL ||
+		(v = header_value(buffer, n, "retry-after")) != NULL)
+	{
+		bool		ms = pg_strncasecmp(buffer, "retry-after-ms", 14) == 0;
+
+		vl = n - (v - buffer);
+		while (vl > 0 && (v[vl - 1] == '\r' || v[vl - 1] == '\n' || v[vl - 1] == ' '))
+			vl--;
+		if (vl == 0 || vl >= sizeof(val))
+			return n;
+		memcpy(val, v, vl);
+		val[vl] = '\0';
+		d = strtod(val, &end);
+		if (end != val && *end == '\0' && d >= 0 && isfinite(d))
+		{
+			long		wait = (long) Min(ms ? d : d * 1000.0, (double) RBR_MAX_RETRY_AFTER_MS);
+
+			/* retry-after-ms is the more precise of the two: it wins */
+			if (ms || job->retry_after_ms < 0)
+				job->retry_after_ms = wait;
+		}
+		else if (!ms)
+		{
+			time_t		t = curl_getdate(val, NULL);
+
+			if (t > 0 && job->retry_after_ms < 0)
+			{
+				double		secs = difftime(t, time(NULL));
+
+				job->retry_after_ms = (long) Min(Max(secs, 0.0) * 1000.0,
+												 (double) RBR_MAX_RETRY_AFTER_MS);
+			}
+		}
+	}
+	return n;
+}
+
+/* The chat completions URL for the current settings. */
+static char *
+endpoint_url(void)
+{
+	StringInfoData u;
+	char	   *base = pstrdup(rbr_grader_url);
+	int			len = strlen(base);
+
+	while (len > 0 && base[len - 1] == '/')
+		base[--len] = '\0';
+	initStringInfo(&u);
+	if (rbr_grader_azure_api_version[0] != '\0')
+	{
+		CURL	   *h = curl_easy_init();
+		char	   *model,
+				   *ver;
+
+		if (h == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		model = curl_easy_escape(h, rbr_grader_model, 0);
+		ver = curl_easy_escape(h, rbr_grader_azure_api_version, 0);
+		if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
+			base[len - 7] = '\0';
+		if (model && ver)
+			appendStringInfo(&u, "%s/openai/deployments/%s/chat/completions?api-version=%s",
+							 base, model, ver);
+		curl_free(model);
+		curl_free(ver);
+		curl_easy_cleanup(h);
+		if (u.len == 0)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	}
+	else
+		appendStringInfo(&u, "%s/chat/completions", base);
+	return u.data;
+}
+
+/* Append one header to the batch's list; ERROR (nothing leaked) on failure. */
+static void
+add_header(RbrHttpBatch *b, const char *h)
+{
+	struct curl_slist *l = curl_slist_append(b->headers, h);
+
+	if (l == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	b->headers = l;
+}
+
+/* Request headers: content type, credentials, extra headers. */
+static void
+build_headers(RbrHttpBatch *b)
+{
+	add_header(b, "Content-Type: application/json");
+	add_header(b, "Accept: application/json");
+	add_header(b, "Expect:");
+	if (rbr_grader_api_key[0] != '\0')
+	{
+		char	   *h;
+
+		if (rbr_grader_azure_api_version[0] != '\0')
+			h = psprintf("api-key: %s", rbr_grader_api_key);
+		else
+			h = psprintf("Authorization: Bearer %s", rbr_grader_api_key);
+		add_header(b, h);
+		memset(h, 0, strlen(h));
+		pfree(h);
+	}
+	if (rbr_grader_extra_headers[0] != '\0')
+	{
+		char	   *copy = pstrdup(rbr_grader_extra_headers);
+		char	   *save = NULL;
+
+		for (char *tok = strtok_r(copy, ";", &save); tok; tok = strtok_r(NULL, ";", &save))
+		{
+			while (*tok == ' ' || *tok == '\t')
+				tok++;
+			if (*tok != '\0')
+				add_header(b, tok);
+		}
+		memset(copy, 0, strlen(rbr_grader_extra_headers));
+		pfree(copy);
+	}
+}
+
+/* Is this libcurl failure worth another attempt? */
+static bool
+curl_retryable(CURLcode cc)
+{
+	switch (cc)
+	{
+		case CURLE_COULDNT_RESOLVE_HOST:
+		case CURLE_COULDNT_CONNECT:
+		case CURLE_OPERATION_TIMEDOUT:
+		case CURLE_SEND_ERROR:
+		case CURLE_RECV_ERROR:
+		case CURLE_GOT_NOTHING:
+		case CURLE_PARTIAL_FILE:
+		case CURLE_HTTP2:
+		case CURLE_HTTP2_STREAM:
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_WEIRD_SERVER_REPLY:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/* Start one attempt of a job: ok, or the job ends with an error. */
+static void
+job_start(RbrHttpBatch *b, RbrGradeJob *job, const char *url, MemoryContext bcxt)
+{
+	CURL	   *h;
+	int			param = rbr_grader_token_param();
+	bool		https = pg_strncasecmp(url, "https:", 6) == 0;
+	long		timeout = rbr_grader_timeout_ms;
+
+	if (job->body == NULL || job->body_param != param)
+	{
+		MemoryContext old = MemoryContextSwitchTo(bcxt);
+
+		job->body = rbr_grader_body(job, param);
+		job->body_param = param;
+		MemoryContextSwitchTo(old);
+	}
+	job->retry_after_ms = -1;
+	job->resp_too_big = false;
+	job->errbuf[0] = '\0';
+
+	h = curl_easy_init();
+	if (h == NULL)
+	{
+		job->done = true;
+		job->result.error = pstrdup("could not create a libcurl handle (out of memory)");
+		return;
+	}
+	job->easy = h;
+	stat_live_easy++;
+	curl_easy_setopt(h, CURLOPT_URL, url);
+	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(h, CURLOPT_POST, 1L);
+	curl_easy_setopt(h, CURLOPT_POSTFIELDS, job->body);
+	curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) strlen(job->body));
+	curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
+	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
+	curl_easy_setopt(h, CURLOPT_WRITEDATA, job);
+	curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+	curl_easy_setopt(h, CURLOPT_HEADERDATA, job);
+	curl_easy_setopt(h, CURLOPT_PRIVATE, job);
+	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, job->errbuf);
+	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout);
+	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout, 10000L));
+	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, "");
+	curl_easy_setopt(h, CURLOPT_USERAGENT, "rbr-postgresql/0.1");
+	if (https)
+	{
+		curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
+		curl_easy_setopt(h, CURLOPT_PIPEWAIT, 1L);
+	}
+	if (curl_multi_add_handle(rbr_multi, h) != CURLM_OK)
+	{
+		job_release(job);
+		job->done = true;
+		job->result.error = pstrdup("could not add a request to the libcurl multi handle");
+		return;
+	}
+	stat_requests++;
+}
+
+/* Backoff before retry number n (1-based): exponential with jitter, capped. */
+static long
+backoff_ms(int n)
+{
+	double		base = rbr_grader_retry_base_ms * pow(2.0, n - 1);
+
+	base = Min(base, (double) RBR_MAX_BACKOFF_MS);
+	return (long) (base * (0.5 + 0.5 * pg_prng_double(&pg_global_prng_state)));
+}
+
+/*
+ * One attempt of a job finished: decide ok, retry or error.
+ * Returns true if the job is to be retried (job->not_before set).
+ */
+static bool
+job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
+{
+	long		status = 0;
+	bool		retryable = false;
+	bool		requeue_now = false;
+	char	   *reason = NULL;
+
+	curl_easy_getinfo((CURL *) job->easy, CURLINFO_RESPONSE_CODE, &status);
+	/* the connection stays in the multi handle's pool */
+	curl_multi_remove_handle(rbr_multi, (CURL *) job->easy);
+	curl_easy_cleanup((CURL *) job->easy);
+	job->easy = NULL;
+	stat_live_easy--;
+	job->result.attempts++;
+
+	if (cc != CURLE_OK)
+	{
+		if (job->resp_too_big)
+			reason = psprintf("response larger than %d bytes", RBR_MAX_RESPONSE_BYTES);
+		else
+		{
+			reason = psprintf("%s%s%s", curl_easy_strerror(cc),
+							  job->errbuf[0] ? ": " : "", job->errbuf);
+			retryable = curl_retryable(cc);
+		}
+	}
+	else if (status == 200)
+	{
+		if (rbr_grader_parse_answer(job->resp ? job->resp : "", job->resp_len,
+									&job->result, &b->json))
+		{
+			job_release(job);
+			job->done = true;
+			return false;
+		}
+		reason = job->result.error;
+	}
+	else
+	{
+		char	   *param = NULL;
+
+		reason = rbr_grader_error_reason(status, job->resp, job->resp_len, &param, &b->json);
+		if (status == 400 && param != NULL &&
+			strcmp(param, job->body_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens") == 0)
+		{
+			/* the endpoint wants the other token parameter: switch once */
+			if (rbr_grader_token_param() == job->body_param)
+			{
+				rbr_grader_switch_token_param(job->body_param);
+				stat_param_switches++;
+			}
+			requeue_now = job->result.attempts < 3;
+		}
+		else if (status == 408 || status == 409 || status == 429 || status >= 500)
+			retryable = true;
+	}
+	job_release(job);
+
+	if (requeue_now)
+	{
+		job->not_before = 0;
+		job->result.error = NULL;
+		return true;
+	}
+	if (retryable && job->retries < rbr_grader_max_retries)
+	{
+		long		wait = backoff_ms(job->retries + 1);
+
+		if (job->retry_after_ms >= 0)
+			wait = Max(wait, job->retry_after_ms);
+		job->retries++;
+		stat_retries++;
+		job->not_before = GetCurrentTimestamp() + (int64) wait * 1000;
+		return true;
+	}
+	job->done = true;
+	job->result.ok = false;
+	if (retryable)
+		job->result.error = psprintf("%s (gave up after %d attempts)", reason, job->result.attempts);
+	else
+		job->result.error = reason;
+	job->result.error = rbr_grader_scrub(job->result.error);
+	return false;
+}
+
+/* May another request start now under rbr.grader_requests_per_second? */
+static bool
+rate_ok(int64 now)
+{
+	if (rbr_grader_requests_per_second <= 0)
+		return true;
+	if (now < rbr_next_slot)
+		return false;
+	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / rbr_grader_requests_per_second);
+	return true;
+}
+
+/*
+ * Send every job that is not done yet, at most rbr.grader_max_in_flight at a
+ * time, and wait until each has ended ('ok' or error). Results are in
+ * jobs[i].result; strings are palloc'd in the current memory context.
+ */
+void
+rbr_http_run(RbrGradeJob *jobs, int njobs)
+{
+	MemoryContext cxt;
+	MemoryContext old;
+	MemoryContextCallback *cb;
+	RbrHttpBatch *b;
+	char	   *url;
+	int		   *waiting;
+	int			nwaiting = 0;
+	int			next_new = 0;
+	int			in_flight = 0;
+	int			remaining = 0;
+
+	for (int i = 0; i < njobs; i++)
+		if (!jobs[i].done)
+			remaining++;
+	if (remaining == 0)
+		return;
+
+	http_init();
+	/* a batch left behind by an ERROR whose context is not gone yet */
+	if (rbr_active_batch != NULL)
+		batch_cleanup(rbr_active_batch);
+
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
+								ALLOCSET_DEFAULT_SIZES);
+	b = MemoryContextAllocZero(cxt, sizeof(RbrHttpBatch));
+	b->jobs = jobs;
+	b->njobs = njobs;
+	cb = MemoryContextAllocZero(cxt, sizeof(MemoryContextCallback));
+	cb->func = batch_cleanup;
+	cb->arg = b;
+	MemoryContextRegisterResetCallback(cxt, cb);
+	rbr_active_batch = b;
+	stat_batches++;
+
+	old = MemoryContextSwitchTo(cxt);
+	url = endpoint_url();
+	build_headers(b);
+	waiting = palloc(sizeof(int) * njobs);
+	MemoryContextSwitchTo(old);
+
+	while (remaining > 0)
+	{
+		int64		now = GetCurrentTimestamp();
+		long		wait_ms = 100;
+		int			running = 0;
+		int			nmsg;
+		int			finished = 0;
+		CURLMsg    *msg;
+
+		/* retries whose time has come, then new jobs */
+		for (int w = 0; w < nwaiting && in_flight < rbr_grader_max_in_flight;)
+		{
+			RbrGradeJob *job = &jobs[waiting[w]];
+
+			if (job->not_before <= now && rate_ok(now))
+			{
+				waiting[w] = waiting[--nwaiting];
+				job_start(b, job, url, cxt);
+				if (job->done)
+					remaining--;
+				else
+					in_flight++;
+			}
+			else
+				w++;
+		}
+		while (in_flight < rbr_grader_max_in_flight && next_new < njobs)
+		{
+			RbrGradeJob *job = &jobs[next_new];
+
+			if (job->done)
+			{
+				next_new++;
+				continue;
+			}
+			if (!rate_ok(now))
+				break;
+			next_new++;
+			job_start(b, job, url, cxt);
+			if (job->done)
+				remaining--;
+			else
+				in_flight++;
+		}
+
+		curl_multi_perform(rbr_multi, &running);
+		while ((msg = curl_multi_info_read(rbr_multi, &nmsg)) != NULL)
+		{
+			RbrGradeJob *job = NULL;
+
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &job);
+			in_flight--;
+			finished++;
+			if (job_finish(b, job, msg->data.result))
+				waiting[nwaiting++] = job - jobs;
+			else
+			{
+				remaining--;
+				if (job->result.ok)
+					stat_ok++;
+				else
+					stat_errors++;
+			}
+		}
+		if (remaining == 0)
+			break;
+		if (finished > 0)
+		{
+			/* slots were freed: fill them now rather than after a poll */
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
+
+		/* wake up in time for the next retry or rate-limit slot */
+		now = GetCurrentTimestamp();
+		for (int w = 0; w < nwaiting; w++)
+			wait_ms = Min(wait_ms, Max(0, (jobs[waiting[w]].not_before - now) / 1000));
+		if (rbr_grader_requests_per_second > 0 && rbr_next_slot > now &&
+			(next_new < njobs || nwaiting > 0))
+			wait_ms = Min(wait_ms, Max(1, (rbr_next_slot - now) / 1000));
+		if (in_flight > 0 || wait_ms > 0)
+			curl_multi_poll(rbr_multi, NULL, 0, (int) wait_ms, NULL);
+		CHECK_FOR_INTERRUPTS();
+	}
+
+	batch_cleanup(b);
+	MemoryContextDelete(cxt);
+}
+
+/* Counters of this backend's engine, as JSON object members. */
+void
+rbr_http_stats(StringInfo buf)
+{
+	curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+
+	appendStringInfo(buf,
+					 "\"libcurl\": \"%s\", \"async_dns\": %s, \"http2\": %s, "
+					 "\"initialised\": %s, \"live_easy_handles\": " INT64_FORMAT
+					 ", \"active_batch\": %s, \"batches\": " INT64_FORMAT
+					 ", \"requests\": " INT64_FORMAT ", \"retries\": " INT64_FORMAT
+					 ", \"ok\": " INT64_FORMAT ", \"errors\": " INT64_FORMAT
+					 ", \"token_parameter_switches\": " INT64_FORMAT,
+					 vi->version,
+					 (vi->features & CURL_VERSION_ASYNCHDNS) ? "true" : "false",
+					 (vi->features & CURL_VERSION_HTTP2) ? "true" : "false",
+					 rbr_multi ? "true" : "false",
+					 stat_live_easy, rbr_active_batch ? "true" : "false",
+					 stat_batches, stat_requests, stat_retries, stat_ok, stat_errors,
+					 stat_param_switches);
+}

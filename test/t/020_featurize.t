@@ -1,0 +1,161 @@
+# CALL rbr_featurize on the 351 gold rows: full run whose classes agree with
+# the human labels, resume after cancel, resume after kill -9 of the backend,
+# and two sessions sharing one table.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::Bin;
+use RbrTest;
+use Test::More;
+use Time::HiRes qw(time sleep);
+
+my $NVALUES = 351 * 23;
+new_db('rbr_tap_featurize');
+my ($base) = start_server('--labels', REFERENCE . '/gold_train.jsonl');
+my $gold = REFERENCE . '/gold_train.jsonl';
+psql_ok(<<"SQL");
+CREATE TABLE raw (line jsonb);
+\\copy raw FROM '$gold' WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')
+CREATE TABLE gold (id int PRIMARY KEY, response_type text, prompt jsonb, completion jsonb, propositions jsonb);
+INSERT INTO gold SELECT row_number() OVER (), line->>'response_type', line->'prompt', line->'completion', line->'propositions' FROM raw;
+SQL
+is(psql_ok('SELECT count(*) FROM gold'), 351, '351 gold rows loaded');
+my $set = "SET rbr.grader_url = '$base/v1'; SET client_min_messages = warning;";
+
+# --- a full run
+server_reset($base);
+psql_ok("$set CALL rbr_featurize('gold', 'ref')");
+my $st = server_stats($base);
+my $run = psql_ok("SELECT state, done, errors, total, requests, cached FROM rbr.featurize_progress WHERE source = 'gold'::regclass");
+my ($state, $done, $errors, $total, $requests, $cached) = split /\|/, $run;
+is($state, 'done', 'run done');
+is($total, $NVALUES, 'total = 351 x 23 values');
+is($done, $NVALUES, 'every value graded');
+is($errors, 0, 'no errors');
+is($requests + $cached, $NVALUES, 'each value asked once or answered from the cache');
+is($st->{chat_requests}, $requests, 'server saw exactly the requests the run counted');
+is(psql_ok("SELECT count(*) FROM gold_grades WHERE status = 'ok'"), $NVALUES, 'one ok grade per value');
+is(psql_ok("SELECT count(*) FROM gold_features f WHERE num_nulls(f.*) > 0"), 0, 'no NULL feature left');
+is(psql_ok(<<'SQL'), 351, 'graded classes agree with rbr_classify on the human labels');
+SELECT count(*) FROM gold g JOIN gold_features f USING (id)
+ WHERE rbr_classify('ref', g.response_type, g.propositions) =
+       (SELECT k FROM jsonb_each(to_jsonb(f)) e(k, v)
+         WHERE k IN (SELECT jsonb_array_elements_text(rbr_policy_info('ref')->'classes'))
+         ORDER BY v::float8 DESC LIMIT 1)
+SQL
+is(psql_ok(<<'SQL'), 0, 'proposition values are the gold labels (0.95 / 0.05), except one conflicting duplicate');
+SELECT count(*) FROM gold g JOIN gold_grades r USING (id)
+ WHERE abs(r.probability - CASE WHEN (g.propositions->>r.proposition)::bool THEN 0.95 ELSE 0.05 END) > 1e-9
+   -- rows 251 and 271 of the gold set are the same question with two conflicting human labels:
+   -- one question gets one answer (asked once), so one of the two must differ
+   AND NOT EXISTS (SELECT 1 FROM gold t WHERE t.id <> g.id AND t.prompt = g.prompt AND t.completion = g.completion
+                      AND t.propositions->r.proposition <> g.propositions->r.proposition)
+SQL
+is(psql_ok("SELECT count(*) FROM gold_grades WHERE prompt_tokens IS NULL OR completion_tokens IS NULL"), 0,
+   'token usage recorded');
+server_reset($base);
+psql_ok("$set CALL rbr_featurize('gold', 'ref')");
+is(server_stats($base)->{chat_requests}, 0, 'rerun of a complete table sends nothing');
+
+# Helpers for the interrupted runs: a fresh copy of the table, graded with its own model name
+# (the model is part of the cache key, so nothing comes from earlier runs' cache).
+sub fresh_copy {
+    my ($name) = @_;
+    psql_ok("CREATE TABLE $name AS SELECT * FROM gold; ALTER TABLE $name ADD PRIMARY KEY (id)");
+}
+my $props = psql_ok("SELECT string_agg(quote_ident(x), ', ') FROM jsonb_array_elements_text(rbr_policy_info('ref')->'simple_propositions') x");
+sub missing { my ($t) = @_; psql_ok("SELECT COALESCE(sum(num_nulls($props)), 0) FROM ${t}_features") }
+sub wait_progress {
+    my ($t, $min) = @_;
+    my $deadline = time + 60;
+    while (time < $deadline) {
+        my $d = psql("SELECT COALESCE(max(done), 0) FROM rbr.featurize_progress WHERE source = '$t'::regclass");
+        return 1 if $d ne '' && $d >= $min;
+        sleep 0.05;
+    }
+    return 0;
+}
+sub check_consistent {
+    my ($t, $what) = @_;
+    is(psql_ok("SELECT count(*) FROM ${t}_grades WHERE status = 'ok'") + 0,
+       psql_ok("SELECT sum(23 - num_nulls($props)) FROM ${t}_features") + 0,
+       "$what: committed values and ok grades match one to one");
+}
+sub resume_and_check {
+    my ($t, $model, $what) = @_;
+    my $before = missing($t);
+    ok($before > 0 && $before < $NVALUES, "$what: committed work kept ($before of $NVALUES values missing)");
+    check_consistent($t, $what);
+    server_reset($base);
+    psql_ok("$set SET rbr.grader_model = '$model'; CALL rbr_featurize('$t', 'ref', '{\"chunk_rows\": 16}')");
+    my ($req, $cach, $tot) = split /\|/, psql_ok(
+        "SELECT requests, cached, total FROM rbr.featurize_progress WHERE source = '$t'::regclass ORDER BY run_id DESC LIMIT 1");
+    is($tot, $before, "$what: rerun counted only the missing values");
+    is($req + $cach, $before, "$what: rerun graded only the missing values");
+    is(server_stats($base)->{chat_requests}, $req, "$what: server saw only those requests");
+    is(missing($t), 0, "$what: complete after the rerun");
+    is(psql_ok("SELECT count(*) FROM ${t}_grades"), $NVALUES, "$what: one grade row per value, none lost or duplicated");
+    is(psql_ok("SELECT count(*) FROM ${t}_features"), 351, "$what: one features row per source row");
+}
+
+# --- cancel mid-run, then resume
+server_config($base, '{"latency_ms": 20}');
+fresh_copy('gold_c');
+my ($h, $out, $err) = bg_psql("SET application_name = 'rbr_feat_cancel'; $set SET rbr.grader_model = 'm-cancel';\n"
+    . "CALL rbr_featurize('gold_c', 'ref', '{\"chunk_rows\": 16}');\n");
+ok(wait_progress('gold_c', 1000), 'cancel: run in progress');
+psql_ok("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'rbr_feat_cancel'");
+$h->finish;
+like($$err, qr/57014/, 'cancel: the CALL was cancelled');
+is(psql_ok("SELECT state FROM rbr.featurize_progress WHERE source = 'gold_c'::regclass"), 'interrupted',
+   'cancel: progress view shows the run interrupted');
+resume_and_check('gold_c', 'm-cancel', 'cancel');
+
+# --- kill -9 of the backend mid-run, then resume
+fresh_copy('gold_k');
+($h, $out, $err) = bg_psql("SET application_name = 'rbr_feat_kill'; $set SET rbr.grader_model = 'm-kill';\n"
+    . "CALL rbr_featurize('gold_k', 'ref', '{\"chunk_rows\": 16}');\n");
+ok(wait_progress('gold_k', 1000), 'kill: run in progress');
+my $pid = psql_ok("SELECT pid FROM pg_stat_activity WHERE application_name = 'rbr_feat_kill'");
+ok($pid =~ /^\d+$/ && kill('KILL', $pid), "kill -9 of backend $pid");
+$h->finish;
+my $deadline = time + 60;
+sleep 0.2 until (psql('SELECT 1'))[2] == 0 || time > $deadline;   # crash recovery
+is(psql_ok('SELECT 1'), 1, 'kill: server back after crash recovery');
+resume_and_check('gold_k', 'm-kill', 'kill -9');
+
+# --- two sessions at once on one table
+server_config($base, '{"latency_ms": 10}');
+server_reset($base);
+fresh_copy('gold_2');
+my @runs;
+for my $s (1, 2) {
+    push @runs, [bg_psql("$set SET rbr.grader_model = 'm-two';\n"
+        . "CALL rbr_featurize('gold_2', 'ref', '{\"chunk_rows\": 8}');\n")];
+}
+$_->[0]->finish for @runs;
+is(join('', map { ${ $_->[2] } } @runs), '', 'two sessions: both CALLs succeeded');
+my @r = map { [split /\|/] } split /\n/, psql_ok(
+    "SELECT requests, cached, done FROM rbr.featurize_progress WHERE source = 'gold_2'::regclass ORDER BY run_id");
+is(scalar @r, 2, 'two runs recorded');
+ok($r[0][2] > 0 && $r[1][2] > 0, "both sessions did work ($r[0][2] and $r[1][2] values)");
+is($r[0][0] + $r[0][1] + $r[1][0] + $r[1][1], $NVALUES, 'disjoint work: values graded once in total');
+is(server_stats($base)->{chat_requests}, $r[0][0] + $r[1][0], 'server saw the sum of both runs\' requests');
+is(missing('gold_2'), 0, 'two sessions: complete');
+is(psql_ok("SELECT count(*) FROM gold_2_grades WHERE status = 'ok'"), $NVALUES, 'two sessions: one grade per value');
+
+# --- errors are recorded, not written as values, and retried by the next run
+psql_ok("CREATE TABLE faulty (id int PRIMARY KEY, prompt text, completion text, response_type text);"
+    . " INSERT INTO faulty VALUES (1, 'hi', 'fine [[rbr *=0.2]]', 'Hard Refuse'),"
+    . " (2, 'hi', 'broken [[fault 400 prop=apology]] [[rbr *=0.3]]', 'Hard Refuse')");
+psql_ok("$set SET rbr.grader_model = 'm-faulty'; CALL rbr_featurize('faulty', 'ref')");
+is(psql_ok("SELECT status || ':' || left(error, 8) FROM faulty_grades WHERE id = 2 AND proposition = 'apology'"),
+   'error:HTTP 400', 'a 400 is recorded as an error');
+is(psql_ok("SELECT apology IS NULL, judgement FROM faulty_features WHERE id = 2"), 't|0.3',
+   'the failed value stays NULL, the others are written');
+is(psql_ok("SELECT ideal IS NULL FROM faulty_features WHERE id = 2"), 't', 'no classes while a needed value is missing');
+is(psql_ok("SELECT round(ideal::numeric, 6) IS NOT NULL FROM faulty_features WHERE id = 1"), 't', 'classes for the complete row');
+is(psql_ok("SELECT errors FROM rbr.featurize_progress WHERE source = 'faulty'::regclass"), 1, 'progress counts the error');
+
+drop_db();
+done_testing();
