@@ -25,8 +25,10 @@ port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$log")
 url="http://127.0.0.1:$port/v1"
 
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS rbr_bench" -c "CREATE DATABASE rbr_bench"
-psql -X -q -At -d rbr_bench -c "CREATE EXTENSION rbr" \
-     -c "SELECT rbr_policy_load('ref', pg_read_file('$ref/policy.json')::jsonb)" >/dev/null
+psql -X -q -At -d rbr_bench -v spec="$(cat "$ref/policy.json")" >/dev/null <<'SQL'
+CREATE EXTENSION rbr;
+SELECT rbr_policy_load('ref', :'spec'::jsonb);
+SQL
 
 # Run SQL in one session; print "seconds cpu_seconds" of the last statement.
 timed() {

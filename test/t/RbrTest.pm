@@ -24,8 +24,12 @@ sub new_db {
     $DB = $name;
     system('psql', '-X', '-q', '-d', 'postgres', '-c', qq{DROP DATABASE IF EXISTS "$name"}) == 0 or die;
     system('psql', '-X', '-q', '-d', 'postgres', '-c', qq{CREATE DATABASE "$name"}) == 0 or die;
-    my $policy = REFERENCE . '/policy.json';
-    psql_ok(qq{CREATE EXTENSION rbr; SELECT rbr_policy_load('ref', pg_read_file('$policy')::jsonb)});
+    # read the policy here (the server's user may not be able to traverse the checkout)
+    open(my $fh, '<', REFERENCE . '/policy.json') or die "policy.json: $!";
+    my $policy = do { local $/; <$fh> };
+    close $fh;
+    die "unexpected quote tag in policy.json" if $policy =~ /\$rbrpolicy\$/;
+    psql_ok(qq{CREATE EXTENSION rbr; SELECT rbr_policy_load('ref', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)});
 }
 
 sub drop_db {
