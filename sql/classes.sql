@@ -112,3 +112,10 @@ SELECT rt, bool_and(array_length(f, 1) = array_length(rbr_feature_names('paper',
        bool_and(0 <= ALL (f) AND 1 >= ALL (f)) AS in_unit_interval
   FROM (SELECT rt, rbr_features('paper', rt, probs) f FROM random_probs) s
  GROUP BY rt ORDER BY rt;
+
+-- feature vectors read by name from a row of feature columns
+SELECT rbr_feature_vector('toy', 'answer', '{"id": 7, "verbose": 0.5, "fine": 0.25, "bad": 0.125, "good": 1, "extra": "x"}');
+SELECT rbr_feature_vector('toy', 'answer', '{"verbose": 0.5, "fine": null, "bad": 0.125}');
+SELECT rbr_feature_vector('toy', 'answer', '{"verbose": "high"}');
+SELECT rbr_feature_vector('toy', 'answer', '{"verbose": 2}');
+SELECT rbr_feature_vector('toy', 'answer', '[]');

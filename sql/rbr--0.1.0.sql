@@ -163,6 +163,13 @@ CREATE FUNCTION @extschema@.rbr_features(policy text, response_type text, probs 
     AS 'MODULE_PATHNAME', 'rbr_features'
     LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
+-- A response type's feature vector read by name from a row of feature
+-- columns (to_jsonb(f) of a <source>_features row); other keys are ignored,
+-- a missing or NULL feature gives a NULL element.
+CREATE FUNCTION @extschema@.rbr_feature_vector(policy text, response_type text, features_row jsonb) RETURNS float8[]
+    AS 'MODULE_PATHNAME', 'rbr_feature_vector'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
 -------------------------------------------------------------------------------
 -- Reward
 -------------------------------------------------------------------------------

@@ -463,3 +463,51 @@ rbr_features(PG_FUNCTION_ARGS)
 	rbr_features_compute(pol, rt, p, mode, out);
 	PG_RETURN_ARRAYTYPE_P(float8_array(out, rt->nfeatures));
 }
+
+PG_FUNCTION_INFO_V1(rbr_feature_vector);
+/*
+ * rbr_feature_vector(policy, response_type, features_row jsonb): the feature
+ * vector read by name from a row of feature columns, e.g. to_jsonb(f) of a
+ * <source>_features row; other keys are ignored, and a missing or NULL value
+ * gives a NULL element (rbr_fit skips such rows, rbr_reward returns NULL).
+ */
+Datum
+rbr_feature_vector(PG_FUNCTION_ARGS)
+{
+	RbrPolicy  *pol = rbr_policy_get(text_to_cstring(PG_GETARG_TEXT_PP(0)));
+	RbrRespType *rt = rbr_policy_resptype(pol, text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	Jsonb	   *row = PG_GETARG_JSONB_P(2);
+	Datum	   *d = palloc(sizeof(Datum) * (rt->nfeatures + 1));
+	bool	   *nulls = palloc0(sizeof(bool) * (rt->nfeatures + 1));
+	int			dims[1] = {rt->nfeatures};
+	int			lbs[1] = {1};
+
+	if (!JB_ROOT_IS_OBJECT(row))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("features row must be a JSON object"),
+				 errhint("Pass to_jsonb(f) of a row of the features table.")));
+	for (int f = 0; f < rt->nfeatures; f++)
+	{
+		const char *name = rbr_feature_name(pol, &rt->features[f]);
+		JsonbValue *v = getKeyJsonValueFromContainer(&row->root, name, strlen(name), NULL);
+
+		if (v == NULL || v->type == jbvNull)
+		{
+			nulls[f] = true;
+			continue;
+		}
+		if (v->type != jbvNumeric)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("feature \"%s\" must be a number, not %s", name,
+							v->type == jbvString ? "a string" : v->type == jbvBool ? "a boolean" : "a container")));
+		d[f] = DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric));
+		if (DatumGetFloat8(d[f]) < 0.0 || DatumGetFloat8(d[f]) > 1.0)
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("feature \"%s\" is %g, outside [0,1]", name, DatumGetFloat8(d[f]))));
+	}
+	PG_RETURN_ARRAYTYPE_P(construct_md_array(d, nulls, 1, dims, lbs, FLOAT8OID, sizeof(float8),
+											 FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
