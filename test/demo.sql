@@ -47,7 +47,6 @@ SELECT response_type, count(DISTINCT prompt_id) AS prompts, count(*) AS completi
 \echo
 \echo '== 3. Grade: one yes/no question per (completion, needed proposition), many in flight'
 SELECT current_setting('rbr.grader_url') AS grader_url, current_setting('rbr.grader_model') AS model;
-\set QUIET off
 SET client_min_messages = warning;
 CALL rbr_featurize('demo_completions', 'paper');
 RESET client_min_messages;
