@@ -4,7 +4,7 @@
 #   2. unit tests of the C numerics that need no server (test/unit)
 #   3. integration tests (test/t/*.t, run by prove): HTTP grading, faults,
 #      cancellation, crashes, concurrency, privileges
-# Prints one summary line "rbr tests: N passed, N failed" at the end.
+# Prints one summary line "tests: N passed, N failed" at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pgc=${RBR_PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -36,5 +36,5 @@ if compgen -G "test/t/*.t" >/dev/null; then
 fi
 
 rm -rf "$log"
-echo "rbr tests: $passed passed, $failed failed"
+echo "tests: $passed passed, $failed failed"
 [ "$failed" = 0 ]
