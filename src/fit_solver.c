@@ -1,53 +1,53 @@
 /*
  * fit_solver.c - exact (certified) and AdamW fitting of the RBR weights; see fit_solver.h.
  *
- * Notation.  For a pair p = (a better, b worse) and free weights w (fixed_zero coordinates removed):
- *   z_p = x_a - x_b,  b_p = m_p - (r_a - r_b),  t_p(w) = b_p - z_p.w = m_p - (s_a - s_b),
- *   F(w) = sum_p max(0, t_p(w)) + (rho/2)|w|^2   with rho = P * l2_used  (P times the objective).
+ * Notation.  For a pair p = (a better, b worse) and the free weights w (fixed_zero features removed):
+ *   z_p = x_a - x_b,  b_p = m_p - (r_a - r_b),  t_p(w) = b_p - z_p.w = m_p - (s_a - s_b),  h(t) = max(0, t),
+ *   F(w) = sum_p h(t_p(w)) + (rho/2)|w|^2,  rho = P * l2_used   (P times the objective).
  *
- * EXACT solver: a working-set method with a certified stop.
- *   - Around a centre w_c the pairs are split into a working set K (pairs near the kink, plus every pair
- *     the previous model got wrong), the pairs with t_p(w_c) > 0 (aggregated into one linear term
- *     -g.w, g = sum z_p) and the others (dropped).  The model
- *         R(w) = -g.w + sum_{k in K} max(0, t_k(w)) + (rho/2)|w|^2
- *     is a lower bound of F everywhere (h(t) >= t and h(t) >= 0) and equals F near w_c.
- *   - R is minimised exactly inside a box trust region by a dense primal-dual interior-point method
- *     (Mehrotra predictor-corrector; the Newton system is reduced to the d x d Schur complement in w,
- *     solved by Cholesky with a diagonal-shift fallback).
- *   - One pass over all pairs at the new point evaluates F, collects the pairs whose sign the model
- *     got wrong (they join K), the near-kink band of the new point, and a certificate: with
- *     alpha_p = [t_p > 0] outside K and the interior-point multipliers inside K (all in [0,1]) the dual
- *     function of F gives
- *         F(w) - min F <= sum_{k in K} (h(t_k) - alpha_k t_k) + |rho w - sum_p alpha_p z_p|^2 / (2 rho),
- *     a sum of non-negative terms, i.e. the KKT conditions checked on every pair.  The loop stops when
- *     this bound is below tol * F(w).
- *   - Trust region: a step that lowers F is accepted (and the box grows when it was binding); one that
- *     does not is rejected and the box shrinks; either way the model has become exact on more pairs.
- *   - Warm start: the same method on nested sub-samples of the groups (factor RBR_LEVEL_FACTOR each),
- *     the smallest solved with every pair in K.
- *   - Per pass, scores are computed per row (O(rows * d)) and each pair costs a few flops; aggregated
- *     vectors are formed as sum_rows coef_i x_i with integer per-row counts (exact).
- * Everything runs in a fixed order, so the result depends only on the input and the options.
+ * EXACT solver.
+ *   Pass.  One pass over the pairs at a point w computes the row scores (O(rows * d), reading x once),
+ *   then per pair t = m_a - s_a + s_b (a few flops): F(w), G = sum_{t > 0} z (per-row integer counts
+ *   times x, formed per group while its rows are in cache), the "band" (pairs with |t| below a width
+ *   chosen so that about `working_set` of them are kept), and the pairs whose sign changed relative to
+ *   the previous centre.
+ *   Model.  Around a centre w_c:  M(w) = -g.w + sum_{k in K} h(t_k(w)) + (rho/2)|w|^2 [+ (1/2) dw^T C dw],
+ *   g = G minus the z of the K pairs with t > 0 (the pairs outside K are taken as linear where t > 0
+ *   and as zero elsewhere), K = the band (+ pairs kept exactly).  It is minimised inside a box trust
+ *   region by a dense primal-dual interior-point method (Mehrotra predictor-corrector; the Newton
+ *   system is reduced to the d x d Schur complement in w and solved by Cholesky with a diagonal-shift
+ *   fallback).  First an approach phase adds the curvature term C = sum_band z z^T / (2 delta), a
+ *   kernel estimate of how the kinks of all the other pairs bend F (Newton-like steps from far away);
+ *   then an exact phase drops it and keeps every pair a model got wrong: that model is a lower bound
+ *   of F, equal to F wherever no pair outside K changes sign.  Details at solve_level.
+ *   Certificate.  For any alpha in [0,1]^P, F(w) - min F <= F(w) - D(alpha) with D the Lagrange dual;
+ *   with alpha_p = [t_p > 0] outside K and the interior-point multipliers in K,
+ *       F(w) - min F <= sum_{k in K} (h(t_k) - alpha_k t_k) + |rho w - sum_p alpha_p z_p|^2 / (2 rho),
+ *   a sum of non-negative terms (the KKT conditions checked on every pair), computed in the pass.
+ *   The solver stops when it is below tol * max(objective, RBR_OBJ_FLOOR) (objective per pair).
+ *   Warm start.  The same method on nested hashed sub-samples of the groups (1/64, 1/4096, ...); the
+ *   smallest is solved with every pair in K.  A level needs about 5-7 passes; the sub-levels cost a
+ *   fraction of a full pass.
+ *   Everything runs in a fixed order: the result depends only on the input and the options.
+ *
+ * ADAMW: full-batch AdamW on the mean hinge (the released fitter); one pass per step.
  */
 #include "fit_solver.h"
 
 #include <math.h>
 #include <string.h>
-#ifdef RBR_FIT_DEBUG
-#include <stdio.h>
-#define DBG(...) fprintf(stderr, __VA_ARGS__)
-#else
-#define DBG(...) ((void)0)
-#endif
 
-#define RBR_CHECK_EVERY 65536   /* pair evaluations (or equivalent work) between interrupt checks */
-#define RBR_MAX_D 1024          /* dense d x d algebra: keep d small */
-#define RBR_IPM_MAXIT 120       /* interior-point iterations per model solve */
-#define RBR_LEVEL_FACTOR 16     /* group sub-sampling factor between warm-start levels */
+#define RBR_CHECK_EVERY 65536  /* pair evaluations (or equivalent work) between interrupt checks */
+#define RBR_MAX_D 1024         /* the model algebra is dense in d: keep d small */
+#define RBR_DEFAULT_WS 4096    /* automatic working set: pairs in the band of the approach phase */
+#define RBR_EXACT_WS_FACTOR 4  /* the exact phase's band may hold this many times the working set */
+#define RBR_LEVEL_FACTOR 64    /* group sub-sampling factor between warm-start levels */
 #define RBR_MAX_LEVELS 8
-#define RBR_DEFAULT_WS 4096     /* automatic working-set (band) target */
-#define RBR_SUBLEVEL_TOL 1e-6   /* relative gap enough for a warm start */
+#define RBR_SUBLEVEL_TOL 1e-3  /* relative gap that is enough for a warm start */
 #define RBR_SUBLEVEL_MAXIT 30
+#define RBR_QSWITCH 4.0        /* approach phase ends when the step moves t by < QSWITCH band widths */
+#define RBR_IPM_MAXIT 120      /* interior-point iterations per model solve */
+#define RBR_OBJ_FLOOR 1e-6     /* relative gaps are taken against max(objective, this) */
 #define RBR_NO_NUM INT64_MIN
 
 /* ------------------------------------------------------------------ context, memory, errors */
@@ -286,6 +286,7 @@ static int validate_common(Ctx *c, const RbrFitData *data, const RbrFitOptions *
         for (j = 0; j < data->d; j++)
             if (!isfinite(data->x[i * data->d + j]))
                 return fail(c, RBR_FIT_EINVAL, "a feature of row ", i, " is not finite");
+        ctx_work(c, data->d / 8 + 1);
     }
     if (!isfinite(o->margin) || o->margin < 0)
         return fail(c, RBR_FIT_EINVAL, "margin must be finite and non-negative", RBR_NO_NUM, "");
@@ -294,8 +295,8 @@ static int validate_common(Ctx *c, const RbrFitData *data, const RbrFitOptions *
     for (j = 0; j < o->n_tier_margin; j++)
         if (!isnan(o->tier_margin[j]) && (!isfinite(o->tier_margin[j]) || o->tier_margin[j] < 0))
             return fail(c, RBR_FIT_EINVAL, "the margin of tier ", j, " must be NaN or finite and non-negative");
-    if (!isfinite(o->l2) || o->l2 < 0)
-        return fail(c, RBR_FIT_EINVAL, "l2 must be finite and non-negative", RBR_NO_NUM, "");
+    if (!(o->l2 >= 0 && o->l2 <= 1e12))
+        return fail(c, RBR_FIT_EINVAL, "l2 must be between 0 and 1e12", RBR_NO_NUM, "");
     return RBR_FIT_OK;
 }
 
@@ -308,8 +309,8 @@ static int validate_solver(Ctx *c, const RbrFitOptions *o)
             return fail(c, RBR_FIT_EINVAL, "tol must be positive", RBR_NO_NUM, "");
         if (o->max_iter < 1)
             return fail(c, RBR_FIT_EINVAL, "max_iter must be at least 1", RBR_NO_NUM, "");
-        if (!(o->l2_tiebreak > 0) || !isfinite(o->l2_tiebreak))
-            return fail(c, RBR_FIT_EINVAL, "l2_tiebreak must be positive", RBR_NO_NUM, "");
+        if (!(o->l2_tiebreak > 0 && o->l2_tiebreak <= 1e12))
+            return fail(c, RBR_FIT_EINVAL, "l2_tiebreak must be positive (at most 1e12)", RBR_NO_NUM, "");
         if (o->working_set < 0)
             return fail(c, RBR_FIT_EINVAL, "working_set must be 0 (automatic) or positive", RBR_NO_NUM, "");
     }
@@ -514,12 +515,15 @@ typedef struct PairRef
     double t;
 } PairRef;
 
-/* The near-kink band: every pair with |t| <= delta; delta halves whenever the buffer is full. */
+/* The band: every pair with z != 0 and |t| <= min(delta, range), at most cap of them.  delta starts
+ * infinite (it stays so when every candidate fits), becomes the largest |t| held when the buffer first
+ * overflows, and halves whenever the buffer is full. */
 typedef struct Band
 {
     int64_t n, cap;
     PairRef *e;
     double delta;
+    double range;
 } Band;
 
 /* Pairs whose sign differs from the model's (the first cap are kept, total counts all). */
@@ -536,13 +540,16 @@ typedef struct PassOut
     int64_t npairs, ncorrect, nzero;
 } PassOut;
 
-/* The working set: pairs modelled individually, sorted by id, with z, b and multipliers. */
+/* The working set: pairs modelled individually, sorted by id, with z (free features), b, the model's
+ * multiplier, and whether the pair stays when the centre moves (pairs the model once got wrong, and
+ * every pair at the base level) or is only part of the current band. */
 typedef struct KSet
 {
     int64_t m, cap;
     int n;
     int64_t *id, *pa, *pb;
     double *b, *z, *alpha;
+    uint8_t *keep;
 } KSet;
 
 /* Score (base + w.x) of the row at position pos. */
@@ -550,15 +557,23 @@ static inline double row_score(const Prep *pr, const double *wfull, int64_t pos)
 {
     const int d = pr->d;
     const double *xr;
-    double s = 0;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     int j;
 
     if (d == 0)
         return pr->rb[pos];
     xr = pr->data->x + pr->perm[pos] * d;
-    for (j = 0; j < d; j++)
-        s += wfull[j] * xr[j];
-    return pr->rb[pos] + s;
+    /* four independent sums: the loop is bound by the latency of the additions otherwise */
+    for (j = 0; j + 4 <= d; j += 4)
+    {
+        s0 += wfull[j] * xr[j];
+        s1 += wfull[j + 1] * xr[j + 1];
+        s2 += wfull[j + 2] * xr[j + 2];
+        s3 += wfull[j + 3] * xr[j + 3];
+    }
+    for (; j < d; j++)
+        s0 += wfull[j] * xr[j];
+    return pr->rb[pos] + ((s0 + s1) + (s2 + s3));
 }
 
 /* Whether the two positions have equal free features (z = 0: the pair's loss does not depend on w). */
@@ -577,10 +592,19 @@ static bool pair_z_zero(const Prep *pr, int64_t pa, int64_t pb)
     return true;
 }
 
-/* Add a pair to the band, halving the band's width while the buffer is full. */
+/* Empty the band before a pass. */
+static void band_reset(Band *bd, double delta0, double range, int64_t cap)
+{
+    bd->n = 0;
+    bd->delta = delta0;
+    bd->range = range;
+    bd->cap = cap;
+}
+
+/* Add a pair with |t| <= min(delta, range) to the band, halving delta while the buffer is full. */
 static void band_add(const Prep *pr, Band *bd, int64_t id, int64_t pa, int64_t pb, double t)
 {
-    double at = fabs(t);
+    const double at = fabs(t);
 
     if (pair_z_zero(pr, pa, pb))
         return;
@@ -590,6 +614,13 @@ static void band_add(const Prep *pr, Band *bd, int64_t id, int64_t pa, int64_t p
 
         if (bd->delta == 0.0)
             return;
+        if (isinf(bd->delta))
+        {
+            /* first overflow: start from the widest residual held */
+            bd->delta = at;
+            for (i = 0; i < bd->n; i++)
+                bd->delta = fmax(bd->delta, fabs(bd->e[i].t));
+        }
         bd->delta *= 0.5;
         for (i = 0; i < bd->n; i++)
             if (fabs(bd->e[i].t) <= bd->delta)
@@ -605,17 +636,56 @@ static void band_add(const Prep *pr, Band *bd, int64_t id, int64_t pa, int64_t p
     bd->n++;
 }
 
+/* G += sum over the positions [s, e) of coef[pos] * x_free(pos), summed per group first (part). */
+static void group_gradient(const Prep *pr, int64_t s, int64_t e, const double *coef, double *G, double *part)
+{
+    const int n = pr->n, d = pr->d;
+    int64_t pos;
+    int j;
+
+    for (j = 0; j < n; j++)
+        part[j] = 0;
+    for (pos = s; pos < e; pos++)
+    {
+        const double cf = coef[pos];
+        const double *xr;
+
+        if (cf == 0)
+            continue;
+        xr = pr->data->x + pr->perm[pos] * d;
+        if (n == d)
+            for (j = 0; j < n; j++)
+                part[j] += cf * xr[j];
+        else
+            for (j = 0; j < n; j++)
+                part[j] += cf * xr[pr->freeidx[j]];
+    }
+    for (j = 0; j < n; j++)
+        G[j] += part[j];
+}
+
 /*
  * One pass over the pairs of a view at the weights wfull: scores into S, totals into out, and
- * optionally per-row counts of the pairs with t > 0 (coef: +1 better side, -1 worse side), the band
- * of near-kink pairs, and the pairs outside K whose sign differs from the one at the scores Sref.
+ * optionally G = sum of z over the pairs with t > 0 (formed per group from per-row counts in the
+ * scratch coef, +1 better side, -1 worse side, while the group's rows are in cache; part is n
+ * scratch), the band, and the pairs outside K whose sign differs from the one at the scores Sref.
  */
-static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull, double *S, double *coef,
-                     const double *Sref, const KSet *K, Band *band, MisBuf *mis, PassOut *out)
+static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull, double *S, double *G,
+                     double *coef, double *part, const double *Sref, const KSet *K, Band *band, MisBuf *mis,
+                     PassOut *out)
 {
-    int64_t gi, p = 0, ki = 0, ncor = 0, nzero = 0;
+    const int64_t km = K ? K->m : 0;
+    const int64_t *kid = K ? K->id : NULL;
+    const uint8_t *kkeep = K ? K->keep : NULL;
+    int64_t gi, p = 0, ki = 0, ncor = 0, nzero = 0, nextk = km > 0 ? kid[0] : INT64_MAX;
     double hinge = 0;
+    int j;
 
+    if (G)
+        for (j = 0; j < pr->n; j++)
+            G[j] = 0;
+    else
+        coef = NULL;
     for (gi = 0; gi < v->ng; gi++)
     {
         const int64_t g = v->g[gi], s = pr->gs[g], e = pr->gs[g + 1];
@@ -633,48 +703,52 @@ static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull,
             const double sa = S[pos], ma = pr->mb[pos] - sa;
             const double mr = Sref ? pr->mb[pos] - Sref[pos] : 0;
             double cpos = 0;
+            double thr = band ? fmin(band->delta, band->range) : -1.0;
 
             if (q0 >= e)
                 break; /* sorted by tier: no later position has a worse partner */
             for (q = q0; q < e; q++, p++)
             {
-                const double t = ma + S[q];
+                const double sq = S[q];
+                const double t = ma + sq;
+                const int pos_t = t > 0;
+                bool inK = false, kept = false;
 
-                if (t > 0)
+                hg += pos_t ? t : 0.0;
+                nzero += !pos_t;
+                ncor += sa > sq;
+                if (coef)
                 {
-                    hg += t;
-                    if (coef)
-                    {
-                        cpos += 1;
-                        coef[q] -= 1;
-                    }
+                    cpos += pos_t;
+                    coef[q] -= pos_t;
                 }
-                else
-                    nzero++;
-                if (sa > S[q])
-                    ncor++;
-                if (band && fabs(t) <= band->delta)
+                if (p == nextk)
+                {
+                    inK = true;
+                    kept = kkeep[ki] != 0;
+                    nextk = ++ki < km ? kid[ki] : INT64_MAX;
+                }
+                /* kept pairs are in the model already */
+                if (fabs(t) <= thr && !kept)
+                {
                     band_add(pr, band, p, pos, q, t);
+                    thr = fmin(band->delta, band->range);
+                }
                 if (mis)
                 {
-                    while (ki < K->m && K->id[ki] < p)
-                        ki++;
-                    if (!(ki < K->m && K->id[ki] == p))
-                    {
-                        const double tr = mr + Sref[q];
+                    const double tr = mr + Sref[q];
 
-                        if ((tr > 0 && t < 0) || (tr <= 0 && t > 0))
+                    if (!inK && ((tr > 0 && t < 0) || (tr <= 0 && t > 0)))
+                    {
+                        if (mis->n < mis->cap)
                         {
-                            if (mis->n < mis->cap)
-                            {
-                                mis->e[mis->n].id = p;
-                                mis->e[mis->n].pa = pos;
-                                mis->e[mis->n].pb = q;
-                                mis->e[mis->n].t = t;
-                                mis->n++;
-                            }
-                            mis->total++;
+                            mis->e[mis->n].id = p;
+                            mis->e[mis->n].pa = pos;
+                            mis->e[mis->n].pb = q;
+                            mis->e[mis->n].t = t;
+                            mis->n++;
                         }
+                        mis->total++;
                     }
                 }
             }
@@ -682,6 +756,8 @@ static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull,
                 coef[pos] += cpos;
             ctx_work(c, e - q0);
         }
+        if (coef)
+            group_gradient(pr, s, e, coef, G, part);
         hinge += hg;
         ctx_work(c, (e - s) / 4 + 1);
     }
@@ -690,43 +766,6 @@ static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull,
     out->npairs = p;
     out->ncorrect = ncor;
     out->nzero = nzero;
-}
-
-/* G = sum over the view's positions of coef[pos] * x_free(pos). */
-static void coef_times_x(Ctx *c, const Prep *pr, const View *v, const double *coef, double *G, double *part)
-{
-    const int n = pr->n, d = pr->d;
-    int64_t gi;
-    int j;
-
-    for (j = 0; j < n; j++)
-        G[j] = 0;
-    for (gi = 0; gi < v->ng; gi++)
-    {
-        const int64_t g = v->g[gi];
-        int64_t pos;
-
-        for (j = 0; j < n; j++)
-            part[j] = 0;
-        for (pos = pr->gs[g]; pos < pr->gs[g + 1]; pos++)
-        {
-            const double cf = coef[pos];
-            const double *xr;
-
-            if (cf == 0)
-                continue;
-            xr = pr->data->x + pr->perm[pos] * d;
-            if (n == d)
-                for (j = 0; j < n; j++)
-                    part[j] += cf * xr[j];
-            else
-                for (j = 0; j < n; j++)
-                    part[j] += cf * xr[pr->freeidx[j]];
-        }
-        for (j = 0; j < n; j++)
-            G[j] += part[j];
-        ctx_work(c, (pr->gs[g + 1] - pr->gs[g]) / 4 + 1);
-    }
 }
 
 /* ------------------------------------------------------------------ working set */
@@ -758,40 +797,49 @@ static void kset_clear(Ctx *c, KSet *K)
     ctx_free(c, K->b);
     ctx_free(c, K->z);
     ctx_free(c, K->alpha);
+    ctx_free(c, K->keep);
     K->id = K->pa = K->pb = NULL;
     K->b = K->z = K->alpha = NULL;
+    K->keep = NULL;
     K->m = K->cap = 0;
 }
 
-/* Merge the id-sorted refs e[0..ne) into K (duplicates skipped), computing z and b of new pairs. */
-static int kset_merge(Ctx *c, const Prep *pr, KSet *K, const PairRef *e, int64_t ne)
+/* Merge the id-sorted refs e[0..ne) into K (a pair present already is not duplicated), computing z
+ * and b of the new pairs; keep marks the merged pairs as staying. */
+static int kset_merge(Ctx *c, const Prep *pr, KSet *K, const PairRef *e, int64_t ne, bool keep)
 {
     const int n = K->n;
     int64_t i = 0, j = 0, m = 0, cap;
     int64_t *id, *pa, *pb;
     double *b, *z, *al;
+    uint8_t *kp;
 
     if (ne == 0)
         return RBR_FIT_OK;
     cap = K->m + ne;
     if (!(id = ctx_alloc(c, (size_t)cap, sizeof(int64_t))) || !(pa = ctx_alloc(c, (size_t)cap, sizeof(int64_t))) ||
         !(pb = ctx_alloc(c, (size_t)cap, sizeof(int64_t))) || !(b = ctx_alloc(c, (size_t)cap, sizeof(double))) ||
-        !(z = ctx_alloc(c, (size_t)cap * (size_t)(n > 0 ? n : 1), sizeof(double))) ||
-        !(al = ctx_alloc(c, (size_t)cap, sizeof(double))))
+        !(z = ctx_alloc(c, (size_t)cap, (size_t)(n > 0 ? n : 1) * sizeof(double))) ||
+        !(al = ctx_alloc(c, (size_t)cap, sizeof(double))) || !(kp = ctx_alloc(c, (size_t)cap, sizeof(uint8_t))))
         return oom(c);
     while (i < K->m || j < ne)
     {
         if (j >= ne || (i < K->m && K->id[i] <= e[j].id))
         {
-            if (j < ne && K->id[i] == e[j].id)
-                j++;
             id[m] = K->id[i];
             pa[m] = K->pa[i];
             pb[m] = K->pb[i];
             b[m] = K->b[i];
             al[m] = K->alpha[i];
+            kp[m] = K->keep[i];
             if (n > 0)
                 memcpy(z + m * n, K->z + i * n, (size_t)n * sizeof(double));
+            if (j < ne && K->id[i] == e[j].id)
+            {
+                if (keep)
+                    kp[m] = 1;
+                j++;
+            }
             i++;
         }
         else
@@ -801,6 +849,7 @@ static int kset_merge(Ctx *c, const Prep *pr, KSet *K, const PairRef *e, int64_t
             pb[m] = e[j].pb;
             pair_fill(pr, e[j].pa, e[j].pb, z + m * n, &b[m]);
             al[m] = 0.5;
+            kp[m] = keep ? 1 : 0;
             j++;
         }
         m++;
@@ -812,9 +861,33 @@ static int kset_merge(Ctx *c, const Prep *pr, KSet *K, const PairRef *e, int64_t
     K->b = b;
     K->z = z;
     K->alpha = al;
+    K->keep = kp;
     K->m = m;
     K->cap = cap;
     return RBR_FIT_OK;
+}
+
+/* Remove the band pairs (not kept) from K. */
+static void kset_drop_unkept(KSet *K)
+{
+    const int n = K->n;
+    int64_t k, m = 0;
+
+    for (k = 0; k < K->m; k++)
+    {
+        if (!K->keep[k])
+            continue;
+        K->id[m] = K->id[k];
+        K->pa[m] = K->pa[k];
+        K->pb[m] = K->pb[k];
+        K->b[m] = K->b[k];
+        K->alpha[m] = K->alpha[k];
+        K->keep[m] = 1;
+        if (n > 0 && m != k)
+            memmove(K->z + m * n, K->z + k * n, (size_t)n * sizeof(double));
+        m++;
+    }
+    K->m = m;
 }
 
 /* In-place heap sort of doubles (ascending). */
@@ -868,21 +941,25 @@ static void heapsort_d(double *a, int64_t len)
     }
 }
 
-/* Keep the `keep` entries of K closest to the kink at the scores S (ties in id order). */
-static int kset_prune(Ctx *c, const Prep *pr, KSet *K, const double *S, int64_t keep)
+/* Keep at most `keep` entries of K, those closest to the kink at the scores S and with |t| <= maxabs
+ * (ties in id order). */
+static int kset_prune(Ctx *c, const Prep *pr, KSet *K, const double *S, int64_t keep, double maxabs)
 {
     const int n = K->n;
     double *key, thr;
     int64_t k, m = 0, nbelow = 0, eqroom;
 
-    if (K->m <= keep)
-        return RBR_FIT_OK;
-    if (!(key = ctx_alloc(c, (size_t)K->m, sizeof(double))))
+    if (!(key = ctx_alloc(c, (size_t)(K->m > 0 ? K->m : 1), sizeof(double))))
         return oom(c);
     for (k = 0; k < K->m; k++)
         key[k] = fabs(kset_t(pr, K, k, S));
     heapsort_d(key, K->m);
-    thr = key[keep - 1];
+    thr = K->m > keep ? key[keep - 1] : (K->m > 0 ? key[K->m - 1] : 0.0);
+    if (thr > maxabs)
+    {
+        thr = maxabs;
+        keep = K->m;
+    }
     for (k = 0; k < K->m; k++)
         if (fabs(kset_t(pr, K, k, S)) < thr)
             nbelow++;
@@ -898,6 +975,7 @@ static int kset_prune(Ctx *c, const Prep *pr, KSet *K, const double *S, int64_t 
             K->pb[m] = K->pb[k];
             K->b[m] = K->b[k];
             K->alpha[m] = K->alpha[k];
+            K->keep[m] = K->keep[k];
             if (n > 0 && m != k)
                 memmove(K->z + m * n, K->z + k * n, (size_t)n * sizeof(double));
             m++;
@@ -910,8 +988,9 @@ static int kset_prune(Ctx *c, const Prep *pr, KSet *K, const double *S, int64_t 
 
 /* ------------------------------------------------------------------ dense algebra */
 
-/* Cholesky H + shift*I = L L^T (row-major, lower); 0 on success, -1 on a pivot <= floor. */
-static int chol_try(const double *H, double *L, int n, double shift, double floor)
+/* Cholesky of the Jacobi-scaled matrix: diag(sc) H diag(sc) + shift I = L L^T (row-major, lower);
+ * 0 on success, -1 on a pivot <= floor. */
+static int chol_try(const double *H, const double *sc, double *L, int n, double shift, double floor)
 {
     int i, j, k;
 
@@ -919,7 +998,7 @@ static int chol_try(const double *H, double *L, int n, double shift, double floo
     {
         for (j = 0; j <= i; j++)
         {
-            double s = H[i * n + j] + (i == j ? shift : 0.0);
+            double s = H[i * n + j] * sc[i] * sc[j] + (i == j ? shift : 0.0);
 
             for (k = 0; k < j; k++)
                 s -= L[i * n + k] * L[j * n + k];
@@ -936,34 +1015,38 @@ static int chol_try(const double *H, double *L, int n, double shift, double floo
     return 0;
 }
 
-/* Factor the SPD matrix H, adding a growing diagonal shift if it is (numerically) singular; returns
- * false when even a large shift fails (NaN input). */
-static bool chol_factor(const double *H, double *L, int n)
+/* Factor the symmetric positive (semi-)definite H: scale it to a unit diagonal (sc = diag^-1/2, so that
+ * thresholds are relative per coordinate), then Cholesky, adding a growing diagonal shift if it is
+ * numerically singular; false when even a large shift fails (non-finite input). */
+static bool chol_factor(const double *H, double *L, double *sc, int n)
 {
-    double maxd = 0, shift;
+    double shift;
     int i, tries;
 
     for (i = 0; i < n; i++)
-        if (fabs(H[i * n + i]) > maxd)
-            maxd = fabs(H[i * n + i]);
-    if (!(maxd > 0))
-        maxd = 1;
-    if (!isfinite(maxd))
-        return false;
-    if (chol_try(H, L, n, 0.0, 1e-15 * maxd) == 0)
+    {
+        const double dg = H[i * n + i];
+
+        if (!isfinite(dg))
+            return false;
+        sc[i] = dg > 0 ? 1.0 / sqrt(dg) : 1.0;
+    }
+    if (chol_try(H, sc, L, n, 0.0, 1e-14) == 0)
         return true;
-    shift = 1e-13 * maxd;
-    for (tries = 0; tries < 12; tries++, shift *= 100)
-        if (chol_try(H, L, n, shift, 1e-15 * maxd) == 0)
+    shift = 1e-12;
+    for (tries = 0; tries < 12; tries++, shift *= 10)
+        if (chol_try(H, sc, L, n, shift, 1e-14) == 0)
             return true;
     return false;
 }
 
-/* Solve L L^T x = x in place. */
-static void chol_solve(const double *L, int n, double *x)
+/* Solve H x = x in place with the factor of chol_factor. */
+static void chol_solve(const double *L, const double *sc, int n, double *x)
 {
     int i, k;
 
+    for (i = 0; i < n; i++)
+        x[i] *= sc[i];
     for (i = 0; i < n; i++)
     {
         double s = x[i];
@@ -980,6 +1063,8 @@ static void chol_solve(const double *L, int n, double *x)
             s -= L[k * n + i] * x[k];
         x[i] = s / L[i * n + i];
     }
+    for (i = 0; i < n; i++)
+        x[i] *= sc[i];
 }
 
 /* Dot product of length n. */
@@ -1000,15 +1085,15 @@ typedef struct IpmWs
 {
     int64_t cap;
     double *u, *s, *a, *bt, *th, *rs, *ru, *ds, *du, *da, *db;
-    double *H, *L, *rw, *rhs, *dw, *dwa, *yl, *yh, *dyl, *dyh, *dyla, *dyha, *p, *q;
+    double *H, *L, *sc, *rw, *rhs, *dw, *dwa, *yl, *yh, *dyl, *dyh, *dyla, *dyha, *p, *q;
 } IpmWs;
 
 /* Make sure the interior-point work arrays hold m pairs and n weights. */
 static int ipm_reserve(Ctx *c, IpmWs *ws, int64_t m, int n)
 {
     double **pp[] = {&ws->u, &ws->s, &ws->a, &ws->bt, &ws->th, &ws->rs, &ws->ru, &ws->ds, &ws->du, &ws->da, &ws->db};
-    double **pn[] = {&ws->rw, &ws->rhs, &ws->dw, &ws->dwa, &ws->yl, &ws->yh, &ws->dyl, &ws->dyh, &ws->dyla,
-                     &ws->dyha, &ws->p, &ws->q};
+    double **pn[] = {&ws->sc, &ws->rw, &ws->rhs, &ws->dw, &ws->dwa, &ws->yl, &ws->yh, &ws->dyl, &ws->dyh,
+                     &ws->dyla, &ws->dyha, &ws->p, &ws->q};
     size_t i;
 
     if (!ws->H)
@@ -1036,14 +1121,18 @@ static int ipm_reserve(Ctx *c, IpmWs *ws, int64_t m, int n)
 /*
  * Minimise  -g.w + sum_k max(0, b_k - z_k.w) + (rho/2)|w|^2  (over lo <= w <= hi when lo != NULL)
  * by Mehrotra's predictor-corrector on
- *     min -g.w + sum u + (rho/2)|w|^2   s.t.  s = Z w + u - b >= 0,  u >= 0,  w - lo >= 0,  hi - w >= 0
+ *     min -g.w + sum u + (rho/2)|w|^2   s.t.  s = Z w + u - b >= 0,  u >= 0,  lo <= w <= hi
  * with multipliers alpha (on s), beta (on u; alpha + beta = 1 at optimality), yl, yh.  Eliminating the
  * per-pair unknowns leaves the n x n system (rho I + Z^T diag(theta) Z + diag(yl/p + yh/q)) dw = rhs,
  * theta_k = 1 / (u_k/beta_k + s_k/alpha_k).  w is the start (strictly inside the box) and the result;
- * K->alpha receives the multipliers (clamped to [0,1]).
+ * With Cq (n x n, positive semi-definite) the objective has (1/2)(w - wq)^T Cq (w - wq) added.
+ * K->alpha receives the multipliers (clamped to [0, 1]).  It stops when the two parts of the
+ * certificate it controls, the complementarity and |r_w|^2 / (2 rho) (r_w the stationarity residual),
+ * are each below acc * max(fscale, model objective), and the primal residuals are small.
  */
-static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, const double *lo,
-                     const double *hi, double *w, int *iters_out)
+static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, const double *Cq,
+                     const double *wq, const double *lo, const double *hi, double acc, double fscale, double *w,
+                     int *iters_out)
 {
     const int n = K->n;
     const int64_t m = K->m;
@@ -1056,7 +1145,7 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
     double *H = ws->H, *L = ws->L, *rw = ws->rw, *rhs = ws->rhs, *dw = ws->dw, *dwa = ws->dwa;
     double *yl = ws->yl, *yh = ws->yh, *dyl = ws->dyl, *dyh = ws->dyh, *dyla = ws->dyla, *dyha = ws->dyha;
     double *p = ws->p, *q = ws->q;
-    double gmax = 0, bmax = 0, zmax = 0;
+    double bmax = 0, zmax = 0;
     int64_t k;
     int i, j, it;
 
@@ -1073,8 +1162,6 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
             w[j] = g[j] / rho;
         return RBR_FIT_OK;
     }
-    for (j = 0; j < n; j++)
-        gmax = fmax(gmax, fabs(g[j]));
     for (k = 0; k < m; k++)
     {
         const double tk = B[k] - dotn(Z + k * n, w, n);
@@ -1102,7 +1189,7 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
 
     for (it = 0; it < RBR_IPM_MAXIT; it++)
     {
-        double comp = 0, pobj, nrw = 0, nrs = 0, nru = 0, mu, wmax = 0, smu = 0, step, stepa, mua, sigma;
+        double comp = 0, pobj, nrs = 0, nru = 0, mu, wmax = 0, smu = 0, step, stepa, mua, sigma;
         int pass;
 
         /* residuals and convergence */
@@ -1112,6 +1199,19 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
             wmax = fmax(wmax, fabs(w[j]));
         }
         pobj = (rho / 2) * dotn(w, w, n) - dotn(g, w, n);
+        if (Cq)
+        {
+            /* dw (free here) holds w - wq */
+            for (j = 0; j < n; j++)
+                dw[j] = w[j] - wq[j];
+            for (i = 0; i < n; i++)
+            {
+                const double cv = dotn(Cq + i * n, dw, n);
+
+                rw[i] += cv;
+                pobj += 0.5 * dw[i] * cv;
+            }
+        }
         for (k = 0; k < m; k++)
         {
             const double *zk = Z + k * n;
@@ -1128,15 +1228,19 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
         if (box)
             for (j = 0; j < n; j++)
                 comp += p[j] * yl[j] + q[j] * yh[j];
-        for (j = 0; j < n; j++)
-            nrw = fmax(nrw, fabs(rw[j]));
         mu = comp / nc;
         ctx_work(c, m * n / 8 + 1);
-        if (comp <= 1e-14 * (1.0 + fabs(pobj)) &&
-            nrw <= 1e-13 * (1.0 + gmax + rho * wmax + (double)m * zmax) &&
-            nrs <= 1e-13 * (1.0 + bmax + zmax * wmax) && nru <= 1e-13)
-            break;
-        if (!isfinite(comp) || !isfinite(nrw))
+        {
+            const double target = acc * fmax(fscale, fabs(pobj));
+            double rw2 = 0;
+
+            for (j = 0; j < n; j++)
+                rw2 += rw[j] * rw[j];
+            if (comp <= target && rw2 / (2 * rho) <= target && nrs <= 10 * acc * (1.0 + bmax + zmax * wmax) &&
+                nru <= 10 * acc)
+                break;
+        }
+        if (!isfinite(comp) || !isfinite(dotn(rw, rw, n)))
             return fail(c, RBR_FIT_ENUMERIC, "the interior-point solver diverged", RBR_NO_NUM, "");
         *iters_out = it + 1;
 
@@ -1144,14 +1248,29 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
         for (i = 0; i < n * n; i++)
             H[i] = 0;
         for (k = 0; k < m; k++)
+            th[k] = 1.0 / (u[k] / bt[k] + s[k] / a[k]);
+        for (k = 0; k + 4 <= m; k += 4)
         {
-            const double *zk = Z + k * n;
-            const double tk = 1.0 / (u[k] / bt[k] + s[k] / a[k]);
+            /* four pairs at a time: H is read and written once per block */
+            const double *z0 = Z + k * n, *z1 = z0 + n, *z2 = z1 + n, *z3 = z2 + n;
 
-            th[k] = tk;
             for (i = 0; i < n; i++)
             {
-                const double zi = tk * zk[i];
+                const double a0 = th[k] * z0[i], a1 = th[k + 1] * z1[i], a2 = th[k + 2] * z2[i],
+                             a3 = th[k + 3] * z3[i];
+                double *Hi = H + i * n;
+
+                for (j = 0; j <= i; j++)
+                    Hi[j] += a0 * z0[j] + a1 * z1[j] + a2 * z2[j] + a3 * z3[j];
+            }
+        }
+        for (; k < m; k++)
+        {
+            const double *zk = Z + k * n;
+
+            for (i = 0; i < n; i++)
+            {
+                const double zi = th[k] * zk[i];
                 double *Hi = H + i * n;
 
                 for (j = 0; j <= i; j++)
@@ -1164,7 +1283,10 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
                 H[j * n + i] = H[i * n + j];
             H[i * n + i] += rho + (box ? yl[i] / p[i] + yh[i] / q[i] : 0.0);
         }
-        if (!chol_factor(H, L, n))
+        if (Cq)
+            for (i = 0; i < n * n; i++)
+                H[i] += Cq[i];
+        if (!chol_factor(H, L, ws->sc, n))
             return fail(c, RBR_FIT_ENUMERIC, "the interior-point Newton system is not factorisable", RBR_NO_NUM, "");
 
         /* pass 0: affine (targets 0); pass 1: combined (targets sigma mu - second-order terms) */
@@ -1196,7 +1318,7 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
                     rhs[j] += te * zk[j];
             }
             memcpy(dwp, rhs, (size_t)n * sizeof(double));
-            chol_solve(L, n, dwp);
+            chol_solve(L, ws->sc, n, dwp);
             for (k = 0; k < m; k++)
             {
                 const double ts = corr ? smu - ds[k] * da[k] : 0.0;
@@ -1296,16 +1418,17 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
 /* Solver state shared by the levels. */
 typedef struct Work
 {
-    double *Sc, *Sn, *coefc, *coefn; /* per position: scores and t > 0 counts, centre and new point */
+    double *Sc, *Sn; /* per position: scores at the centre and at the new point */
+    double *coef;    /* per position scratch: counts of the pairs with t > 0 */
     double *wfull;                   /* d */
     double *wc, *wn, *Gc, *Gn, *gv, *lo, *hi, *part; /* n */
+    double *C;     /* n x n: curvature estimate of the approach phase */
     KSet K;
     IpmWs ipm;
     Band band;
     MisBuf mis;
     int64_t ws; /* working-set (band) target */
     double l2u;
-    double band0; /* initial band width */
 } Work;
 
 /* What a level returns. */
@@ -1376,10 +1499,78 @@ static void swap_ptr(double **a, double **b)
     *b = t;
 }
 
+/* The stopping test: certified gap <= tol * max(objective, RBR_OBJ_FLOOR). */
+static bool gap_ok(double gap, double obj, double tol)
+{
+    return gap <= tol * fmax(obj, RBR_OBJ_FLOOR);
+}
+
+/* Accuracy of the model solves for a level tolerance: a tenth of it, within [1e-14, 1e-7]. */
+static double ipm_acc(double tol)
+{
+    return fmin(1e-7, fmax(1e-14, 0.1 * tol));
+}
+
+/* Curvature estimate of the approach phase: C = sum over K (the band, |t| <= delta) of z z^T / (2 delta),
+ * the Hessian of the hinges smoothed over a width delta. */
+static void curvature(const KSet *K, double delta, double *C)
+{
+    const int n = K->n;
+    const double sc = delta > 0 ? 1.0 / (2 * delta) : 0.0;
+    int64_t k;
+    int i, j;
+
+    for (i = 0; i < n * n; i++)
+        C[i] = 0;
+    for (k = 0; k < K->m; k++)
+    {
+        const double *zk = K->z + k * n;
+
+        for (i = 0; i < n; i++)
+        {
+            const double zi = sc * zk[i];
+
+            for (j = 0; j <= i; j++)
+                C[i * n + j] += zi * zk[j];
+        }
+    }
+    for (i = 0; i < n; i++)
+        for (j = 0; j < i; j++)
+            C[j * n + i] = C[i * n + j];
+}
+
+/* The model's linear part at the centre: G_c minus the z of the K pairs with t_c > 0 (those are exact). */
+static void model_linear(const Prep *pr, const KSet *K, const double *Sc, const double *Gc, double *gv)
+{
+    const int n = pr->n;
+    int64_t k;
+    int j;
+
+    memcpy(gv, Gc, (size_t)n * sizeof(double));
+    for (k = 0; k < K->m; k++)
+        if (kset_t(pr, K, k, Sc) > 0)
+            for (j = 0; j < n; j++)
+                gv[j] -= K->z[k * n + j];
+}
+
 /*
- * Minimise the objective over the pairs of view v, from w (in/out, free coordinates).  With base set,
- * every pair with z != 0 is modelled individually (the model is then F itself); otherwise the
- * working-set / trust-region loop of the file comment runs until the certificate is below tol.
+ * Minimise the objective over the pairs of view v from w (in/out, free coordinates).
+ *
+ * base: every pair with z != 0 is modelled exactly (the model is F itself): one interior-point solve
+ * and the certificate pass.
+ *
+ * Otherwise, from a centre w_c, each iteration minimises a model inside the box |w - w_c|_inf <= radius
+ * and evaluates the result on every pair (one pass):
+ *   approach phase: linear part at w_c + exact hinges of the band (|t| <= delta) + (1/2) dw^T C dw,
+ *     C = sum_band z z^T / (2 delta), a kernel estimate of the curvature that the kinks of all the
+ *     other pairs add as w moves (pairs cross the kink at a density read off the band).  Not a lower
+ *     bound of F, but a Newton-like model far from the optimum.
+ *   exact phase (once a step moves t by less than RBR_QSWITCH band widths): linear part + exact hinges
+ *     of the band (|t| <= the last shift, up to RBR_EXACT_WS_FACTOR times the working set) + exact
+ *     hinges of every pair a previous model got wrong (kept).  A lower bound of F, equal to F wherever
+ *     no other pair changes sign, so it reaches the optimum once the kept pairs cover the crossings.
+ * A point that lowers F (or is certified) is accepted and becomes the centre, the box growing if it
+ * was binding; otherwise the box shrinks.  Stops when the certificate at the centre is below tol.
  */
 static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *w, double tol, int maxit,
                        bool base, LevelOut *lo)
@@ -1387,10 +1578,11 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
     const int n = pr->n;
     const double P = (double)v->npairs, rho = P * wk->l2u;
     KSet *K = &wk->K;
-    double obj_c, gap_c, delta;
+    double obj_c, gap_c, radius, delta_c;
+    bool approach = true;
     PassOut po_c, po_n;
     int it, rc, ipit, j;
-    int64_t k, passes = 0;
+    int64_t passes = 0;
 
     memset(lo, 0, sizeof(*lo));
     kset_clear(c, K);
@@ -1399,7 +1591,6 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
 
     if (base)
     {
-        /* every pair in the model: one exact solve, then the certificate pass */
         PairRef *all;
         int64_t gi, p = 0, na = 0;
 
@@ -1422,7 +1613,7 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
                     }
             ctx_work(c, pr->gpairs[g] + 1);
         }
-        if ((rc = kset_merge(c, pr, K, all, na)) != RBR_FIT_OK)
+        if ((rc = kset_merge(c, pr, K, all, na, true)) != RBR_FIT_OK)
             return rc;
         ctx_free(c, all);
         if ((rc = ipm_reserve(c, &wk->ipm, K->m, n)) != RBR_FIT_OK)
@@ -1430,16 +1621,15 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
         for (j = 0; j < n; j++)
             wk->gv[j] = 0;
         memcpy(wk->wn, wk->wc, (size_t)n * sizeof(double));
-        if ((rc = ipm_solve(c, &wk->ipm, K, wk->gv, rho, NULL, NULL, wk->wn, &ipit)) != RBR_FIT_OK)
+        if ((rc = ipm_solve(c, &wk->ipm, K, wk->gv, rho, NULL, NULL, NULL, NULL, ipm_acc(tol), P * RBR_OBJ_FLOOR,
+                            wk->wn, &ipit)) != RBR_FIT_OK)
             return rc;
         expand_w(pr, wk->wn, wk->wfull);
-        pass_run(c, pr, v, wk->wfull, wk->Sn, wk->coefn, NULL, NULL, NULL, NULL, &po_n);
-        coef_times_x(c, pr, v, wk->coefn, wk->Gn, wk->part);
+        pass_run(c, pr, v, wk->wfull, wk->Sn, wk->Gn, wk->coef, wk->part, NULL, NULL, NULL, NULL, &po_n);
         lo->gap = certificate(pr, K, wk->Sn, wk->Gn, wk->wn, rho, P, wk->part);
         lo->obj = objective_of(&po_n, wk->wn, n, wk->l2u);
         lo->po = po_n;
-        lo->converged = lo->gap <= tol * lo->obj;
-        DBG("base P=%.0f K=%lld ipit=%d obj=%.12g gap=%.3g\n", P, (long long)K->m, ipit, lo->obj, lo->gap / lo->obj);
+        lo->converged = gap_ok(lo->gap, lo->obj, tol);
         lo->iters = 1;
         lo->passes = 1;
         lo->kpairs = K->m;
@@ -1447,43 +1637,41 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
         return RBR_FIT_OK;
     }
 
-    /* the centre: scores, counts, band; its certificate uses alpha = [t > 0] on every pair */
+    /* the centre: scores, G, band; its certificate takes alpha = [t > 0] on every pair */
     expand_w(pr, wk->wc, wk->wfull);
-    wk->band.n = 0;
-    wk->band.delta = wk->band0;
-    pass_run(c, pr, v, wk->wfull, wk->Sc, wk->coefc, NULL, NULL, &wk->band, NULL, &po_c);
+    band_reset(&wk->band, INFINITY, INFINITY, wk->ws);
+    pass_run(c, pr, v, wk->wfull, wk->Sc, wk->Gc, wk->coef, wk->part, NULL, NULL, &wk->band, NULL, &po_c);
     passes++;
-    coef_times_x(c, pr, v, wk->coefc, wk->Gc, wk->part);
     obj_c = objective_of(&po_c, wk->wc, n, wk->l2u);
     gap_c = certificate(pr, K, wk->Sc, wk->Gc, wk->wc, rho, P, wk->part);
-    lo->converged = gap_c <= tol * obj_c;
-    if ((rc = kset_merge(c, pr, K, wk->band.e, wk->band.n)) != RBR_FIT_OK)
+    lo->converged = gap_ok(gap_c, obj_c, tol);
+    if ((rc = kset_merge(c, pr, K, wk->band.e, wk->band.n, false)) != RBR_FIT_OK)
         return rc;
-    delta = 0;
+    delta_c = wk->band.delta;
+    curvature(K, delta_c, wk->C);
+    radius = 0;
     for (j = 0; j < n; j++)
-        delta = fmax(delta, fabs(wk->wc[j]));
-    delta = fmax(0.25, 0.5 * delta);
+        radius = fmax(radius, fabs(wk->wc[j]));
+    radius = fmax(1.0, radius);
 
     for (it = 0; it < maxit && !lo->converged; it++)
     {
-        double obj_n, gap_n, stepinf = 0;
-        bool box_active = false, accept;
+        double obj_n, gap_n, stepinf = 0, shift = 0;
+        bool box_active = false, accept, next_approach;
+        int64_t k;
 
-        /* model: aggregated linear part of the t > 0 pairs outside K, at the centre */
-        memcpy(wk->gv, wk->Gc, (size_t)n * sizeof(double));
-        for (k = 0; k < K->m; k++)
-            if (kset_t(pr, K, k, wk->Sc) > 0)
-                for (j = 0; j < n; j++)
-                    wk->gv[j] -= K->z[k * n + j];
+        /* minimise the model at the centre inside the box */
+        model_linear(pr, K, wk->Sc, wk->Gc, wk->gv);
         for (j = 0; j < n; j++)
         {
-            wk->lo[j] = wk->wc[j] - delta;
-            wk->hi[j] = wk->wc[j] + delta;
+            wk->lo[j] = wk->wc[j] - radius;
+            wk->hi[j] = wk->wc[j] + radius;
         }
         if ((rc = ipm_reserve(c, &wk->ipm, K->m, n)) != RBR_FIT_OK)
             return rc;
         memcpy(wk->wn, wk->wc, (size_t)n * sizeof(double));
-        if ((rc = ipm_solve(c, &wk->ipm, K, wk->gv, rho, wk->lo, wk->hi, wk->wn, &ipit)) != RBR_FIT_OK)
+        if ((rc = ipm_solve(c, &wk->ipm, K, wk->gv, rho, approach ? wk->C : NULL, wk->wc, wk->lo, wk->hi,
+                            ipm_acc(tol), P * fmax(obj_c, RBR_OBJ_FLOOR), wk->wn, &ipit)) != RBR_FIT_OK)
             return rc;
         lo->iters++;
         lo->kpairs = K->m;
@@ -1492,55 +1680,69 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
             const double st = fabs(wk->wn[j] - wk->wc[j]);
 
             stepinf = fmax(stepinf, st);
-            if (st >= (1 - 1e-6) * delta)
+            if (st >= (1 - 1e-6) * radius)
                 box_active = true;
+            wk->part[j] = wk->wn[j] - wk->wc[j];
         }
+        /* the largest shift of t over the modelled pairs; the next step is expected to be shorter */
+        for (k = 0; k < K->m; k++)
+            shift = fmax(shift, fabs(dotn(K->z + k * n, wk->part, n)));
+        next_approach = approach && shift > RBR_QSWITCH * delta_c;
 
-        /* evaluate the new point on every pair */
+        /* evaluate the new point on every pair: objective, certificate, model errors, next band */
         expand_w(pr, wk->wn, wk->wfull);
-        wk->band.n = 0;
-        wk->band.delta = wk->band0;
+        if (next_approach)
+            band_reset(&wk->band, INFINITY, INFINITY, wk->ws);
+        else
+            band_reset(&wk->band, INFINITY, shift, RBR_EXACT_WS_FACTOR * wk->ws);
         wk->mis.n = 0;
         wk->mis.total = 0;
-        pass_run(c, pr, v, wk->wfull, wk->Sn, wk->coefn, wk->Sc, K, &wk->band, &wk->mis, &po_n);
+        pass_run(c, pr, v, wk->wfull, wk->Sn, wk->Gn, wk->coef, wk->part, wk->Sc, K, &wk->band, &wk->mis,
+                 &po_n);
         passes++;
-        coef_times_x(c, pr, v, wk->coefn, wk->Gn, wk->part);
         obj_n = objective_of(&po_n, wk->wn, n, wk->l2u);
         gap_n = certificate(pr, K, wk->Sn, wk->Gn, wk->wn, rho, P, wk->part);
+        accept = obj_n < obj_c || (obj_n <= obj_c && gap_n < gap_c) || gap_ok(gap_n, obj_n, tol);
 
-        accept = obj_n < obj_c || (obj_n <= obj_c && gap_n < gap_c);
-        DBG("lvl P=%.0f it=%d K=%lld ipit=%d delta=%.3g step=%.3g box=%d obj_c=%.12g obj_n=%.12g gap=%.3g mis=%lld band=%lld bd=%.3g acc=%d\n",
-            P, it, (long long)K->m, ipit, delta, stepinf, box_active, obj_c, obj_n, gap_n / obj_n, (long long)wk->mis.total,
-            (long long)wk->band.n, wk->band.delta, accept);
-        if ((rc = kset_merge(c, pr, K, wk->mis.e, wk->mis.n)) != RBR_FIT_OK)
-            return rc;
-        if (accept || gap_n <= tol * obj_n)
+        if (accept)
         {
             swap_ptr(&wk->Sc, &wk->Sn);
-            swap_ptr(&wk->coefc, &wk->coefn);
             swap_ptr(&wk->Gc, &wk->Gn);
             swap_ptr(&wk->wc, &wk->wn);
             obj_c = obj_n;
             gap_c = gap_n;
             po_c = po_n;
-            if (gap_n <= tol * obj_n)
+            if (gap_ok(gap_n, obj_n, tol))
             {
                 lo->converged = true;
                 break;
             }
-            if ((rc = kset_merge(c, pr, K, wk->band.e, wk->band.n)) != RBR_FIT_OK)
+            /* re-centre: a new band; in the exact phase the pairs the model got wrong stay */
+            kset_drop_unkept(K);
+            approach = next_approach;
+            if (!approach)
+            {
+                if ((rc = kset_merge(c, pr, K, wk->mis.e, wk->mis.n, true)) != RBR_FIT_OK ||
+                    (rc = kset_prune(c, pr, K, wk->Sc, wk->ws, 2 * shift)) != RBR_FIT_OK)
+                    return rc;
+            }
+            if ((rc = kset_merge(c, pr, K, wk->band.e, wk->band.n, false)) != RBR_FIT_OK)
                 return rc;
+            delta_c = wk->band.delta;
+            if (approach)
+                curvature(K, delta_c, wk->C);
             if (box_active)
-                delta *= 4;
+                radius *= 4;
         }
         else
         {
-            delta = 0.5 * fmin(delta, stepinf);
-            if (!(delta > 1e-15 * (1 + stepinf)))
+            /* same centre, a smaller box; in the exact phase the wrongly modelled pairs become exact */
+            if (!approach && (rc = kset_merge(c, pr, K, wk->mis.e, wk->mis.n, true)) != RBR_FIT_OK)
+                return rc;
+            radius = 0.5 * fmin(radius, stepinf);
+            if (!(radius > 1e-15 * (1 + stepinf)))
                 break; /* no progress possible at this precision */
         }
-        if ((rc = kset_prune(c, pr, K, wk->Sc, 8 * wk->ws)) != RBR_FIT_OK)
-            return rc;
     }
     memcpy(w, wk->wc, (size_t)n * sizeof(double));
     lo->obj = obj_c;
@@ -1554,24 +1756,19 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
 static int work_init(Ctx *c, const Prep *pr, Work *wk, const RbrFitOptions *o)
 {
     const size_t N = (size_t)(pr->N > 0 ? pr->N : 1), n = (size_t)(pr->n > 0 ? pr->n : 1);
-    double maxm = o->margin;
-    int j;
 
     memset(wk, 0, sizeof(*wk));
-    for (j = 0; j < o->n_tier_margin; j++)
-        if (!isnan(o->tier_margin[j]))
-            maxm = fmax(maxm, o->tier_margin[j]);
     wk->ws = o->working_set > 0 ? o->working_set : RBR_DEFAULT_WS;
     wk->l2u = o->l2 > 0 ? o->l2 : o->l2_tiebreak;
-    wk->band0 = 4 * fmax(maxm, 1.0);
     if (!(wk->Sc = ctx_alloc(c, N, sizeof(double))) || !(wk->Sn = ctx_alloc(c, N, sizeof(double))) ||
-        !(wk->coefc = ctx_alloc(c, N, sizeof(double))) || !(wk->coefn = ctx_alloc(c, N, sizeof(double))) ||
+        !(wk->coef = ctx_alloc(c, N, sizeof(double))) ||
         !(wk->wfull = ctx_alloc(c, (size_t)(pr->d > 0 ? pr->d : 1), sizeof(double))) ||
         !(wk->wc = ctx_alloc(c, n, sizeof(double))) || !(wk->wn = ctx_alloc(c, n, sizeof(double))) ||
         !(wk->Gc = ctx_alloc(c, n, sizeof(double))) || !(wk->Gn = ctx_alloc(c, n, sizeof(double))) ||
         !(wk->gv = ctx_alloc(c, n, sizeof(double))) || !(wk->lo = ctx_alloc(c, n, sizeof(double))) ||
         !(wk->hi = ctx_alloc(c, n, sizeof(double))) || !(wk->part = ctx_alloc(c, n, sizeof(double))) ||
-        !(wk->band.e = ctx_alloc(c, (size_t)wk->ws, sizeof(PairRef))) ||
+        !(wk->C = ctx_alloc(c, n * n, sizeof(double))) ||
+        !(wk->band.e = ctx_alloc(c, (size_t)(RBR_EXACT_WS_FACTOR * wk->ws), sizeof(PairRef))) ||
         !(wk->mis.e = ctx_alloc(c, (size_t)wk->ws, sizeof(PairRef))))
         return oom(c);
     wk->band.cap = wk->ws;
@@ -1592,7 +1789,7 @@ static int fill_validation(Ctx *c, const Prep *pr, const double *wfull, double *
     r->val_loss = r->val_accuracy = NAN;
     if (vv.npairs > 0)
     {
-        pass_run(c, pr, &vv, wfull, S, NULL, NULL, NULL, NULL, NULL, &po);
+        pass_run(c, pr, &vv, wfull, S, NULL, NULL, NULL, NULL, NULL, NULL, NULL, &po);
         r->val_loss = po.hinge / (double)po.npairs;
         r->val_accuracy = (double)po.ncorrect / (double)po.npairs;
     }
@@ -1635,7 +1832,7 @@ static int solve_exact(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         PassOut po;
 
         expand_w(&pr, w, wk.wfull);
-        pass_run(c, &pr, &views[0], wk.wfull, wk.Sc, NULL, NULL, NULL, NULL, NULL, &po);
+        pass_run(c, &pr, &views[0], wk.wfull, wk.Sc, NULL, NULL, NULL, NULL, NULL, NULL, NULL, &po);
         memset(&lo, 0, sizeof(lo));
         lo.po = po;
         lo.obj = po.hinge / (double)po.npairs;
@@ -1678,7 +1875,8 @@ static int solve_exact(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         r->working_set_pairs = lo.kpairs;
     }
     expand_w(&pr, w, wk.wfull);
-    memcpy(r->w, wk.wfull, (size_t)pr.d * sizeof(double));
+    if (pr.d > 0)
+        memcpy(r->w, wk.wfull, (size_t)pr.d * sizeof(double));
     r->train_loss = lo.po.hinge / (double)lo.po.npairs;
     r->zero_loss_share = (double)lo.po.nzero / (double)lo.po.npairs;
     r->train_accuracy = (double)lo.po.ncorrect / (double)lo.po.npairs;
@@ -1693,15 +1891,22 @@ static int solve_exact(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
 
 /* ------------------------------------------------------------------ AdamW (the released fitter) */
 
-/* One pass over every pair at wfull: totals of the train and validation pairs (mask bit set =
- * validation) and, when coef is given, per-row counts of the train pairs with t > 0. */
-static void adam_pass(Ctx *c, const Prep *pr, const View *v, const double *wfull, double *S, double *coef,
-                      const uint8_t *mask, PassOut *tr, PassOut *va)
+/* One pass over every pair at wfull.  With coef: per-row counts of the train pairs with t > 0 only
+ * (the gradient); without: the totals of the train and validation pairs.  vid lists the validation
+ * pair ids in increasing order. */
+static void adam_pass(Ctx *c, const Prep *pr, const View *v, const double *wfull, double *S, double *G,
+                      double *coef, double *part, const int64_t *vid, int64_t nvid, PassOut *tr, PassOut *va)
 {
-    int64_t gi, p = 0;
+    int64_t gi, p = 0, vi = 0, nextval = nvid > 0 ? vid[0] : INT64_MAX;
     PassOut o[2];
+    int j;
 
     memset(o, 0, sizeof(o));
+    if (G)
+        for (j = 0; j < pr->n; j++)
+            G[j] = 0;
+    else
+        coef = NULL;
     for (gi = 0; gi < v->ng; gi++)
     {
         const int64_t g = v->g[gi], s = pr->gs[g], e = pr->gs[g + 1];
@@ -1716,32 +1921,54 @@ static void adam_pass(Ctx *c, const Prep *pr, const View *v, const double *wfull
         {
             const int64_t q0 = pr->wst[pos];
             const double sa = S[pos], ma = pr->mb[pos] - sa;
+            double cpos = 0;
 
             if (q0 >= e)
                 break;
-            for (q = q0; q < e; q++, p++)
+            if (coef)
             {
-                const double t = ma + S[q];
-                const int isval = (mask[p >> 3] >> (p & 7)) & 1;
-                PassOut *po = &o[isval];
-
-                po->npairs++;
-                if (t > 0)
+                for (q = q0; q < e; q++, p++)
                 {
-                    po->hinge += t;
-                    if (coef && !isval)
+                    const double t = ma + S[q];
+
+                    if (p == nextval)
                     {
-                        coef[pos] += 1;
+                        nextval = ++vi < nvid ? vid[vi] : INT64_MAX;
+                        continue;
+                    }
+                    if (t > 0)
+                    {
+                        cpos += 1;
                         coef[q] -= 1;
                     }
                 }
-                else
-                    po->nzero++;
-                if (sa > S[q])
-                    po->ncorrect++;
+                coef[pos] += cpos;
+            }
+            else
+            {
+                for (q = q0; q < e; q++, p++)
+                {
+                    const double t = ma + S[q];
+                    PassOut *po = &o[0];
+
+                    if (p == nextval)
+                    {
+                        nextval = ++vi < nvid ? vid[vi] : INT64_MAX;
+                        po = &o[1];
+                    }
+                    po->npairs++;
+                    if (t > 0)
+                        po->hinge += t;
+                    else
+                        po->nzero++;
+                    if (sa > S[q])
+                        po->ncorrect++;
+                }
             }
             ctx_work(c, e - q0);
         }
+        if (coef)
+            group_gradient(pr, s, e, coef, G, part);
         ctx_work(c, (e - s) / 4 + 1);
     }
     c->evals += p;
@@ -1754,9 +1981,9 @@ static int solve_adamw(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
 {
     Prep pr;
     View all;
-    uint8_t *mask;
+    int64_t *vid;
     double *S, *coef, *w, *wfull, *m1, *m2, *G, *part;
-    int64_t gi, p = 0, ntrain = 0, nval = 0;
+    int64_t gi, p = 0, ntrain = 0, nval = 0, capv = 1024;
     PassOut tr, va;
     int rc, step, j;
     const double lerpw = 1.0 - o->beta1;
@@ -1765,9 +1992,8 @@ static int solve_adamw(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         return rc;
     if ((rc = view_build(c, &pr, &all, NULL, 2, 0)) != RBR_FIT_OK)
         return rc;
-    if (!(mask = ctx_alloc(c, (size_t)(all.npairs / 8 + 1), 1)))
+    if (!(vid = ctx_alloc(c, (size_t)capv, sizeof(int64_t))))
         return oom(c);
-    memset(mask, 0, (size_t)(all.npairs / 8 + 1));
     for (gi = 0; gi < all.ng; gi++)
     {
         const int64_t g = all.g[gi], e = pr.gs[g + 1];
@@ -1778,8 +2004,18 @@ static int solve_adamw(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
             {
                 if (rbr_fit_pair_is_val(o->seed, pr.perm[pos], pr.perm[q], o->val_fraction))
                 {
-                    mask[p >> 3] |= (uint8_t)(1u << (p & 7));
-                    nval++;
+                    if (nval == capv)
+                    {
+                        int64_t *nv = ctx_alloc(c, (size_t)(2 * capv), sizeof(int64_t));
+
+                        if (!nv)
+                            return oom(c);
+                        memcpy(nv, vid, (size_t)capv * sizeof(int64_t));
+                        ctx_free(c, vid);
+                        vid = nv;
+                        capv *= 2;
+                    }
+                    vid[nval++] = p;
                 }
                 else
                     ntrain++;
@@ -1809,14 +2045,13 @@ static int solve_adamw(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         const double step_size = o->lr / bc1, bc2_sqrt = sqrt(bc2);
 
         expand_w(&pr, w, wfull);
-        adam_pass(c, &pr, &all, wfull, S, coef, mask, &tr, &va);
-        coef_times_x(c, &pr, &all, coef, G, part);
+        adam_pass(c, &pr, &all, wfull, S, G, coef, part, vid, nval, &tr, &va);
         for (j = 0; j < pr.n; j++)
         {
             const double grad = -G[j] / (double)ntrain;
             double denom;
 
-            /* torch.optim.AdamW, single-tensor path */
+            /* torch.optim.AdamW, single-tensor path (lerp as torch computes it) */
             w[j] *= 1.0 - o->lr * o->weight_decay;
             if (fabs(lerpw) < 0.5)
                 m1[j] = m1[j] + lerpw * (grad - m1[j]);
@@ -1828,8 +2063,9 @@ static int solve_adamw(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         }
     }
     expand_w(&pr, w, wfull);
-    adam_pass(c, &pr, &all, wfull, S, NULL, mask, &tr, &va);
-    memcpy(r->w, wfull, (size_t)pr.d * sizeof(double));
+    adam_pass(c, &pr, &all, wfull, S, NULL, NULL, NULL, vid, nval, &tr, &va);
+    if (pr.d > 0)
+        memcpy(r->w, wfull, (size_t)pr.d * sizeof(double));
     r->train_pairs = ntrain;
     r->val_pairs = nval;
     r->train_loss = tr.hinge / (double)tr.npairs;
@@ -1930,7 +2166,7 @@ int rbr_fit_evaluate(const RbrFitData *data, const RbrFitOptions *opts, const do
     result->train_pairs = tv.npairs;
     if (tv.npairs > 0)
     {
-        pass_run(&c, &pr, &tv, w, S, NULL, NULL, NULL, NULL, NULL, &po);
+        pass_run(&c, &pr, &tv, w, S, NULL, NULL, NULL, NULL, NULL, NULL, NULL, &po);
         result->train_loss = po.hinge / (double)po.npairs;
         result->zero_loss_share = (double)po.nzero / (double)po.npairs;
         result->train_accuracy = (double)po.ncorrect / (double)po.npairs;
