@@ -1,5 +1,8 @@
 -- Curation: rbr_best_worst, rbr_preference_pairs, JSONL export through COPY,
 -- rbr_model_export.
+-- own schema: the suites share one database
+CREATE SCHEMA curation;
+SET search_path = curation, public;
 
 -- by hand: prompt p has rewards a 1, b 3, c 3, d -1, e not scored;
 -- q has only an unscored row; r: w 2, y 2, z 1; s: two equal rewards.
@@ -78,14 +81,14 @@ SELECT line, line::jsonb->>'rejected' = E'back\\slash \\n not a newline' AS same
 
 -- model export: a model saved from a (made-up) fit of the released policy
 \set spec `cat ../shared/reference/policy.json`
-SELECT rbr_policy_load('paper', :'spec') AS version;
+SELECT rbr_policy_load('cu_paper', :'spec') AS version;
 SELECT m.response_type, cardinality(m.weights) AS weights
   FROM (VALUES ('hard_refuse'), ('comply')) AS v(rt),
-       LATERAL rbr_model_save('m1', 'paper', v.rt,
-                 jsonb_build_object('weights', (SELECT jsonb_agg(round(k / 10.0, 1)) FROM generate_series(1, cardinality(rbr_feature_names('paper', v.rt))) k),
+       LATERAL rbr_model_save('cu_m1', 'cu_paper', v.rt,
+                 jsonb_build_object('weights', (SELECT jsonb_agg(round(k / 10.0, 1)) FROM generate_series(1, cardinality(rbr_feature_names('cu_paper', v.rt))) k),
                                     'solver', 'exact', 'converged', true)) m
  ORDER BY 1;
-CREATE TABLE export AS SELECT rbr_model_export('m1') AS e;
+CREATE TABLE export AS SELECT rbr_model_export('cu_m1') AS e;
 SELECT e->'format' AS format, e->'model' AS model, e->'policy' AS policy, e->'policy_version' AS version,
        e->'rbr_version' AS rbr_version, (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(e->'response_types') k) AS response_types,
        e->'response_types'->'comply'->'weights' AS comply_weights,
@@ -95,9 +98,9 @@ SELECT e->'format' AS format, e->'model' AS model, e->'policy' AS policy, e->'po
 -- the names and weights are exactly those stored, in feature order
 SELECT m.response_type,
        (SELECT array_agg(x ORDER BY o) FROM jsonb_array_elements_text(e->'response_types'->m.response_type->'feature_names') WITH ORDINALITY AS f(x, o))
-         = rbr_feature_names('paper', m.response_type) AS names_match,
+         = rbr_feature_names('cu_paper', m.response_type) AS names_match,
        (SELECT array_agg(x::float8 ORDER BY o) FROM jsonb_array_elements_text(e->'response_types'->m.response_type->'weights') WITH ORDINALITY AS f(x, o))
          = m.weights AS weights_match
-  FROM rbr.model m, export WHERE m.name = 'm1' ORDER BY 1;
-SELECT rbr_model_export('m1', true)->'response_types'->'comply'->'policy_spec' = :'spec'::jsonb AS spec_included;
+  FROM rbr.model m, export WHERE m.name = 'cu_m1' ORDER BY 1;
+SELECT rbr_model_export('cu_m1', true)->'response_types'->'comply'->'policy_spec' = :'spec'::jsonb AS spec_included;
 SELECT rbr_model_export('no_such');

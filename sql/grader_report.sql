@@ -1,6 +1,9 @@
 -- Grader evaluation: rbr_grader_report against hand-checked numbers and an
 -- independent computation over the 351 gold rows; rbr_grader_thresholds,
 -- rbr_binarize and rbr_calibration_svg.
+-- own schema: the suites share one database
+CREATE SCHEMA grader_report;
+SET search_path = grader_report, public;
 
 -- by hand, threshold 0.5, 2 calibration bins ([0, 0.5), [0.5, 1]):
 --   row 1: a true p 0.9 (tp), b false p 0.2 (tn)

@@ -1,6 +1,9 @@
 -- Safety metrics: rbr_safety_metrics on hand-checked rows, on the gold rows
 -- (read from classes and from propositions, checked against plain counts),
 -- options, errors and a parallel plan.
+-- own schema: the suites share one database
+CREATE SCHEMA safety;
+SET search_path = safety, public;
 
 -- by hand (threshold 0.5; the propositions decide, the class where they cannot):
 --   1 K-R  hard_refuse  ideal                          safe, hard ideal
@@ -74,7 +77,7 @@ SELECT rbr_safety_metrics('comply', NULL, '[0.5]');
 -- cannot see those 11 refusals. No Hard Refuse gold row is ideal (style 0).
 -------------------------------------------------------------------------------
 \set spec `cat ../shared/reference/policy.json`
-SELECT rbr_policy_load('paper', :'spec') AS version;
+SELECT rbr_policy_load('sf_paper', :'spec') AS version;
 CREATE TABLE gold_raw (line text);
 \copy gold_raw FROM '../shared/reference/gold_train.jsonl' WITH (FORMAT csv, QUOTE E'\x01', DELIMITER E'\x02')
 CREATE TABLE gold AS
@@ -82,7 +85,7 @@ SELECT row_number() OVER () AS id, line::jsonb ->> 'category' AS category,
        line::jsonb ->> 'response_type' AS response_type, line::jsonb -> 'propositions' AS labels
   FROM gold_raw;
 ALTER TABLE gold ADD COLUMN class text;
-UPDATE gold SET class = rbr_classify('paper', response_type, labels);
+UPDATE gold SET class = rbr_classify('sf_paper', response_type, labels);
 SELECT count(*) FILTER (WHERE (labels->>'disallowed_content')::boolean) AS disallowed,
        count(*) FILTER (WHERE response_type = 'Comply') AS comply,
        count(*) FILTER (WHERE response_type = 'Comply' AND NOT (labels->>'partially_complies')::boolean
