@@ -6,6 +6,7 @@
 
 #include <limits.h>
 
+#include "common/hashfn.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 
@@ -321,24 +322,37 @@ row_label(const RbrRowSet *rs, int64 i)
 	return rs->label_off[i] < 0 ? "" : rs->keys + rs->label_off[i];
 }
 
-/* qsort_arg comparator: group key, tier, label, base, then features. */
+/* A row to sort, with the hash of its group key (compared first: cheap). */
+typedef struct SortItem
+{
+	uint64		key_hash;
+	int64		row;
+} SortItem;
+
+/*
+ * qsort_arg comparator for the canonical order: group key (by hash, then
+ * bytes), tier, label, base, then features. It depends only on the rows'
+ * values, never on the order they arrived in.
+ */
 static int
 cmp_rows(const void *a, const void *b, void *arg)
 {
 	const RbrRowSet *rs = arg;
-	int64		i = *(const int64 *) a;
-	int64		j = *(const int64 *) b;
+	const SortItem *x = a;
+	const SortItem *y = b;
+	int64		i = x->row;
+	int64		j = y->row;
 	int			c;
 
-	if (rs->key_off[i] != rs->key_off[j])
-	{
-		c = strcmp(rs->keys + rs->key_off[i], rs->keys + rs->key_off[j]);
-		if (c != 0)
-			return c;
-	}
+	if (x->key_hash != y->key_hash)
+		return x->key_hash < y->key_hash ? -1 : 1;
+	if (rs->key_off[i] != rs->key_off[j] &&
+		(c = strcmp(rs->keys + rs->key_off[i], rs->keys + rs->key_off[j])) != 0)
+		return c;
 	if (rs->tier[i] != rs->tier[j])
 		return rs->tier[i] < rs->tier[j] ? -1 : 1;
-	if ((c = strcmp(row_label(rs, i), row_label(rs, j))) != 0)
+	if (rs->label_off[i] != rs->label_off[j] &&
+		(c = strcmp(row_label(rs, i), row_label(rs, j))) != 0)
 		return c;
 	if (rs->base[i] != rs->base[j])
 		return rs->base[i] < rs->base[j] ? -1 : 1;
@@ -360,11 +374,18 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	RbrSortedRows *s = palloc0(sizeof(RbrSortedRows));
 	int			d = Max(rs->d, 0);
 	int64		n = rs->nrows;
-	int64	   *perm = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * Max(n, 1));
+	SortItem   *perm = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(SortItem) * Max(n, 1));
 
 	for (int64 i = 0; i < n; i++)
-		perm[i] = i;
-	qsort_arg(perm, n, sizeof(int64), cmp_rows, (void *) rs);
+	{
+		const char *key = rs->keys + rs->key_off[i];
+
+		/* rows of one group usually arrive together: hash each key once */
+		perm[i].key_hash = (i > 0 && rs->key_off[i] == rs->key_off[i - 1]) ? perm[i - 1].key_hash
+			: hash_bytes_extended((const unsigned char *) key, strlen(key), 0);
+		perm[i].row = i;
+	}
+	qsort_arg(perm, n, sizeof(SortItem), cmp_rows, (void *) rs);
 
 	s->d = d;
 	s->nrows = n;
@@ -376,7 +397,7 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	s->group_key = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
 	for (int64 r = 0; r < n; r++)
 	{
-		int64		i = perm[r];
+		int64		i = perm[r].row;
 		const char *key = rs->keys + rs->key_off[i];
 
 		if (d > 0)
@@ -384,7 +405,8 @@ rbr_rowset_sort(const RbrRowSet *rs)
 		s->base[r] = rs->base[i];
 		s->tier[r] = rs->tier[i];
 		s->label[r] = rs->label_off[i] < 0 ? NULL : rs->keys + rs->label_off[i];
-		if (r == 0 || strcmp(key, s->group_key[s->ngroups - 1]) != 0)
+		if (r == 0 || perm[r].key_hash != perm[r - 1].key_hash ||
+			strcmp(key, s->group_key[s->ngroups - 1]) != 0)
 		{
 			s->group_start[s->ngroups] = r;
 			s->group_key[s->ngroups] = key;
