@@ -30,4 +30,6 @@ PGOPTIONS="-c rbr.grader_url=$url -c rbr.grader_model=$model${key:+ -c rbr.grade
     "$("$pgc" --bindir)/psql" -X -v ON_ERROR_STOP=1 -v prompts="$prompts" \
     -v spec="$(cat ../shared/reference/policy.json)" -d "${PGDATABASE:-postgres}" -f test/demo.sql
 echo
-echo "rbr demo: done. Reward histogram (SVG, open it in a browser): $(pwd)/demo-out/rewards.svg"
+echo "rbr demo: done. Pictures to open in a browser:"
+echo "  reward histogram:         $(pwd)/demo-out/rewards.svg"
+echo "  grader calibration:       $(pwd)/demo-out/calibration.svg"

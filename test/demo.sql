@@ -56,12 +56,27 @@ SELECT status, method, count(*) AS answers, sum(prompt_tokens) AS prompt_tokens
   FROM demo_completions_grades GROUP BY 1, 2 ORDER BY 1, 2;
 
 \echo
-\echo '== 4. How well the grader agrees with the human labels (threshold 0.5)'
-SELECT g.proposition, count(*) AS answers,
-       round(avg(((g.probability > 0.5) = (d.labels ->> g.proposition)::boolean)::int)::numeric, 3) AS accuracy
-  FROM demo_completions_grades g JOIN demo_completions d USING (id)
- WHERE g.status = 'ok'
- GROUP BY 1 ORDER BY 3, 1 LIMIT 8;
+\echo '== 4. The grader against the human labels: one call, rbr_grader_report()'
+CREATE TABLE grader_report AS
+SELECT rbr_grader_report(array_agg(d.labels ORDER BY d.id), array_agg(to_jsonb(f) ORDER BY d.id)) AS r
+  FROM demo_completions d JOIN demo_completions_features f USING (id);
+SELECT r->'all'->>'n' AS answers, round((r->'all'->>'accuracy')::numeric, 3) AS accuracy,
+       round((r->'all'->>'macro_f1')::numeric, 3) AS macro_f1, round((r->'all'->>'kappa')::numeric, 3) AS kappa,
+       round((r->'all'->>'brier')::numeric, 3) AS brier
+  FROM grader_report;
+\echo '   the five propositions it gets most wrong, and the gold-tuned threshold of each:'
+SELECT key AS proposition, value->>'n' AS answers, round((value->>'accuracy')::numeric, 3) AS accuracy,
+       round((value->>'f1')::numeric, 3) AS f1, round((value->>'best_threshold')::numeric, 3) AS best_threshold,
+       round((value->>'best_accuracy')::numeric, 3) AS accuracy_there
+  FROM grader_report, jsonb_each(r->'by_proposition')
+ ORDER BY (value->>'accuracy')::float8, key LIMIT 5;
+\pset tuples_only on
+\pset format unaligned
+\o demo-out/calibration.svg
+SELECT rbr_calibration_svg(r) FROM grader_report;
+\o
+\pset tuples_only off
+\pset format aligned
 
 \echo
 \echo '== 5. Fit one weight vector per response type on half the prompts (exact solver);'
