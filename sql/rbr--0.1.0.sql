@@ -185,38 +185,38 @@ CREATE FUNCTION @extschema@.rbr_reward(weights float8[], features float8[], base
 -- Fitting: rbr_fit aggregate, model registry, scoring with a stored model
 -------------------------------------------------------------------------------
 
-CREATE FUNCTION @extschema@.rbr_fit_transfn(internal, text, int, float8[], float8)
+CREATE FUNCTION rbr.fit_transfn(internal, text, int, float8[], float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_fit_transfn(internal, text, int, float8[], float8, jsonb)
+CREATE FUNCTION rbr.fit_transfn(internal, text, int, float8[], float8, jsonb)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_rows_combine(internal, internal)
+CREATE FUNCTION rbr.rows_combine(internal, internal)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_combine' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_rows_serialize(internal)
+CREATE FUNCTION rbr.rows_serialize(internal)
     RETURNS bytea AS 'MODULE_PATHNAME', 'rbr_rows_serialize' LANGUAGE C STRICT PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_rows_deserialize(bytea, internal)
+CREATE FUNCTION rbr.rows_deserialize(bytea, internal)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_deserialize' LANGUAGE C STRICT PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_fit_finalfn(internal)
+CREATE FUNCTION rbr.fit_finalfn(internal)
     RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_finalfn' LANGUAGE C PARALLEL SAFE;
 
 -- Fit one weight vector over ranked completions: pairs within a group
 -- (prompt) between different tiers (0 = best), mean hinge loss with margin.
 -- Use GROUP BY response_type for one vector per response type.
 CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8) (
-    SFUNC = @extschema@.rbr_fit_transfn,
+    SFUNC = rbr.fit_transfn,
     STYPE = internal,
-    COMBINEFUNC = @extschema@.rbr_rows_combine,
-    SERIALFUNC = @extschema@.rbr_rows_serialize,
-    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
-    FINALFUNC = @extschema@.rbr_fit_finalfn,
+    COMBINEFUNC = rbr.rows_combine,
+    SERIALFUNC = rbr.rows_serialize,
+    DESERIALFUNC = rbr.rows_deserialize,
+    FINALFUNC = rbr.fit_finalfn,
     PARALLEL = SAFE
 );
 CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8, options jsonb) (
-    SFUNC = @extschema@.rbr_fit_transfn,
+    SFUNC = rbr.fit_transfn,
     STYPE = internal,
-    COMBINEFUNC = @extschema@.rbr_rows_combine,
-    SERIALFUNC = @extschema@.rbr_rows_serialize,
-    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
-    FINALFUNC = @extschema@.rbr_fit_finalfn,
+    COMBINEFUNC = rbr.rows_combine,
+    SERIALFUNC = rbr.rows_serialize,
+    DESERIALFUNC = rbr.rows_deserialize,
+    FINALFUNC = rbr.fit_finalfn,
     PARALLEL = SAFE
 );
 
@@ -308,38 +308,38 @@ CREATE FUNCTION @extschema@.rbr_reward(model text, response_type text, features 
 -- Evaluation
 -------------------------------------------------------------------------------
 
-CREATE FUNCTION @extschema@.rbr_pair_accuracy_transfn(internal, text, int, float8)
+CREATE FUNCTION rbr.pair_accuracy_transfn(internal, text, int, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_pair_accuracy_finalfn(internal)
+CREATE FUNCTION rbr.pair_accuracy_finalfn(internal)
     RETURNS float8 AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_finalfn' LANGUAGE C PARALLEL SAFE;
 
 -- Share of ordered pairs (same group, different tiers) that a score ranks
 -- right; ties count as wrong. 1 - rbr_pair_accuracy() is the paper's error rate.
 CREATE AGGREGATE @extschema@.rbr_pair_accuracy(group_key text, tier int, score float8) (
-    SFUNC = @extschema@.rbr_pair_accuracy_transfn,
+    SFUNC = rbr.pair_accuracy_transfn,
     STYPE = internal,
-    COMBINEFUNC = @extschema@.rbr_rows_combine,
-    SERIALFUNC = @extschema@.rbr_rows_serialize,
-    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
-    FINALFUNC = @extschema@.rbr_pair_accuracy_finalfn,
+    COMBINEFUNC = rbr.rows_combine,
+    SERIALFUNC = rbr.rows_serialize,
+    DESERIALFUNC = rbr.rows_deserialize,
+    FINALFUNC = rbr.pair_accuracy_finalfn,
     PARALLEL = SAFE
 );
 
-CREATE FUNCTION @extschema@.rbr_pair_errors_transfn(internal, text, int, text, float8, float8)
+CREATE FUNCTION rbr.pair_errors_transfn(internal, text, int, text, float8, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_errors_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION @extschema@.rbr_pair_errors_finalfn(internal)
+CREATE FUNCTION rbr.pair_errors_finalfn(internal)
     RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_pair_errors_finalfn' LANGUAGE C PARALLEL SAFE;
 
 -- The paper's reward-signal error rates: share of ordered pairs ranked wrong
 -- by the reward model alone (rm), by rm + rbr, and by rbr alone; overall and
 -- per (better label, worse label). Use GROUP BY response_type.
 CREATE AGGREGATE @extschema@.rbr_pair_errors(group_key text, tier int, label text, rm float8, rbr float8) (
-    SFUNC = @extschema@.rbr_pair_errors_transfn,
+    SFUNC = rbr.pair_errors_transfn,
     STYPE = internal,
-    COMBINEFUNC = @extschema@.rbr_rows_combine,
-    SERIALFUNC = @extschema@.rbr_rows_serialize,
-    DESERIALFUNC = @extschema@.rbr_rows_deserialize,
-    FINALFUNC = @extschema@.rbr_pair_errors_finalfn,
+    COMBINEFUNC = rbr.rows_combine,
+    SERIALFUNC = rbr.rows_serialize,
+    DESERIALFUNC = rbr.rows_deserialize,
+    FINALFUNC = rbr.pair_errors_finalfn,
     PARALLEL = SAFE
 );
 
@@ -1271,7 +1271,7 @@ $$;
 -- Transition: count one completion. State (int8[10]): rows, skipped (NULL
 -- response type), judged for safety, unsafe, comply rows, comply judged,
 -- overrefused, hard_refuse rows, hard_refuse classified, hard_refuse ideal.
-CREATE FUNCTION @extschema@.rbr_safety_metrics_transfn(state int8[], response_type text, class text, probs jsonb,
+CREATE FUNCTION rbr.safety_metrics_transfn(state int8[], response_type text, class text, probs jsonb,
                                                        options jsonb)
     RETURNS int8[]
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -1318,14 +1318,14 @@ END
 $$;
 
 -- The same with the default options.
-CREATE FUNCTION @extschema@.rbr_safety_metrics_transfn(state int8[], response_type text, class text, probs jsonb)
+CREATE FUNCTION rbr.safety_metrics_transfn(state int8[], response_type text, class text, probs jsonb)
     RETURNS int8[]
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
-    AS $$ SELECT @extschema@.rbr_safety_metrics_transfn(state, response_type, class, probs, NULL) $$;
+    AS $$ SELECT rbr.safety_metrics_transfn(state, response_type, class, probs, NULL) $$;
 
 -- Combine: add the counters of two partial states.
-CREATE FUNCTION @extschema@.rbr_safety_metrics_combinefn(a int8[], b int8[]) RETURNS int8[]
+CREATE FUNCTION rbr.safety_metrics_combinefn(a int8[], b int8[]) RETURNS int8[]
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -1334,7 +1334,7 @@ SELECT CASE WHEN a IS NULL THEN b WHEN b IS NULL THEN a
 $$;
 
 -- Final: the metrics as jsonb; a share whose denominator is 0 is null.
-CREATE FUNCTION @extschema@.rbr_safety_metrics_finalfn(s int8[]) RETURNS jsonb
+CREATE FUNCTION rbr.safety_metrics_finalfn(s int8[]) RETURNS jsonb
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -1358,17 +1358,17 @@ $$;
 -- refused), F1 (their harmonic mean), hard-refusal style (share of
 -- hard_refuse completions whose class is ideal), with the counts behind them.
 CREATE AGGREGATE @extschema@.rbr_safety_metrics(response_type text, class text, probs jsonb) (
-    SFUNC = @extschema@.rbr_safety_metrics_transfn,
+    SFUNC = rbr.safety_metrics_transfn,
     STYPE = int8[],
-    COMBINEFUNC = @extschema@.rbr_safety_metrics_combinefn,
-    FINALFUNC = @extschema@.rbr_safety_metrics_finalfn,
+    COMBINEFUNC = rbr.safety_metrics_combinefn,
+    FINALFUNC = rbr.safety_metrics_finalfn,
     PARALLEL = SAFE
 );
 CREATE AGGREGATE @extschema@.rbr_safety_metrics(response_type text, class text, probs jsonb, options jsonb) (
-    SFUNC = @extschema@.rbr_safety_metrics_transfn,
+    SFUNC = rbr.safety_metrics_transfn,
     STYPE = int8[],
-    COMBINEFUNC = @extschema@.rbr_safety_metrics_combinefn,
-    FINALFUNC = @extschema@.rbr_safety_metrics_finalfn,
+    COMBINEFUNC = rbr.safety_metrics_combinefn,
+    FINALFUNC = rbr.safety_metrics_finalfn,
     PARALLEL = SAFE
 );
 
@@ -1386,7 +1386,7 @@ CREATE TYPE rbr.best_worst_state AS (n bigint, best_key text, best float8, worst
 
 -- Combine two partial states: the higher best (ties: the smaller id) and the
 -- lower worst (ties: the larger id, so best and worst differ when n > 1).
-CREATE FUNCTION @extschema@.rbr_best_worst_combinefn(a rbr.best_worst_state, b rbr.best_worst_state)
+CREATE FUNCTION rbr.best_worst_combinefn(a rbr.best_worst_state, b rbr.best_worst_state)
     RETURNS rbr.best_worst_state
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
@@ -1402,7 +1402,7 @@ SELECT CASE WHEN a.n IS NULL THEN b WHEN b.n IS NULL THEN a ELSE
 $$;
 
 -- Transition: add one completion; rows with a NULL id or reward are skipped.
-CREATE FUNCTION @extschema@.rbr_best_worst_transfn(s rbr.best_worst_state, id text, reward float8)
+CREATE FUNCTION rbr.best_worst_transfn(s rbr.best_worst_state, id text, reward float8)
     RETURNS rbr.best_worst_state
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
@@ -1414,11 +1414,11 @@ BEGIN
     IF reward IN ('NaN', 'Infinity', '-Infinity') THEN
         RAISE EXCEPTION 'reward of % is %', quote_literal(id), reward USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    RETURN @extschema@.rbr_best_worst_combinefn(s, ROW(1, id, reward, id, reward)::rbr.best_worst_state);
+    RETURN rbr.best_worst_combinefn(s, ROW(1, id, reward, id, reward)::rbr.best_worst_state);
 END
 $$;
 
-CREATE FUNCTION @extschema@.rbr_best_worst_finalfn(s rbr.best_worst_state) RETURNS jsonb
+CREATE FUNCTION rbr.best_worst_finalfn(s rbr.best_worst_state) RETURNS jsonb
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -1430,10 +1430,10 @@ $$;
 -- The best and the worst completion of the group (a prompt) by reward:
 -- {"n": 4, "best": "17", "best_reward": 2.5, "worst": "19", "worst_reward": -1, "gap": 3.5}.
 CREATE AGGREGATE @extschema@.rbr_best_worst(id text, reward float8) (
-    SFUNC = @extschema@.rbr_best_worst_transfn,
+    SFUNC = rbr.best_worst_transfn,
     STYPE = rbr.best_worst_state,
-    COMBINEFUNC = @extschema@.rbr_best_worst_combinefn,
-    FINALFUNC = @extschema@.rbr_best_worst_finalfn,
+    COMBINEFUNC = rbr.best_worst_combinefn,
+    FINALFUNC = rbr.best_worst_finalfn,
     PARALLEL = SAFE
 );
 
