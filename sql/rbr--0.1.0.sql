@@ -927,6 +927,12 @@ CREATE FUNCTION rbr.featurize_finish(run_id bigint) RETURNS void
      WHERE f.run_id = featurize_finish.run_id;
 $$;
 
+-- ERROR with a hint when rbr_featurize is called where it cannot commit
+-- (inside BEGIN ... COMMIT, or in a subtransaction).
+CREATE FUNCTION rbr.featurize_check_transaction() RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_featurize_check_transaction'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
 -- Grade every missing value of a source table, committing per chunk.
 -- CALL it outside an explicit transaction block (it commits). Safe to
 -- cancel, to kill, to rerun (only missing values are graded) and to run from
@@ -941,6 +947,7 @@ CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options
 DECLARE
     run bigint;
 BEGIN
+    PERFORM rbr.featurize_check_transaction();
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
     WHILE rbr.featurize_chunk(run) > 0 LOOP

@@ -30,6 +30,7 @@
 #include <math.h>
 
 #include "catalog/pg_type.h"
+#include "access/xact.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "utils/array.h"
@@ -1071,4 +1072,28 @@ rbr_grader_stats(PG_FUNCTION_ARGS)
 	appendStringInfo(&buf, ", \"token_parameter\": \"%s\"}",
 					 rbr_grader_token_param() == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens");
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+PG_FUNCTION_INFO_V1(rbr_featurize_check_transaction);
+/*
+ * rbr.featurize_check_transaction(): ERROR unless rbr_featurize can commit
+ * per chunk, i.e. it was not called inside a transaction block or a
+ * subtransaction (a PL/pgSQL block with an EXCEPTION clause).
+ */
+Datum
+rbr_featurize_check_transaction(PG_FUNCTION_ARGS)
+{
+	if (IsSubTransaction())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("rbr_featurize cannot run inside a subtransaction"),
+				 errdetail("It commits after every chunk of rows, which a block with an EXCEPTION clause or a savepoint does not allow."),
+				 errhint("CALL rbr_featurize(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.")));
+	if (IsTransactionBlock())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("rbr_featurize cannot run inside a transaction block"),
+				 errdetail("It commits after every chunk of rows, so that a cancelled or crashed run keeps the work done."),
+				 errhint("CALL rbr_featurize(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).")));
+	PG_RETURN_VOID();
 }
