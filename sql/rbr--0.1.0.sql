@@ -437,6 +437,8 @@ $$;
 --   GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
 --         rbr_grade_many(text, text[], jsonb[], text[]) TO grader_role;
 --   GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO grader_role;
+--   GRANT EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb),
+--         rbr.featurize_chunk(bigint), rbr.featurize_finish(bigint) TO grader_role;
 --   GRANT SELECT, INSERT ON rbr.grade_cache TO grader_role;
 --   GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO grader_role;
 --   GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO grader_role;
