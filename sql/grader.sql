@@ -104,3 +104,25 @@ SELECT (s->>'live_easy_handles')::int AS live_easy_handles, s->'active_batch' AS
   FROM rbr_grader_stats() s;
 RESET rbr.grader_url;
 RESET rbr.grader_max_retries;
+
+-- rbr_featurize commits per chunk: inside a transaction block or a
+-- subtransaction it stops up front with a hint, before touching anything
+CREATE TABLE feat_t (id int PRIMARY KEY, prompt text, completion text, response_type text);
+\set SHOW_CONTEXT never
+BEGIN;
+CALL rbr_featurize('feat_t', 'grader_t');
+ROLLBACK;
+DO $$
+BEGIN
+    CALL rbr_featurize('feat_t', 'grader_t');
+EXCEPTION WHEN invalid_transaction_state THEN
+    RAISE WARNING '% (%)', SQLERRM, SQLSTATE;
+END
+$$;
+\set SHOW_CONTEXT errors
+SELECT count(*) AS runs FROM rbr.featurize_run;
+SELECT to_regclass('feat_t_features') AS features_table;
+-- on its own it runs (an empty table: nothing to grade)
+CALL rbr_featurize('feat_t', 'grader_t');
+SELECT state, total FROM rbr.featurize_progress;
+DROP TABLE feat_t, feat_t_features, feat_t_grades;

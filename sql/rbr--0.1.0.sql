@@ -444,6 +444,8 @@ $$;
 --   GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
 --         rbr_grade_many(text, text[], jsonb[], text[]) TO grader_role;
 --   GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO grader_role;
+--   GRANT EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb),
+--         rbr.featurize_chunk(bigint), rbr.featurize_finish(bigint) TO grader_role;
 --   GRANT SELECT, INSERT ON rbr.grade_cache TO grader_role;
 --   GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO grader_role;
 --   GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO grader_role;
@@ -499,12 +501,20 @@ CREATE FUNCTION @extschema@.rbr_grader_stats() RETURNS jsonb
 -------------------------------------------------------------------------------
 -- Bulk grading: CALL rbr_featurize(source, policy, options)
 -------------------------------------------------------------------------------
--- Grades every (row, simple proposition) value of a source table that is
--- still missing into <source>_features (one float8 column per simple
--- proposition, then per class; NULL = not graded yet) and records each
--- answer or error in <source>_grades. Work is claimed in chunks of rows with
--- FOR UPDATE SKIP LOCKED and committed per chunk, so a run can be cancelled
--- or crash and be resumed, and several sessions can share one table.
+-- Grades the (row, simple proposition) values of a source table that are
+-- needed and still missing into <source>_features (one float8 column per
+-- simple proposition, then per class) and records each answer or error in
+-- <source>_grades. Needed, by default: the simple propositions the row's
+-- response type needs, i.e. those its classes reach plus those its feature
+-- list reaches (rbr_policy_info()->'response_types'->rt->'graded_propositions');
+-- option {"propositions": "all"} grades every simple proposition of every row.
+-- A NULL value therefore means either "not needed for this response type"
+-- (the proposition is not in the row's graded_propositions: never graded, no
+-- <source>_grades row) or "not graded yet" (it is: no grade row, or an
+-- 'error' one). Progress counts only needed values. Work is claimed in chunks
+-- of rows with FOR UPDATE SKIP LOCKED and committed per chunk, so a run can
+-- be cancelled or crash and be resumed, and several sessions can share one
+-- table.
 
 -- One row per rbr_featurize call; updated after every chunk.
 CREATE TABLE rbr.featurize_run (
@@ -516,7 +526,7 @@ CREATE TABLE rbr.featurize_run (
     options           jsonb       NOT NULL,
     pid               int         NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
     state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
-    total_values      bigint      NOT NULL,     -- missing values when the run started
+    total_values      bigint      NOT NULL,     -- missing needed values when the run started
     done_values       bigint      NOT NULL DEFAULT 0,
     error_values      bigint      NOT NULL DEFAULT 0,
     cached_values     bigint      NOT NULL DEFAULT 0,
@@ -553,6 +563,41 @@ CREATE VIEW rbr.featurize_progress AS
            r.chunks, r.started_at, r.updated_at, r.finished_at
       FROM rbr.featurize_run r;
 
+-- SQL text of an expression over the features row f (and source row s) that
+-- depends on which simple propositions a row needs: wrap (a format with one
+-- %s) around the propositions' 'each' (a format with %1$I) joined by sep.
+-- mode 'needed': a CASE on the folded response type rt_expr with one branch
+-- per response type (its graded_propositions), otherwise for any other; mode
+-- 'all': every simple proposition whatever the response type.
+CREATE FUNCTION rbr.featurize_need_sql(info jsonb, mode text, rt_expr text, each text, sep text,
+                                       wrap text, otherwise text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT CASE WHEN mode = 'all' THEN
+               format(wrap, (SELECT string_agg(format(each, x), sep ORDER BY n)
+                               FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n)))
+           ELSE
+               'CASE ' || rt_expr || COALESCE((
+                   SELECT string_agg(format(' WHEN %L THEN ', r.key) ||
+                                     CASE WHEN jsonb_array_length(r.value->'graded_propositions') = 0 THEN otherwise
+                                          ELSE format(wrap, (SELECT string_agg(format(each, x), sep ORDER BY n)
+                                                               FROM jsonb_array_elements_text(r.value->'graded_propositions')
+                                                                    WITH ORDINALITY e(x, n))) END,
+                                     '' ORDER BY r.key)
+                     FROM jsonb_each(info->'response_types') r), '') || ' ELSE ' || otherwise || ' END'
+           END
+$$;
+
+-- A response type as the policy names it: lower case, runs of spaces, tabs,
+-- hyphens and underscores folded to one underscore, none at the ends.
+CREATE FUNCTION rbr.fold_name_sql(col text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT format('lower(btrim(regexp_replace(%s::text, ''[ \t_-]+'', ''_'', ''g''), ''_''))', col)
+$$;
+
 -- Set up a run: check the source and options, create or extend the feature
 -- and status tables, add a features row per source row, record the run.
 CREATE FUNCTION rbr.featurize_start(source regclass, policy text, options jsonb) RETURNS bigint
@@ -571,6 +616,9 @@ DECLARE
     rcol text := COALESCE(options->>'response_type_column', 'response_type');
     chunk int;
     mode text := COALESCE(options->>'class_mode', 'product');
+    which text := COALESCE(options->>'propositions', 'needed');
+    rt_expr text;
+    unknown_rt bigint;
     ftab text;
     gtab text;
     cols text[];
@@ -588,10 +636,15 @@ BEGIN
         RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
-     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode');
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode.';
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions.';
+    END IF;
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
     END IF;
     BEGIN
         chunk := COALESCE((options->>'chunk_rows')::int, 64);
@@ -671,15 +724,26 @@ BEGIN
     EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
                    ftab, keycol, keycol, source);
 
-    SELECT string_agg(format('f.%I', x), ', ') INTO nulls_expr
-      FROM jsonb_array_elements_text(info->'simple_propositions') x;
-    EXECUTE format('SELECT COALESCE(sum(num_nulls(%s)), 0) FROM %s f JOIN %s s ON s.%I = f.%I',
+    -- the needed values still missing, counted per row's response type
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    nulls_expr := rbr.featurize_need_sql(info, which, rt_expr, 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f JOIN %s s ON s.%I = f.%I',
                    nulls_expr, ftab, source, keycol, keycol) INTO total;
+    IF which = 'needed' THEN
+        EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+            INTO unknown_rt USING info->'response_types';
+        IF unknown_rt > 0 THEN
+            RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
+                source, unknown_rt, polref
+                USING HINT = format('Its response types are %s. Fix column %I, or pass {"propositions": "all"} to grade every simple proposition of every row.',
+                                    (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k), rcol);
+        END IF;
+    END IF;
     INSERT INTO rbr.featurize_run (source, features_table, grades_table, policy, options, total_values)
         VALUES (source, ftab, gtab, polref,
                 jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
                                    'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                   'key_column', keycol, 'key_type', keytype),
+                                   'propositions', which, 'key_column', keycol, 'key_type', keytype),
                 total)
         RETURNING run_id INTO run;
     RETURN run;
@@ -747,7 +811,10 @@ BEGIN
     info := @extschema@.rbr_policy_info(r.policy);
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
-    SELECT string_agg(format('f.%I IS NULL', x), ' OR ') INTO nulls_cond FROM unnest(props) x;
+    -- a row is claimed while one of its needed values is missing
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'),
+                                         rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+                                         'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
 
     SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
      WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
@@ -763,17 +830,24 @@ BEGIN
                        ELSE format('s.%I::text', o->>'completion_column') END;
 
     claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur, %2$s AS prompt, %3$s AS completion,'
-                    ' s.%4$I::text AS rt FROM %5$s f JOIN %6$s s ON s.%1$I = f.%1$I'
+                    ' %4$s AS rt FROM %5$s f JOIN %6$s s ON s.%1$I = f.%1$I'
                     ' WHERE ($1 IS NULL OR f.%1$I > $1::%7$s) AND (%8$s)'
                     ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
-                    keycol, prompt_expr, compl_expr, o->>'response_type_column',
+                    keycol, prompt_expr, compl_expr,
+                    rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
                     r.features_table, r.source, keytype, nulls_cond);
     FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
         nrows := nrows + 1;
         keys := keys || rec.key;
         rts := rts || rec.rt;
         vals := vals || '{}'::jsonb;
-        FOREACH p IN ARRAY props LOOP
+        IF COALESCE(o->>'propositions', 'needed') = 'all' THEN
+            needed := props;
+        ELSE
+            SELECT COALESCE(array_agg(x), '{}') INTO needed
+              FROM jsonb_array_elements_text(info->'response_types'->rec.rt->'graded_propositions') x;
+        END IF;
+        FOREACH p IN ARRAY needed LOOP
             IF rec.cur->p = 'null'::jsonb AND rec.completion IS NOT NULL AND rec.prompt IS NOT NULL THEN
                 q_idx := q_idx || nrows;
                 q_prop := q_prop || p;
@@ -821,7 +895,7 @@ BEGIN
         EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
                        r.features_table, upd_props, keycol, keytype)
             INTO cur USING keys[i], vals[i];
-        rt := lower(btrim(regexp_replace(rts[i], '[ \t_-]+', '_', 'g'), '_'));
+        rt := rts[i];
         IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
             CONTINUE;
         END IF;
@@ -862,19 +936,27 @@ CREATE FUNCTION rbr.featurize_finish(run_id bigint) RETURNS void
      WHERE f.run_id = featurize_finish.run_id;
 $$;
 
+-- ERROR with a hint when rbr_featurize is called where it cannot commit
+-- (inside BEGIN ... COMMIT, or in a subtransaction).
+CREATE FUNCTION rbr.featurize_check_transaction() RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_featurize_check_transaction'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
 -- Grade every missing value of a source table, committing per chunk.
 -- CALL it outside an explicit transaction block (it commits). Safe to
 -- cancel, to kill, to rerun (only missing values are graded) and to run from
 -- several sessions at once on one table.
 -- options: prompt_column, completion_column, response_type_column (column
 -- names; default prompt, completion, response_type), chunk_rows (64),
--- class_mode ('product' or 'exact').
+-- class_mode ('product' or 'exact'), propositions ('needed': what each row's
+-- response type needs, the default; 'all': every simple proposition).
 CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
     LANGUAGE plpgsql
     AS $$
 DECLARE
     run bigint;
 BEGIN
+    PERFORM rbr.featurize_check_transaction();
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
     WHILE rbr.featurize_chunk(run) > 0 LOOP

@@ -17,6 +17,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 
 #include "grader.h"
 
@@ -112,51 +113,88 @@ rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attri
 	SPI_finish();
 }
 
-/* Store the answers just received (ok and not from the cache). */
-void
-rbr_cache_store(RbrGradeJob *jobs, int njobs, const char *const *props)
+/* A one-dimensional array of n Datums (NULL where nulls[i]) of one type. */
+static Datum
+datum_array(Datum *d, bool *nulls, int n, Oid type)
 {
-	Oid			argtypes[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
-	SPIPlanPtr	plan = NULL;
-	bool		any = false;
+	int16		len;
+	bool		byval;
+	char		align;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
 
-	for (int i = 0; i < njobs; i++)
-		any |= jobs[i].result.ok && !jobs[i].result.cached;
-	if (!any)
-		return;
-	SPI_connect();
-	plan = SPI_prepare("INSERT INTO rbr.grade_cache "
-					   "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
-					   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key) DO NOTHING",
-					   8, argtypes);
-	if (plan == NULL)
-		elog(ERROR, "rbr: could not prepare the cache insert: %s", SPI_result_code_string(SPI_result));
-	for (int i = 0; i < njobs; i++)
+	get_typlenbyvalalign(type, &len, &byval, &align);
+	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs, type, len, byval, align));
+}
+
+/*
+ * Store the answers just received (ok and not from the cache) of the jobs
+ * jobs[idx[0 .. n-1]]: one INSERT of them all.
+ */
+void
+rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props)
+{
+	Oid			argtypes[8] = {BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
+	TEXTARRAYOID, FLOAT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID};
+	Oid			elemtypes[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
+	Datum	   *v[8];
+	bool	   *nulls[8];
+	Datum		args[8];
+	int			m = 0;
+	int			ret;
+
+	for (int c = 0; c < 8; c++)
 	{
-		RbrGradeResult *r = &jobs[i].result;
-		Datum		v[8];
-		char		nulls[8] = "        ";
-		int			ret;
+		v[c] = palloc(sizeof(Datum) * Max(n, 1));
+		nulls[c] = palloc0(sizeof(bool) * Max(n, 1));
+	}
+	for (int k = 0; k < n; k++)
+	{
+		RbrGradeJob *job = &jobs[idx[k]];
+		RbrGradeResult *r = &job->result;
 
 		if (!r->ok || r->cached)
 			continue;
-		v[0] = key_datum(jobs[i].key);
-		v[1] = CStringGetTextDatum(r->model ? r->model : rbr_grader_model);
-		v[2] = CStringGetTextDatum(props[i]);
-		v[3] = Float8GetDatum(r->probability);
-		v[4] = CStringGetTextDatum(r->method);
-		v[5] = Float8GetDatum(r->yes_no_mass);
-		if (isnan(r->yes_no_mass))
-			nulls[5] = 'n';
-		v[6] = Int32GetDatum(r->prompt_tokens);
-		if (r->prompt_tokens < 0)
-			nulls[6] = 'n';
-		v[7] = Int32GetDatum(r->completion_tokens);
-		if (r->completion_tokens < 0)
-			nulls[7] = 'n';
-		ret = SPI_execute_plan(plan, v, nulls, false, 0);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "rbr: cache insert failed: %s", SPI_result_code_string(ret));
+		v[0][m] = key_datum(job->key);
+		v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_grader_model);
+		v[2][m] = CStringGetTextDatum(props[idx[k]]);
+		v[3][m] = Float8GetDatum(r->probability);
+		v[4][m] = CStringGetTextDatum(r->method);
+		v[5][m] = Float8GetDatum(r->yes_no_mass);
+		nulls[5][m] = isnan(r->yes_no_mass);
+		v[6][m] = Int32GetDatum(r->prompt_tokens);
+		nulls[6][m] = r->prompt_tokens < 0;
+		v[7][m] = Int32GetDatum(r->completion_tokens);
+		nulls[7][m] = r->completion_tokens < 0;
+		m++;
 	}
+	if (m == 0)
+		return;
+	for (int c = 0; c < 8; c++)
+		args[c] = datum_array(v[c], nulls[c], m, elemtypes[c]);
+
+	SPI_connect();
+	ret = SPI_execute_with_args("INSERT INTO rbr.grade_cache "
+								"(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
+								"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+								"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
+								"pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8)) "
+								"ON CONFLICT (key) DO NOTHING",
+								8, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "rbr: cache insert failed: %s", SPI_result_code_string(ret));
 	SPI_finish();
+	for (int k = 0; k < m; k++)
+	{
+		pfree(DatumGetPointer(v[0][k]));
+		pfree(DatumGetPointer(v[1][k]));
+		pfree(DatumGetPointer(v[2][k]));
+		pfree(DatumGetPointer(v[4][k]));
+	}
+	for (int c = 0; c < 8; c++)
+	{
+		pfree(v[c]);
+		pfree(nulls[c]);
+		pfree(DatumGetPointer(args[c]));
+	}
 }

@@ -108,45 +108,23 @@ class_exact_prob(RbrPolicy *pol, RbrClassDef *def, const double *p)
 	return total;
 }
 
-/* Mark the simple propositions a proposition reaches (itself if simple). */
-static void
-mark_reached(RbrPolicy *pol, int prop, bool *need)
-{
-	RbrProp    *p = &pol->props[prop];
-
-	if (!p->derived)
-		need[prop] = true;
-	else
-		for (int i = 0; i < p->nlits; i++)
-			mark_reached(pol, p->lits[i].prop, need);
-}
-
 /* ERROR listing the simple propositions a response type needs but lacks. */
 void
 rbr_require_props(RbrPolicy *pol, RbrRespType *rt, const double *p, bool for_features)
 {
 	StringInfoData missing;
 	int			nmissing = 0;
-	bool	   *need = palloc0(sizeof(bool) * pol->nprops);
-
-	for (int i = 0; i < rt->nneeded; i++)
-		need[rt->needed[i]] = true;
-	if (for_features)
-	{
-		/* explicit feature lists may name propositions the classes do not */
-		for (int f = 0; f < rt->nfeatures; f++)
-			if (rt->features[f].kind == RBR_FEATURE_PROP)
-				mark_reached(pol, rt->features[f].index, need);
-	}
+	/* explicit feature lists may name propositions the classes do not */
+	int			nneed = for_features ? rt->ngraded : rt->nneeded;
+	const int  *need = for_features ? rt->graded : rt->needed;
 
 	initStringInfo(&missing);
-	for (int i = 0; i < pol->nsimple; i++)
-		if (need[i] && isnan(p[i]))
+	for (int i = 0; i < nneed; i++)
+		if (isnan(p[need[i]]))
 		{
-			appendStringInfo(&missing, "%s%s", nmissing ? ", " : "", pol->props[i].name);
+			appendStringInfo(&missing, "%s%s", nmissing ? ", " : "", pol->props[need[i]].name);
 			nmissing++;
 		}
-	pfree(need);
 	if (nmissing > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -30,6 +30,7 @@
 #include <math.h>
 
 #include "catalog/pg_type.h"
+#include "access/xact.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "utils/array.h"
@@ -38,6 +39,7 @@
 #include "utils/builtins.h"
 #undef json_object
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -537,20 +539,22 @@ rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 {
 	double		yes = 0,
 				no = 0,
-				smallest = 1.0;
+				smallest;
+	double		lowest = 0.0;	/* log of the smallest probability listed */
 
 	for (int i = 0; i < n; i++)
 	{
-		double		p = exp(logprobs[i]);
+		double		lp = logprobs[i];
 
-		if (!isfinite(p))
+		if (!(lp <= 709.0))		/* NaN, or exp() would overflow */
 			continue;
-		smallest = Min(smallest, p);
+		lowest = Min(lowest, lp);
 		if (token_is(tokens[i], "yes"))
-			yes += p;
+			yes += exp(lp);
 		else if (token_is(tokens[i], "no"))
-			no += p;
+			no += exp(lp);
 	}
+	smallest = exp(lowest);
 	*mass = yes + no;
 	*found = (yes > 0 || no > 0);
 	if (!*found)
@@ -781,70 +785,143 @@ rbr_grader_error_reason(long status, const char *body, size_t len, char **param,
  * Grading: cache, then the network
  * ------------------------------------------------------------------------- */
 
-/* qsort comparator of job indexes by cache key */
-static RbrGradeJob *sort_jobs;
-static int
-cmp_key(const void *a, const void *b)
+/* One grade_all() call: its questions, jobs and the keys seen so far. */
+typedef struct RbrGradeRun
 {
-	return memcmp(sort_jobs[*(const int *) a].key, sort_jobs[*(const int *) b].key, 32);
+	RbrPolicy  *pol;
+	const int  *props;
+	Jsonb	  **prompts;
+	char	  **completions;
+	RbrGradeJob *jobs;
+	int			n;
+	const char **names;			/* proposition name per job */
+	int		   *leader;			/* job asking the same question first, or -1 */
+	HTAB	   *seen;			/* cache key -> first job with it */
+	int			window;			/* jobs made ready at once */
+} RbrGradeRun;
+
+typedef struct RbrSeenKey
+{
+	uint8		key[32];
+	int			job;
+} RbrSeenKey;
+
+/*
+ * Feed: make the next window of jobs ready. Build each request and its key;
+ * a question already asked in this call waits for that one's answer; the
+ * others are looked up in the cache (one query per window).
+ */
+static void
+grade_prepare(void *arg, int *ready)
+{
+	RbrGradeRun *g = (RbrGradeRun *) arg;
+	int			from = *ready;
+	int			to = Min(g->n, from + g->window);
+
+	for (int i = from; i < to; i++)
+	{
+		RbrGradeJob *job = &g->jobs[i];
+		RbrSeenKey *e;
+		bool		found;
+
+		job->messages_json = rbr_grader_messages_json(g->pol, g->props[i], g->prompts[i],
+													  g->completions[i]);
+		job->result.prompt_tokens = job->result.completion_tokens = -1;
+		job->result.yes_no_mass = NAN;
+		g->names[i] = g->pol->props[g->props[i]].name;
+		rbr_cache_key(job);
+		e = hash_search(g->seen, job->key, HASH_ENTER, &found);
+		if (found)
+		{
+			g->leader[i] = e->job;
+			job->done = true;
+		}
+		else
+		{
+			e->job = i;
+			g->leader[i] = -1;
+		}
+	}
+	rbr_cache_lookup(g->jobs + from, to - from, g->names + from);
+	for (int i = from; i < to; i++)
+		if (g->jobs[i].done)
+		{
+			/* answered from the cache or by another job: never sent */
+			pfree(g->jobs[i].messages_json);
+			g->jobs[i].messages_json = NULL;
+		}
+	*ready = to;
+}
+
+/* Feed: jobs that ended; cache the new answers. */
+static void
+grade_ended(void *arg, const int *idx, int n)
+{
+	RbrGradeRun *g = (RbrGradeRun *) arg;
+
+	rbr_cache_store(g->jobs, idx, n, g->names);
+	for (int k = 0; k < n; k++)
+	{
+		RbrGradeJob *job = &g->jobs[idx[k]];
+
+		if (job->messages_json != NULL)
+		{
+			pfree(job->messages_json);
+			job->messages_json = NULL;
+		}
+	}
 }
 
 /*
  * Grade n questions: answers from the cache cost nothing, identical questions
  * are asked once, the rest go to the grader concurrently; new answers are
- * cached. Returns the jobs with their results.
+ * cached. Building requests, cache look-ups and cache writes are done a
+ * window at a time while other requests are in flight. Returns the jobs with
+ * their results.
  */
 static RbrGradeJob *
 grade_all(RbrPolicy *pol, int n, const int *props, Jsonb **prompts, char **completions)
 {
-	RbrGradeJob *jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
-	const char **names = palloc(sizeof(char *) * Max(n, 1));
-	int		   *order = palloc(sizeof(int) * Max(n, 1));
-	int		   *leader = palloc(sizeof(int) * Max(n, 1));
+	RbrGradeRun g;
+	HASHCTL		hctl;
+	RbrHttpFeed feed;
+
+	g.pol = pol;
+	g.props = props;
+	g.prompts = prompts;
+	g.completions = completions;
+	g.n = n;
+	g.jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
+	g.names = palloc0(sizeof(char *) * Max(n, 1));
+	g.leader = palloc(sizeof(int) * Max(n, 1));
+	g.window = Max(16, Min(rbr_grader_max_in_flight, 256));
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = 32;
+	hctl.entrysize = sizeof(RbrSeenKey);
+	hctl.hcxt = CurrentMemoryContext;
+	g.seen = hash_create("rbr grader keys", Max(n, 16), &hctl,
+						 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	feed.prepare = grade_prepare;
+	feed.ended = grade_ended;
+	feed.arg = &g;
+
+	rbr_http_run(g.jobs, n, &feed);
 
 	for (int i = 0; i < n; i++)
-	{
-		jobs[i].messages_json = rbr_grader_messages_json(pol, props[i], prompts[i], completions[i]);
-		jobs[i].result.prompt_tokens = jobs[i].result.completion_tokens = -1;
-		jobs[i].result.yes_no_mass = NAN;
-		names[i] = pol->props[props[i]].name;
-		rbr_cache_key(&jobs[i]);
-		order[i] = i;
-		leader[i] = -1;
-	}
-	rbr_cache_lookup(jobs, n, names);
-
-	/* identical questions: ask the first, copy to the others */
-	sort_jobs = jobs;
-	qsort(order, n, sizeof(int), cmp_key);
-	for (int k = 1; k < n; k++)
-	{
-		int			i = order[k],
-					prev = order[k - 1];
-		int			lead = leader[prev] >= 0 ? leader[prev] : prev;
-
-		if (memcmp(jobs[i].key, jobs[lead].key, 32) == 0 && !jobs[i].done)
+		if (g.leader[i] >= 0)
 		{
-			leader[i] = lead;
-			jobs[i].done = true;
-		}
-	}
+			RbrGradeJob *lead = &g.jobs[g.leader[i]];
 
-	rbr_http_run(jobs, n);
-
-	for (int i = 0; i < n; i++)
-		if (leader[i] >= 0)
-		{
-			jobs[i].result = jobs[leader[i]].result;
-			jobs[i].result.attempts = 0;
-			jobs[i].result.prompt_tokens = jobs[i].result.completion_tokens = 0;
-			jobs[i].result.cached = jobs[leader[i]].result.ok;
+			g.jobs[i].result = lead->result;
+			g.jobs[i].result.attempts = 0;
+			g.jobs[i].result.prompt_tokens = g.jobs[i].result.completion_tokens = 0;
+			g.jobs[i].result.cached = lead->result.ok;
 		}
 	for (int i = 0; i < n; i++)
-		if (jobs[i].result.model == NULL)
-			jobs[i].result.model = pstrdup(rbr_grader_model);
-	rbr_cache_store(jobs, n, names);
-	return jobs;
+		if (g.jobs[i].result.model == NULL)
+			g.jobs[i].result.model = pstrdup(rbr_grader_model);
+	hash_destroy(g.seen);
+	return g.jobs;
 }
 
 /* Index of a simple proposition by name; ERROR if absent or derived. */
@@ -995,4 +1072,28 @@ rbr_grader_stats(PG_FUNCTION_ARGS)
 	appendStringInfo(&buf, ", \"token_parameter\": \"%s\"}",
 					 rbr_grader_token_param() == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens");
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+PG_FUNCTION_INFO_V1(rbr_featurize_check_transaction);
+/*
+ * rbr.featurize_check_transaction(): ERROR unless rbr_featurize can commit
+ * per chunk, i.e. it was not called inside a transaction block or a
+ * subtransaction (a PL/pgSQL block with an EXCEPTION clause).
+ */
+Datum
+rbr_featurize_check_transaction(PG_FUNCTION_ARGS)
+{
+	if (IsSubTransaction())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("rbr_featurize cannot run inside a subtransaction"),
+				 errdetail("It commits after every chunk of rows, which a block with an EXCEPTION clause or a savepoint does not allow."),
+				 errhint("CALL rbr_featurize(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.")));
+	if (IsTransactionBlock())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("rbr_featurize cannot run inside a transaction block"),
+				 errdetail("It commits after every chunk of rows, so that a cancelled or crashed run keeps the work done."),
+				 errhint("CALL rbr_featurize(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).")));
+	PG_RETURN_VOID();
 }

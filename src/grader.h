@@ -92,13 +92,27 @@ extern char *rbr_grader_scrub(const char *msg);
 extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 							   double *mass, bool *found);
 
+/*
+ * How rbr_http_run() gets jobs ready while others are in flight, and hands
+ * back the ones that ended, so that building, hashing, cache look-ups and
+ * cache writes overlap with the network instead of preceding or following it.
+ */
+typedef struct RbrHttpFeed
+{
+	/* make the next few jobs from *ready on ready to send; advance *ready */
+	void		(*prepare) (void *arg, int *ready);
+	/* jobs[idx[0 .. n-1]] ended (ok or error) */
+	void		(*ended) (void *arg, const int *idx, int n);
+	void	   *arg;
+} RbrHttpFeed;
+
 /* http.c */
-extern void rbr_http_run(RbrGradeJob *jobs, int njobs);
+extern void rbr_http_run(RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed);
 extern void rbr_http_stats(StringInfo buf);
 
 /* cache.c */
 extern void rbr_cache_key(RbrGradeJob *job);
 extern void rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props);
-extern void rbr_cache_store(RbrGradeJob *jobs, int njobs, const char *const *props);
+extern void rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props);
 
 #endif							/* RBR_GRADER_H */

@@ -41,7 +41,11 @@ typedef struct RbrHttpBatch
 	RbrGradeJob *jobs;
 	int			njobs;
 	struct curl_slist *headers;
+	const char *url;
 	void	   *json;			/* json-c object being read, if any */
+	CURL	  **spare;			/* easy handles between two requests, for reuse */
+	int			nspare;
+	int			maxspare;
 	bool		cleaned;
 } RbrHttpBatch;
 
@@ -121,6 +125,11 @@ batch_cleanup(void *arg)
 		return;
 	for (int i = 0; i < b->njobs; i++)
 		job_release(&b->jobs[i]);
+	while (b->nspare > 0)
+	{
+		curl_easy_cleanup(b->spare[--b->nspare]);
+		stat_live_easy--;
+	}
 	if (b->headers != NULL)
 		curl_slist_free_all(b->headers);
 	b->headers = NULL;
@@ -330,19 +339,51 @@ curl_retryable(CURLcode cc)
 	}
 }
 
+/* A new easy handle with the options every request of the batch shares. */
+static CURL *
+easy_new(RbrHttpBatch *b)
+{
+	CURL	   *h = curl_easy_init();
+	long		timeout = rbr_grader_timeout_ms;
+
+	if (h == NULL)
+		return NULL;
+	stat_live_easy++;
+	curl_easy_setopt(h, CURLOPT_URL, b->url);
+	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(h, CURLOPT_POST, 1L);
+	curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
+	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
+	curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout);
+	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout, 10000L));
+	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, "");
+	curl_easy_setopt(h, CURLOPT_USERAGENT, "rbr-postgresql/0.1");
+	if (pg_strncasecmp(b->url, "https:", 6) == 0)
+	{
+		curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
+		curl_easy_setopt(h, CURLOPT_PIPEWAIT, 1L);
+	}
+	return h;
+}
+
 /* Start one attempt of a job: ok, or the job ends with an error. */
 static void
-job_start(RbrHttpBatch *b, RbrGradeJob *job, const char *url, MemoryContext bcxt)
+job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 {
 	CURL	   *h;
 	int			param = rbr_grader_token_param();
-	bool		https = pg_strncasecmp(url, "https:", 6) == 0;
-	long		timeout = rbr_grader_timeout_ms;
 
 	if (job->body == NULL || job->body_param != param)
 	{
 		MemoryContext old = MemoryContextSwitchTo(bcxt);
 
+		if (job->body != NULL)
+			pfree(job->body);
 		job->body = rbr_grader_body(job, param);
 		job->body_param = param;
 		MemoryContextSwitchTo(old);
@@ -351,7 +392,8 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, const char *url, MemoryContext bcxt
 	job->resp_too_big = false;
 	job->errbuf[0] = '\0';
 
-	h = curl_easy_init();
+	/* a handle of an earlier request keeps its shared options */
+	h = b->nspare > 0 ? b->spare[--b->nspare] : easy_new(b);
 	if (h == NULL)
 	{
 		job->done = true;
@@ -359,32 +401,12 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, const char *url, MemoryContext bcxt
 		return;
 	}
 	job->easy = h;
-	stat_live_easy++;
-	curl_easy_setopt(h, CURLOPT_URL, url);
-	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(h, CURLOPT_POST, 1L);
 	curl_easy_setopt(h, CURLOPT_POSTFIELDS, job->body);
 	curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) strlen(job->body));
-	curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
-	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(h, CURLOPT_WRITEDATA, job);
-	curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
 	curl_easy_setopt(h, CURLOPT_HEADERDATA, job);
 	curl_easy_setopt(h, CURLOPT_PRIVATE, job);
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, job->errbuf);
-	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout);
-	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout, 10000L));
-	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
-	curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, "");
-	curl_easy_setopt(h, CURLOPT_USERAGENT, "rbr-postgresql/0.1");
-	if (https)
-	{
-		curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
-		curl_easy_setopt(h, CURLOPT_PIPEWAIT, 1L);
-	}
 	if (curl_multi_add_handle(rbr_multi, h) != CURLM_OK)
 	{
 		job_release(job);
@@ -418,11 +440,16 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	char	   *reason = NULL;
 
 	curl_easy_getinfo((CURL *) job->easy, CURLINFO_RESPONSE_CODE, &status);
-	/* the connection stays in the multi handle's pool */
+	/* the connection stays in the multi handle's pool, the handle in ours */
 	curl_multi_remove_handle(rbr_multi, (CURL *) job->easy);
-	curl_easy_cleanup((CURL *) job->easy);
+	if (b->nspare < b->maxspare)
+		b->spare[b->nspare++] = (CURL *) job->easy;
+	else
+	{
+		curl_easy_cleanup((CURL *) job->easy);
+		stat_live_easy--;
+	}
 	job->easy = NULL;
-	stat_live_easy--;
 	job->result.attempts++;
 
 	if (cc != CURLE_OK)
@@ -511,25 +538,32 @@ rate_ok(int64 now)
  * Send every job that is not done yet, at most rbr.grader_max_in_flight at a
  * time, and wait until each has ended ('ok' or error). Results are in
  * jobs[i].result; strings are palloc'd in the current memory context.
+ *
+ * With a feed, jobs are made ready a window at a time by feed->prepare when
+ * a slot is free and no ready job is left (it may end jobs itself, e.g. from
+ * the cache), and ended jobs are handed to feed->ended in groups once the
+ * freed slots are refilled, so that work overlaps with requests in flight.
+ * Without one, every job is ready and nothing is handed back.
  */
 void
-rbr_http_run(RbrGradeJob *jobs, int njobs)
+rbr_http_run(RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
 {
 	MemoryContext cxt;
 	MemoryContext old;
+	MemoryContext caller PG_USED_FOR_ASSERTS_ONLY = CurrentMemoryContext;
 	MemoryContextCallback *cb;
 	RbrHttpBatch *b;
-	char	   *url;
 	int		   *waiting;
+	int		   *ended;
 	int			nwaiting = 0;
+	int			nended = 0;
+	int			ended_group;
 	int			next_new = 0;
+	int			ready = feed ? 0 : njobs;
 	int			in_flight = 0;
-	int			remaining = 0;
+	int			max_in_flight = rbr_grader_max_in_flight;
 
-	for (int i = 0; i < njobs; i++)
-		if (!jobs[i].done)
-			remaining++;
-	if (remaining == 0)
+	if (njobs == 0)
 		return;
 
 	http_init();
@@ -542,6 +576,8 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 	b = MemoryContextAllocZero(cxt, sizeof(RbrHttpBatch));
 	b->jobs = jobs;
 	b->njobs = njobs;
+	b->maxspare = max_in_flight;
+	b->spare = MemoryContextAllocZero(cxt, sizeof(CURL *) * max_in_flight);
 	cb = MemoryContextAllocZero(cxt, sizeof(MemoryContextCallback));
 	cb->func = batch_cleanup;
 	cb->arg = b;
@@ -550,12 +586,15 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 	stat_batches++;
 
 	old = MemoryContextSwitchTo(cxt);
-	url = endpoint_url();
+	b->url = endpoint_url();
 	build_headers(b);
 	waiting = palloc(sizeof(int) * njobs);
+	ended = palloc(sizeof(int) * njobs);
 	MemoryContextSwitchTo(old);
+	/* hand ended jobs back in groups, a few rounds of slots apart */
+	ended_group = Max(16, Min(max_in_flight, 256));
 
-	while (remaining > 0)
+	while (next_new < njobs || in_flight > 0 || nwaiting > 0 || nended > 0)
 	{
 		int64		now = GetCurrentTimestamp();
 		long		wait_ms = 100;
@@ -565,26 +604,34 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 		CURLMsg    *msg;
 
 		/* retries whose time has come, then new jobs */
-		for (int w = 0; w < nwaiting && in_flight < rbr_grader_max_in_flight;)
+		for (int w = 0; w < nwaiting && in_flight < max_in_flight;)
 		{
 			RbrGradeJob *job = &jobs[waiting[w]];
 
 			if (job->not_before <= now && rate_ok(now))
 			{
 				waiting[w] = waiting[--nwaiting];
-				job_start(b, job, url, cxt);
+				job_start(b, job, cxt);
 				if (job->done)
-					remaining--;
+					ended[nended++] = job - jobs;
 				else
 					in_flight++;
 			}
 			else
 				w++;
 		}
-		while (in_flight < rbr_grader_max_in_flight && next_new < njobs)
+		while (in_flight < max_in_flight && next_new < njobs)
 		{
 			RbrGradeJob *job = &jobs[next_new];
 
+			if (next_new >= ready)
+			{
+				/* in the caller's context: results outlive the batch */
+				feed->prepare(feed->arg, &ready);
+				Assert(ready > next_new);
+				CHECK_FOR_INTERRUPTS();
+				continue;
+			}
 			if (job->done)
 			{
 				next_new++;
@@ -593,12 +640,26 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 			if (!rate_ok(now))
 				break;
 			next_new++;
-			job_start(b, job, url, cxt);
+			job_start(b, job, cxt);
 			if (job->done)
-				remaining--;
+				ended[nended++] = job - jobs;
 			else
 				in_flight++;
 		}
+
+		/* the slots are full again: store what ended meanwhile */
+		if (feed != NULL && nended > 0 &&
+			(nended >= ended_group || (in_flight == 0 && nwaiting == 0 && next_new >= njobs)))
+		{
+			Assert(CurrentMemoryContext == caller);
+			feed->ended(feed->arg, ended, nended);
+			nended = 0;
+			CHECK_FOR_INTERRUPTS();
+		}
+		else if (feed == NULL)
+			nended = 0;
+		if (in_flight == 0 && nwaiting == 0 && next_new >= njobs && nended == 0)
+			break;
 
 		curl_multi_perform(rbr_multi, &running);
 		while ((msg = curl_multi_info_read(rbr_multi, &nmsg)) != NULL)
@@ -614,15 +675,19 @@ rbr_http_run(RbrGradeJob *jobs, int njobs)
 				waiting[nwaiting++] = job - jobs;
 			else
 			{
-				remaining--;
+				ended[nended++] = job - jobs;
 				if (job->result.ok)
 					stat_ok++;
 				else
 					stat_errors++;
+				/* its request is not needed any more */
+				if (job->body != NULL)
+				{
+					pfree(job->body);
+					job->body = NULL;
+				}
 			}
 		}
-		if (remaining == 0)
-			break;
 		if (finished > 0)
 		{
 			/* slots were freed: fill them now rather than after a poll */

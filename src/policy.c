@@ -509,6 +509,34 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	}
 }
 
+/*
+ * rt->graded: the simple propositions a response type's feature vector
+ * needs, in proposition order. Its classes need rt->needed; a proposition
+ * feature needs the simple propositions it reaches; a class feature needs
+ * nothing more than the classes do.
+ */
+static void
+compile_graded(RbrPolicy *pol, RbrRespType *rt)
+{
+	int		   *counts = palloc0(sizeof(int) * pol->nprops);
+
+	for (int i = 0; i < rt->nneeded; i++)
+		counts[rt->needed[i]]++;
+	for (int f = 0; f < rt->nfeatures; f++)
+		if (rt->features[f].kind == RBR_FEATURE_PROP)
+		{
+			RbrLiteral	lit = {rt->features[f].index, true};
+
+			count_reach(pol, &lit, 1, counts);
+		}
+	rt->ngraded = 0;
+	rt->graded = palloc(sizeof(int) * Max(pol->nsimple, 1));
+	for (int p = 0; p < pol->nsimple; p++)
+		if (counts[p] > 0)
+			rt->graded[rt->ngraded++] = p;
+	pfree(counts);
+}
+
 /* Parse optional per response type feature lists; default when absent. */
 static void
 compile_features(RbrPolicy *pol, JsonbContainer *root)
@@ -585,7 +613,10 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 		int			k = 0;
 
 		if (rt->features_explicit)
+		{
+			compile_graded(pol, rt);
 			continue;
+		}
 		rt->nfeatures = rt->nneeded + pol->nclasses;
 		rt->features = palloc(sizeof(RbrFeature) * rt->nfeatures);
 		for (int i = 0; i < rt->nneeded; i++, k++)
@@ -598,6 +629,7 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 			rt->features[k].kind = RBR_FEATURE_CLASS;
 			rt->features[k].index = c;
 		}
+		compile_graded(pol, rt);
 	}
 }
 
@@ -1016,6 +1048,13 @@ rbr_policy_info(PG_FUNCTION_ARGS)
 			if (i)
 				appendStringInfoString(&buf, ", ");
 			escape_json(&buf, pol->props[rt->needed[i]].name);
+		}
+		appendStringInfoString(&buf, "], \"graded_propositions\": [");
+		for (int i = 0; i < rt->ngraded; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, pol->props[rt->graded[i]].name);
 		}
 		appendStringInfo(&buf, "], \"features_default\": %s, \"features\": [",
 						 rt->features_explicit ? "false" : "true");

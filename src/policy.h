@@ -77,6 +77,13 @@ typedef struct RbrRespType
 	/* simple propositions this response type needs to classify */
 	int			nneeded;
 	int		   *needed;
+	/*
+	 * simple propositions its feature vector needs: 'needed' plus those its
+	 * feature list reaches (derived features through their literals); what
+	 * rbr_featurize grades for a row of this response type
+	 */
+	int			ngraded;
+	int		   *graded;
 } RbrRespType;
 
 /* One behavior policy entry: content category -> response type index. */

@@ -2,13 +2,16 @@
 # Grader throughput: requests/second of rbr_grade_many against requests in
 # flight (rbr.grader_max_in_flight) at a fixed server latency, compared with
 # the ideal in_flight / latency; backend CPU per request; a serial per-row
-# loop (SELECT rbr_grade(...) per row); and the Node peer client
-# (test/grader-server/loadtest.js) at the same concurrency.
+# loop (SELECT rbr_grade(...) per row); and, at each level, the client a user
+# would write with the official openai npm package (test/bench/peer: the same
+# request bodies, taken from rbr_grader_request(), the same concurrency), with
+# its CPU per request from process.cpuUsage().
 #
 #   test/bench/grader_throughput.sh [latency_ms=50] [requests_per_slot=20] [levels="1 16 64 256"]
 #
 # Needs a running cluster with rbr installed (PGHOST/PGPORT/PGUSER as set by
-# test/cluster.sh) and node. Uses a scratch database rbr_bench.
+# test/cluster.sh) and node; the peer needs `npm install` in test/bench/peer
+# once (skipped with a note otherwise). Uses a scratch database rbr_bench.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 lat=${1:-50}
@@ -16,10 +19,12 @@ per=${2:-20}
 levels=${3:-"1 16 64 256"}
 ref=$(cd .. && pwd)/shared/reference
 log=$(mktemp /tmp/rbr-bench.XXXXXX)
+bodies=$(mktemp /tmp/rbr-bench-bodies.XXXXXX)
+peer=test/bench/peer
 
 node test/grader-server/server.js --port 0 --latency-ms "$lat" >"$log" 2>&1 &
 srv=$!
-trap 'kill $srv 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill $srv 2>/dev/null; rm -f "$log" "$bodies"' EXIT
 for _ in $(seq 50); do grep -q listening "$log" && break; sleep 0.1; done
 port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$log")
 url="http://127.0.0.1:$port/v1"
@@ -45,6 +50,12 @@ SELECT 'cpu ' || ((split_part(s, ' ', 14)::bigint + split_part(s, ' ', 15)::bigi
 SQL
 }
 
+# the peer's request bodies: exactly what rbr sends
+maxn=100
+for c in $levels; do [ $((c * per)) -gt "$maxn" ] && maxn=$((c * per)); done
+psql -X -q -At -d rbr_bench -c "SELECT rbr_grader_request('ref', 'apology', '\"q\"', 'peer ' || i || ' [[rbr apology=0.5]]')::text FROM generate_series(1, $maxn) i" >"$bodies"
+if [ -d "$peer/node_modules/openai" ]; then have_peer=1; else have_peer=0; fi
+
 echo "server latency ${lat} ms; command: $0 $lat $per \"$levels\""
 printf '%-22s %9s %8s %10s %10s %8s %12s\n' client in_flight requests seconds req/s ideal "cpu ms/req"
 for c in $levels; do
@@ -55,7 +66,14 @@ for c in $levels; do
     awk -v c="$c" -v n="$n" -v s="$secs" -v cpu="$cpu" -v lat="$lat" 'BEGIN {
         r = n / s; ideal = c * 1000 / lat;
         printf "%-22s %9d %8d %10.2f %10.1f %8.1f %12.3f  (%.0f%% of ideal)\n", "rbr_grade_many", c, n, s, r, ideal, cpu * 1000 / n, 100 * r / ideal }'
+    if [ "$have_peer" = 1 ]; then
+        node "$peer/peer.mjs" --base-url "$url" --bodies "$bodies" --c "$c" --n "$n" | awk -v lat="$lat" '{
+            for (i = 1; i < NF; i++) v[$i] = $(i + 1)
+            c = v["in_flight"]; n = v["requests"]; s = v["seconds"]; ideal = c * 1000 / lat
+            printf "%-22s %9d %8d %10.2f %10.1f %8.1f %12.3f  (%.0f%% of ideal)\n", $2, c, n, s, n / s, ideal, v["cpu_ms_per_req"], 100 * n / s / ideal }'
+    fi
 done
+[ "$have_peer" = 1 ] || echo "(peer client skipped: run 'npm install' in $peer)"
 
 # serial per-row loop: one rbr_grade() call per row
 n=100
@@ -64,7 +82,7 @@ read -r secs cpu < <(timed "SELECT count(rbr_grade('ref', 'apology', '\"q\"', 's
 awk -v n="$n" -v s="$secs" -v cpu="$cpu" -v lat="$lat" 'BEGIN {
     printf "%-22s %9d %8d %10.2f %10.1f %8.1f %12.3f\n", "serial rbr_grade loop", 1, n, s, n / s, 1000 / lat, cpu * 1000 / n }'
 
-# the peer client a user would write (Node, keep-alive)
+# the test server's own load generator (Node http, keep-alive, no SDK): what the server can take
 for c in 64 256; do
     n=$((c * per))
     echo "node loadtest.js --c $c --n $n:"

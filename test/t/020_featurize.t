@@ -1,6 +1,8 @@
-# CALL rbr_featurize on the 351 gold rows: full run whose classes agree with
-# the human labels, resume after cancel, resume after kill -9 of the backend,
-# and two sessions sharing one table.
+# CALL rbr_featurize on the 351 gold rows: full run that grades only the
+# values each row's response type needs and whose classes agree with the
+# human labels, {"propositions": "all"}, explicit feature lists, resume after
+# cancel, resume after kill -9 of the backend, and two sessions sharing one
+# table.
 use strict;
 use warnings;
 use FindBin;
@@ -9,7 +11,7 @@ use RbrTest;
 use Test::More;
 use Time::HiRes qw(time sleep);
 
-my $NVALUES = 351 * 23;
+my $NVALUES = 351 * 23;      # every simple proposition of every row
 new_db('rbr_tap_featurize');
 my ($base) = start_server('--labels', REFERENCE . '/gold_train.jsonl');
 my $gold = REFERENCE . '/gold_train.jsonl';
@@ -20,6 +22,12 @@ CREATE TABLE gold (id int PRIMARY KEY, response_type text, prompt jsonb, complet
 INSERT INTO gold SELECT row_number() OVER (), line->>'response_type', line->'prompt', line->'completion', line->'propositions' FROM raw;
 SQL
 is(psql_ok('SELECT count(*) FROM gold'), 351, '351 gold rows loaded');
+# the values the rows' response types need: classes plus feature lists
+my $NEEDED = psql_ok(<<'SQL');
+SELECT sum(jsonb_array_length(rbr_policy_info('ref')->'response_types'->rt->'graded_propositions'))
+  FROM (SELECT lower(replace(response_type, ' ', '_')) AS rt FROM gold) g
+SQL
+ok($NEEDED > 0 && $NEEDED < $NVALUES, "needed values: $NEEDED of $NVALUES");
 my $set = "SET rbr.grader_url = '$base/v1'; SET client_min_messages = warning;";
 
 # --- a full run
@@ -29,13 +37,20 @@ my $st = server_stats($base);
 my $run = psql_ok("SELECT state, done, errors, total, requests, cached FROM rbr.featurize_progress WHERE source = 'gold'::regclass");
 my ($state, $done, $errors, $total, $requests, $cached) = split /\|/, $run;
 is($state, 'done', 'run done');
-is($total, $NVALUES, 'total = 351 x 23 values');
-is($done, $NVALUES, 'every value graded');
+is($total, $NEEDED, 'total = the needed values');
+is($done, $NEEDED, 'every needed value graded');
 is($errors, 0, 'no errors');
-is($requests + $cached, $NVALUES, 'each value asked once or answered from the cache');
+is($requests + $cached, $NEEDED, 'each needed value asked once or answered from the cache');
 is($st->{chat_requests}, $requests, 'server saw exactly the requests the run counted');
-is(psql_ok("SELECT count(*) FROM gold_grades WHERE status = 'ok'"), $NVALUES, 'one ok grade per value');
-is(psql_ok("SELECT count(*) FROM gold_features f WHERE num_nulls(f.*) > 0"), 0, 'no NULL feature left');
+ok($st->{chat_requests} >= $NEEDED - 30, "requests ($st->{chat_requests}) are the needed values less duplicate questions");
+is(psql_ok("SELECT count(*) FROM gold_grades WHERE status = 'ok'"), $NEEDED, 'one ok grade per needed value');
+is(psql_ok(<<'SQL'), 0, 'a value is non-NULL exactly when the row\'s response type needs it');
+SELECT count(*) FROM gold g JOIN gold_features f USING (id), jsonb_array_elements_text(rbr_policy_info('ref')->'simple_propositions') p
+ WHERE (to_jsonb(f)->>p IS NOT NULL) <>
+       (rbr_policy_info('ref')->'response_types'->lower(replace(g.response_type, ' ', '_'))->'graded_propositions' ? p)
+SQL
+is(psql_ok("SELECT count(*) FROM gold_features f WHERE num_nulls(ideal, minimum_acceptable_style, unacceptable_completion,"
+    . " illogical_completion, disallowed_completion) > 0"), 0, 'every row has its class probabilities');
 is(psql_ok(<<'SQL'), 351, 'graded classes agree with rbr_classify on the human labels');
 SELECT count(*) FROM gold g JOIN gold_features f USING (id)
  WHERE rbr_classify('ref', g.response_type, g.propositions) =
@@ -64,7 +79,8 @@ sub fresh_copy {
     psql_ok("CREATE TABLE $name AS SELECT * FROM gold; ALTER TABLE $name ADD PRIMARY KEY (id)");
 }
 my $props = psql_ok("SELECT string_agg(quote_ident(x), ', ') FROM jsonb_array_elements_text(rbr_policy_info('ref')->'simple_propositions') x");
-sub missing { my ($t) = @_; psql_ok("SELECT COALESCE(sum(num_nulls($props)), 0) FROM ${t}_features") }
+# needed values still missing (a graded value is never needed-less: see the full-run test)
+sub missing { my ($t) = @_; $NEEDED - psql_ok("SELECT COALESCE(sum(23 - num_nulls($props)), 0) FROM ${t}_features") }
 sub wait_progress {
     my ($t, $min) = @_;
     my $deadline = time + 60;
@@ -84,7 +100,7 @@ sub check_consistent {
 sub resume_and_check {
     my ($t, $model, $what) = @_;
     my $before = missing($t);
-    ok($before > 0 && $before < $NVALUES, "$what: committed work kept ($before of $NVALUES values missing)");
+    ok($before > 0 && $before < $NEEDED, "$what: committed work kept ($before of $NEEDED values missing)");
     check_consistent($t, $what);
     server_reset($base);
     psql_ok("$set SET rbr.grader_model = '$model'; CALL rbr_featurize('$t', 'ref', '{\"chunk_rows\": 16}')");
@@ -94,9 +110,50 @@ sub resume_and_check {
     is($req + $cach, $before, "$what: rerun graded only the missing values");
     is(server_stats($base)->{chat_requests}, $req, "$what: server saw only those requests");
     is(missing($t), 0, "$what: complete after the rerun");
-    is(psql_ok("SELECT count(*) FROM ${t}_grades"), $NVALUES, "$what: one grade row per value, none lost or duplicated");
+    is(psql_ok("SELECT count(*) FROM ${t}_grades"), $NEEDED, "$what: one grade row per value, none lost or duplicated");
     is(psql_ok("SELECT count(*) FROM ${t}_features"), 351, "$what: one features row per source row");
 }
+
+# --- {"propositions": "all"}: every simple proposition of every row
+fresh_copy('gold_all');
+server_reset($base);
+psql_ok("$set SET rbr.grader_model = 'm-all'; CALL rbr_featurize('gold_all', 'ref', '{\"propositions\": \"all\"}')");
+my ($tall, $rall, $call) = split /\|/, psql_ok(
+    "SELECT total, requests, cached FROM rbr.featurize_progress WHERE source = 'gold_all'::regclass");
+is($tall, $NVALUES, 'all: total = 351 x 23 values');
+is($rall + $call, $NVALUES, 'all: every value asked once or answered from the cache');
+is(server_stats($base)->{chat_requests}, $rall, 'all: server saw the requests the run counted');
+is(psql_ok("SELECT count(*) FROM gold_all_features f WHERE num_nulls(f.*) > 0"), 0, 'all: no NULL left');
+server_reset($base);
+psql_ok("$set SET rbr.grader_model = 'm-all'; CALL rbr_featurize('gold_all', 'ref')");
+is(server_stats($base)->{chat_requests}, 0, 'all, then needed: nothing left to grade');
+my (undef, $e) = psql("$set CALL rbr_featurize('gold_all', 'ref', '{\"propositions\": \"some\"}')");
+like($e, qr/propositions must be 'needed' or 'all'/, 'an unknown propositions option is an error');
+
+# --- an explicit feature list that names a proposition the classes do not reach is graded too
+psql_ok(<<'SQL');
+SELECT rbr_policy_load('ref_feat', (SELECT spec FROM rbr.policy_version WHERE policy = 'ref')
+       || '{"features": {"comply": ["apology", "acceptable_refusal", "ideal"]}}');
+CREATE TABLE few (id int PRIMARY KEY, prompt text, completion text, response_type text);
+INSERT INTO few VALUES (1, 'hi', 'a [[rbr *=0.2]]', 'Comply'), (2, 'hi', 'b [[rbr *=0.3]]', 'comply'),
+                       (3, 'hi', 'c [[rbr *=0.4]]', 'no such type'), (4, 'hi', 'd [[rbr *=0.5]]', NULL);
+SQL
+my $want = psql_ok(<<'SQL');
+SELECT jsonb_agg(x ORDER BY x) FROM jsonb_array_elements_text(rbr_policy_info('ref_feat')->'response_types'->'comply'->'graded_propositions') x
+SQL
+like($want, qr/"apology"/, 'feature-list proposition is among graded_propositions');
+like($want, qr/"inability_to_comply"/, 'derived feature reaches its simple propositions');
+my $ncomply = () = $want =~ /"/g;
+$ncomply /= 2;
+server_reset($base);
+my ($fo, $fe) = psql("$set SET client_min_messages = warning; SET rbr.grader_model = 'm-few'; CALL rbr_featurize('few', 'ref_feat')");
+like($fe, qr/WARNING:  01000: rbr_featurize public\.few: 2 row\(s\) have no response type of policy ref_feat\@1; they are not graded/,
+     'rows without a known response type: warning');
+is(server_stats($base)->{chat_requests}, 2 * $ncomply, "two comply rows: 2 x $ncomply requests");
+is(psql_ok("SELECT total FROM rbr.featurize_progress WHERE source = 'few'::regclass"), 2 * $ncomply, 'total counts them');
+is(psql_ok("SELECT count(*) FROM few_grades WHERE proposition = 'apology'"), 2, 'apology graded for both');
+is(psql_ok("SELECT count(*) FROM few_features WHERE id IN (3, 4) AND num_nulls(apology, judgement) = 2"), 2,
+   'rows of unknown response type stay NULL');
 
 # --- cancel mid-run, then resume
 server_config($base, '{"latency_ms": 20}');
@@ -139,10 +196,10 @@ my @r = map { [split /\|/] } split /\n/, psql_ok(
     "SELECT requests, cached, done FROM rbr.featurize_progress WHERE source = 'gold_2'::regclass ORDER BY run_id");
 is(scalar @r, 2, 'two runs recorded');
 ok($r[0][2] > 0 && $r[1][2] > 0, "both sessions did work ($r[0][2] and $r[1][2] values)");
-is($r[0][0] + $r[0][1] + $r[1][0] + $r[1][1], $NVALUES, 'disjoint work: values graded once in total');
+is($r[0][0] + $r[0][1] + $r[1][0] + $r[1][1], $NEEDED, 'disjoint work: values graded once in total');
 is(server_stats($base)->{chat_requests}, $r[0][0] + $r[1][0], 'server saw the sum of both runs\' requests');
 is(missing('gold_2'), 0, 'two sessions: complete');
-is(psql_ok("SELECT count(*) FROM gold_2_grades WHERE status = 'ok'"), $NVALUES, 'two sessions: one grade per value');
+is(psql_ok("SELECT count(*) FROM gold_2_grades WHERE status = 'ok'"), $NEEDED, 'two sessions: one grade per value');
 
 # --- errors are recorded, not written as values, and retried by the next run
 psql_ok("CREATE TABLE faulty (id int PRIMARY KEY, prompt text, completion text, response_type text);"
@@ -156,6 +213,30 @@ is(psql_ok("SELECT apology IS NULL, judgement FROM faulty_features WHERE id = 2"
 is(psql_ok("SELECT ideal IS NULL FROM faulty_features WHERE id = 2"), 't', 'no classes while a needed value is missing');
 is(psql_ok("SELECT round(ideal::numeric, 6) IS NOT NULL FROM faulty_features WHERE id = 1"), 't', 'classes for the complete row');
 is(psql_ok("SELECT errors FROM rbr.featurize_progress WHERE source = 'faulty'::regclass"), 1, 'progress counts the error');
+
+# --- a non-superuser with the grants doc/configuration.md lists can run a bulk grading
+psql_ok(<<'SQL');
+DROP ROLE IF EXISTS rbr_spender;
+CREATE ROLE rbr_spender;
+GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
+                          rbr_grade_many(text, text[], jsonb[], text[]) TO rbr_spender;
+GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO rbr_spender;
+GRANT EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb),
+                          rbr.featurize_chunk(bigint), rbr.featurize_finish(bigint) TO rbr_spender;
+GRANT SELECT, INSERT ON rbr.grade_cache TO rbr_spender;
+GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO rbr_spender;
+GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO rbr_spender;
+CREATE SCHEMA spend AUTHORIZATION rbr_spender;
+SQL
+my ($so, $se, $src) = psql("$set SET ROLE rbr_spender; SET rbr.grader_model = 'm-spender';"
+    . " CREATE TABLE spend.t (id int PRIMARY KEY, prompt text, completion text, response_type text);"
+    . " INSERT INTO spend.t VALUES (1, 'hi', 'x [[rbr *=0.3]]', 'comply');"
+    . " CALL rbr_featurize('spend.t', 'ref');"
+    . " SELECT state, done, total FROM rbr.featurize_progress WHERE source = 'spend.t'::regclass;", keep_going => 1);
+is("$src|$so", '0|done|5|5', 'granted role: rbr_featurize runs');
+($so, $se) = psql("CREATE ROLE rbr_nobody; SET ROLE rbr_nobody; CALL rbr_featurize('gold', 'ref')", keep_going => 1);
+like($se, qr/permission denied for procedure rbr_featurize/, 'a role without the grants cannot spend');
+psql_ok("DROP SCHEMA spend CASCADE; DROP OWNED BY rbr_spender; DROP ROLE rbr_spender; DROP ROLE rbr_nobody");
 
 drop_db();
 done_testing();
