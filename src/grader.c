@@ -53,6 +53,7 @@ char	   *rbr_grader_model = NULL;
 char	   *rbr_grader_api_key = NULL;
 char	   *rbr_grader_azure_api_version = NULL;
 char	   *rbr_grader_extra_headers = NULL;
+char	   *rbr_grader_ca_file = NULL;
 int			rbr_grader_timeout_ms = 60000;
 int			rbr_grader_max_in_flight = 64;
 int			rbr_grader_max_retries = 5;
@@ -165,6 +166,11 @@ rbr_grader_init_settings(void)
 							   NULL, &rbr_grader_extra_headers, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
 							   check_headers, NULL, NULL);
+	DefineCustomStringVariable("rbr.grader_ca_file",
+							   "File of CA certificates that verify the grader's TLS certificate (empty: the system's).",
+							   "For self-hosted servers with a private CA; verification is never switched off.",
+							   &rbr_grader_ca_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("rbr.grader_timeout_ms",
 							"Timeout of one grader request attempt.",
 							NULL, &rbr_grader_timeout_ms, 60000, 100, 600000,

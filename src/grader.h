@@ -21,6 +21,7 @@ extern char *rbr_grader_model;
 extern char *rbr_grader_api_key;
 extern char *rbr_grader_azure_api_version;
 extern char *rbr_grader_extra_headers;
+extern char *rbr_grader_ca_file;
 extern int	rbr_grader_timeout_ms;
 extern int	rbr_grader_max_in_flight;
 extern int	rbr_grader_max_retries;
