@@ -959,7 +959,9 @@ BEGIN
     PERFORM rbr.featurize_check_transaction();
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
-    WHILE rbr.featurize_chunk(run) > 0 LOOP
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified, the operator too
+    WHILE rbr.featurize_chunk(run) OPERATOR(pg_catalog.>) 0 LOOP
         COMMIT;
     END LOOP;
     PERFORM rbr.featurize_finish(run);
