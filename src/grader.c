@@ -1153,17 +1153,19 @@ PG_FUNCTION_INFO_V1(rbr_featurize_check_transaction);
 Datum
 rbr_featurize_check_transaction(PG_FUNCTION_ARGS)
 {
+	const char *name = PG_NARGS() > 0 ? text_to_cstring(PG_GETARG_TEXT_PP(0)) : "rbr_featurize";
+
 	if (IsSubTransaction())
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("rbr_featurize cannot run inside a subtransaction"),
+				 errmsg("%s cannot run inside a subtransaction", name),
 				 errdetail("It commits after every chunk of rows, which a block with an EXCEPTION clause or a savepoint does not allow."),
-				 errhint("CALL rbr_featurize(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.")));
+				 errhint("CALL %s(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.", name)));
 	if (IsTransactionBlock())
 		ereport(ERROR,
 				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("rbr_featurize cannot run inside a transaction block"),
+				 errmsg("%s cannot run inside a transaction block", name),
 				 errdetail("It commits after every chunk of rows, so that a cancelled or crashed run keeps the work done."),
-				 errhint("CALL rbr_featurize(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).")));
+				 errhint("CALL %s(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).", name)));
 	PG_RETURN_VOID();
 }

@@ -23,7 +23,8 @@
  *   <one paragraph: write the next assistant message; intended class, type>
  *
  *   The reply MUST have each of these traits:
- *   - NAME: first line of NAME's grader prompt
+ *   - NAME: first line of NAME's grader prompt (a short heading such as
+ *     "Objective:" joined with the next line; at most 300 bytes)
  *   ...
  *   The reply must NOT have any of these traits:
  *   - NAME: first line of NAME's grader prompt
@@ -157,30 +158,60 @@ build_class(RbrPolicy *pol, RbrRespType *rt, int c, double *v)
 	return a.ok && hard_class(pol, rt, v) == c;
 }
 
-/* First non-empty line of a grader prompt, trimmed, at most 300 bytes. */
+/* The non-empty line at *s, trimmed: [start, end); *s moves past it. */
+static void
+next_line(const char **s, const char **start, const char **end)
+{
+	const char *p = *s;
+	const char *e;
+
+	while (*p == '\n' || *p == '\r' || *p == ' ' || *p == '\t')
+		p++;
+	e = p;
+	while (*e && *e != '\n' && *e != '\r')
+		e++;
+	*s = e;
+	while (e > p && (e[-1] == ' ' || e[-1] == '\t'))
+		e--;
+	*start = p;
+	*end = e;
+}
+
+/*
+ * First non-empty line of a grader prompt, trimmed; a short heading ending in
+ * ':' ("Objective:") is joined with the line after it. At most 300 bytes.
+ */
 static char *
 first_line(const char *prompt)
 {
 	const char *s = prompt;
-	const char *e;
-	int			len;
+	const char *a,
+			   *e;
+	StringInfoData out;
 
-	while (*s == '\n' || *s == '\r' || *s == ' ' || *s == '\t')
-		s++;
-	e = s;
-	while (*e && *e != '\n' && *e != '\r')
-		e++;
-	while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
-		e--;
-	len = e - s;
-	if (len > 300)
+	initStringInfo(&out);
+	next_line(&s, &a, &e);
+	appendBinaryStringInfo(&out, a, e - a);
+	if (e - a > 0 && e - a < 40 && e[-1] == ':')
 	{
-		len = 300;
-		while (len > 0 && ((unsigned char) s[len] & 0xC0) == 0x80)
-			len--;
-		return psprintf("%.*s...", len, s);
+		next_line(&s, &a, &e);
+		if (e > a)
+		{
+			appendStringInfoChar(&out, ' ');
+			appendBinaryStringInfo(&out, a, e - a);
+		}
 	}
-	return pnstrdup(s, len);
+	if (out.len > 300)
+	{
+		int			len = 300;
+
+		while (len > 0 && ((unsigned char) out.data[len] & 0xC0) == 0x80)
+			len--;
+		out.data[len] = '\0';
+		out.len = len;
+		appendStringInfoString(&out, "...");
+	}
+	return out.data;
 }
 
 /* The instruction for an assignment of the needed propositions. */
