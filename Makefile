@@ -12,7 +12,7 @@ OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
 DATA = sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
-REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation
+REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize
 REGRESS_OPTS = --inputdir=. --load-extension=rbr
 
 PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror
