@@ -3,10 +3,12 @@
  * (grader.c), the libcurl multi engine with retries (http.c) and the answer
  * cache (cache.c).
  *
- * One "job" is one (proposition, conversation, completion) question. A batch
- * of jobs is sent concurrently (rbr.grader_max_in_flight at a time) through
- * one libcurl multi handle per backend; every job ends either 'ok' with a
- * probability or 'error' with a reason, never as a made-up "no".
+ * One "job" is one (proposition, conversation, completion) question, or (in
+ * a generation batch, generator.c) one (conversation, instruction, sample)
+ * completion. A batch of jobs is sent concurrently (rbr.grader_max_in_flight
+ * at a time) through one libcurl multi handle per backend; every job ends
+ * either 'ok' with a probability (or text) or 'error' with a reason, never
+ * as a made-up "no".
  */
 #ifndef RBR_GRADER_H
 #define RBR_GRADER_H
