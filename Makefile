@@ -7,12 +7,12 @@ EXTVERSION = 0.1.0
 MODULE_big = rbr
 OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/rowset.o src/fit_solver.o src/fit.o src/model.o src/evaluate.o \
-       src/grader.o src/http.o src/cache.o
+       src/grader.o src/http.o src/cache.o src/generator.o src/synth.o
 
 DATA = sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
-REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation
+REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize
 REGRESS_OPTS = --inputdir=. --load-extension=rbr
 
 PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror

@@ -941,6 +941,10 @@ $$;
 CREATE FUNCTION rbr.featurize_check_transaction() RETURNS void
     AS 'MODULE_PATHNAME', 'rbr_featurize_check_transaction'
     LANGUAGE C VOLATILE PARALLEL UNSAFE;
+-- The same for another procedure that commits per chunk, named in the error.
+CREATE FUNCTION rbr.featurize_check_transaction(procedure_name text) RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_featurize_check_transaction'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 
 -- Grade every missing value of a source table, committing per chunk.
 -- CALL it outside an explicit transaction block (it commits). Safe to
@@ -973,6 +977,664 @@ REVOKE EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb) FROM PUBLI
 REVOKE EXECUTE ON FUNCTION rbr.featurize_chunk(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION rbr.featurize_finish(bigint) FROM PUBLIC;
 GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
+
+-------------------------------------------------------------------------------
+-- Synthetic comparison data: CALL rbr_synthesize(prompts, policy, options)
+-------------------------------------------------------------------------------
+-- The paper's D_RBR: per prompt, completions with chosen traits (one ideal,
+-- a few with flaws sampled from the policy's propositions, one with the
+-- disallowed content) from a generator endpoint (rbr.generator_*), each
+-- graded with the policy and kept only when its graded class is the intended
+-- one; the rest are resampled up to a limit. Results, with label, tier and
+-- feature vector, go to <prompts>_synth (one row per (prompt, slot)); every
+-- candidate and why it was kept or rejected to <prompts>_synth_attempts.
+-- Like rbr_featurize: chunks of slots claimed with FOR UPDATE SKIP LOCKED and
+-- committed one by one, so a run can be cancelled, crash and be resumed, and
+-- several sessions can share one table. Grant (besides the grader's grants):
+--   GRANT EXECUTE ON FUNCTION rbr_generate_many(jsonb[], text[], int[]) TO synth_role;
+--   GRANT EXECUTE ON PROCEDURE rbr_synthesize(regclass, text, jsonb) TO synth_role;
+--   GRANT EXECUTE ON FUNCTION rbr.synth_start(regclass, text, jsonb),
+--         rbr.synth_chunk(bigint), rbr.synth_finish(bigint) TO synth_role;
+--   GRANT SELECT, INSERT ON rbr.generation_cache TO synth_role;
+--   GRANT SELECT, INSERT, UPDATE ON rbr.synth_run TO synth_role;
+--   GRANT USAGE ON SEQUENCE rbr.synth_run_run_id_seq TO synth_role;
+
+-- Generated completions, keyed by the sha256 of everything that decides them
+-- (model, temperature, max tokens, messages, sample index). Errors are never
+-- cached.
+CREATE TABLE rbr.generation_cache (
+    key               bytea       PRIMARY KEY CHECK (pg_catalog.length(key) = 32),
+    model             text        NOT NULL,
+    completion        text        NOT NULL,
+    finish_reason     text,
+    prompt_tokens     int,
+    completion_tokens int,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE rbr.generation_cache IS
+    'generated completions by sha256 of the request (sample index included); only successful ones';
+
+-- Many completions at once (concurrently, through the cache): one row per
+-- (conversation, instruction, sample index), ord = position in the arrays;
+-- failures are rows with status 'error' and the reason.
+CREATE FUNCTION @extschema@.rbr_generate_many(prompts jsonb[], instructions text[], samples int[],
+    OUT ord int, OUT status text, OUT completion text, OUT finish_reason text, OUT model text,
+    OUT error text, OUT attempts int, OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_generate_many'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_generate_many(jsonb[], text[], int[]) FROM PUBLIC;
+
+-- The request body rbr would send for one generation (no network, no key).
+CREATE FUNCTION @extschema@.rbr_generator_request(prompt jsonb, instruction text, sample int)
+    RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rbr_generator_request'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- The candidates to generate for one prompt of a response type: slot, kind
+-- (ideal, flawed, disallowed), the proposition flipped, the intended class,
+-- the traits (every proposition the classes need, true or false) and the
+-- generator's instruction. seed picks the flaws.
+CREATE FUNCTION @extschema@.rbr_synth_plan(policy text, response_type text, ideal int, flawed int,
+    disallowed int, seed text,
+    OUT slot int, OUT kind text, OUT flaw text, OUT intended_class text, OUT traits jsonb, OUT instruction text)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_synth_plan'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- One row per rbr_synthesize call; updated after every chunk.
+CREATE TABLE rbr.synth_run (
+    run_id            bigserial   PRIMARY KEY,
+    source            regclass    NOT NULL,
+    synth_table       text        NOT NULL,
+    attempts_table    text        NOT NULL,
+    policy            text        NOT NULL,     -- name@version, fixed for the run
+    options           jsonb       NOT NULL,
+    pid               int         NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    total_slots       bigint      NOT NULL,     -- pending slots when the run started
+    accepted          bigint      NOT NULL DEFAULT 0,
+    gave_up           bigint      NOT NULL DEFAULT 0,    -- slots rejected max_attempts times
+    errors            bigint      NOT NULL DEFAULT 0,    -- slots ended by a generator or grader error
+    candidates        bigint      NOT NULL DEFAULT 0,    -- completions generated (cache hits included)
+    rejections        bigint      NOT NULL DEFAULT 0,    -- candidates whose graded class was not the intended one
+    generator_requests bigint     NOT NULL DEFAULT 0,
+    generator_cached  bigint      NOT NULL DEFAULT 0,
+    grader_requests   bigint      NOT NULL DEFAULT 0,
+    grader_cached     bigint      NOT NULL DEFAULT 0,
+    prompt_tokens     bigint      NOT NULL DEFAULT 0,
+    completion_tokens bigint      NOT NULL DEFAULT 0,
+    chunks            int         NOT NULL DEFAULT 0,
+    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at       timestamptz
+);
+COMMENT ON TABLE rbr.synth_run IS 'rbr_synthesize runs, updated per committed chunk';
+
+-- Progress of every run; a run whose backend is gone shows as 'interrupted'
+-- (CALL rbr_synthesize again to resume it).
+CREATE VIEW rbr.synth_progress AS
+    SELECT r.run_id, r.source, r.policy,
+           CASE WHEN r.state = 'running' AND NOT EXISTS
+                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.pid)
+                THEN 'interrupted' ELSE r.state END AS state,
+           r.accepted, r.gave_up, r.errors, r.total_slots AS total,
+           pg_catalog.round(100.0 * (r.accepted + r.gave_up + r.errors) / GREATEST(r.total_slots, 1), 1) AS percent,
+           CASE WHEN r.state = 'done' THEN interval '0'
+                WHEN r.accepted + r.gave_up + r.errors = 0 THEN NULL
+                ELSE (r.updated_at - r.started_at) *
+                     ((r.total_slots - r.accepted - r.gave_up - r.errors)::float8 / (r.accepted + r.gave_up + r.errors))
+           END AS eta,
+           r.candidates, r.rejections, r.generator_requests, r.generator_cached,
+           r.grader_requests, r.grader_cached, r.prompt_tokens, r.completion_tokens,
+           r.chunks, r.started_at, r.updated_at, r.finished_at
+      FROM rbr.synth_run r;
+
+-- Set up a run: check the source and options, create the result tables, add
+-- the planned slots of every source row, make error slots pending again,
+-- record the run.
+CREATE FUNCTION rbr.synth_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    mode text := COALESCE(options->>'class_mode', 'product');
+    verify text := COALESCE(options->>'verify', 'argmax');
+    labels jsonb := COALESCE(options->'labels', '{}');
+    n_ideal int;
+    n_flawed int;
+    n_disallowed int;
+    max_att int;
+    chunk int;
+    seed int;
+    rt_expr text;
+    stab text;
+    atab text;
+    col text;
+    t text;
+    bad text;
+    unknown_rt bigint;
+    total bigint;
+    run bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_synthesize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels.';
+    END IF;
+    n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
+    n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
+    n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
+    max_att := rbr.synth_int_option(options, 'max_attempts', 3, 1, 100);
+    chunk := rbr.synth_int_option(options, 'chunk_slots', 16, 1, 10000);
+    seed := rbr.synth_int_option(options, 'seed', 0, 0, 999);
+    IF n_ideal + n_flawed + n_disallowed = 0 THEN
+        RAISE EXCEPTION 'nothing to generate: ideal, flawed and disallowed are all 0' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF n_ideal + n_flawed + n_disallowed > 200 THEN
+        RAISE EXCEPTION 'at most 200 completions per prompt (ideal + flawed + disallowed)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF verify NOT IN ('argmax', 'hard') THEN
+        RAISE EXCEPTION 'verify must be ''argmax'' or ''hard''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''argmax'': the class of highest probability; ''hard'': the class of the labels P(yes) > 0.5.';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(labels) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_each(labels) e WHERE jsonb_typeof(e.value) <> 'string') THEN
+        RAISE EXCEPTION 'labels must be an object {"class": "label", ...}' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(labels) k WHERE NOT (info->'classes') ? k;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'labels names unknown class(es): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT n.nspname, c.relname INTO nsp, rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'rbr_synthesize() keys its results by the source''s primary key; add one (e.g. a bigint identity column).';
+    END IF;
+    FOREACH col IN ARRAY ARRAY[pcol, rcol] LOOP
+        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
+         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF t IS NULL THEN
+            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.';
+        END IF;
+        IF (col = rcol AND t NOT IN ('text', 'character varying'))
+           OR (col <> rcol AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
+            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'prompt: jsonb messages or text; response_type: text.';
+        END IF;
+    END LOOP;
+    IF length(rel) > 63 - length('_synth_attempts') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_synth_attempts', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    stab := format('%I.%I', nsp, rel || '_synth');
+    atab := format('%I.%I', nsp, rel || '_synth_attempts');
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.synthesize'), source::oid::int);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        kind text NOT NULL CHECK (kind IN (''ideal'', ''flawed'', ''disallowed'')),
+        flaw text,
+        response_type text NOT NULL,
+        intended_class text NOT NULL,
+        label text NOT NULL,
+        tier int NOT NULL,
+        traits jsonb NOT NULL,
+        instruction text NOT NULL,
+        status text NOT NULL DEFAULT ''pending'' CHECK (status IN (''pending'', ''accepted'', ''rejected'', ''error'')),
+        completion text,
+        sample int,
+        graded_class text,
+        probs jsonb,
+        class_probs jsonb,
+        features float8[],
+        candidates int NOT NULL DEFAULT 0,
+        generator_model text,
+        finish_reason text,
+        updated_at timestamptz,
+        PRIMARY KEY (%I, slot),
+        CHECK ((status = ''accepted'') = (completion IS NOT NULL)))', stab, keycol, keytype, keycol);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        attempt int NOT NULL,
+        sample int NOT NULL,
+        outcome text NOT NULL CHECK (outcome IN (''accepted'', ''rejected'', ''generator_error'', ''grader_error'')),
+        reason text,
+        intended_class text NOT NULL,
+        graded_class text,
+        failed jsonb,
+        completion text,
+        finish_reason text,
+        probs jsonb,
+        generator_attempts int,
+        generator_cached boolean,
+        prompt_tokens int,
+        completion_tokens int,
+        created_at timestamptz NOT NULL,
+        PRIMARY KEY (%I, slot, attempt))', atab, keycol, keytype, keycol);
+
+    -- the planned slots of every row whose response type the policy knows
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+        INTO unknown_rt USING info->'response_types';
+    IF unknown_rt > 0 THEN
+        RAISE WARNING 'rbr_synthesize %: % row(s) have no response type of policy %; nothing is generated for them',
+            source, unknown_rt, polref
+            USING HINT = format('Its response types are %s.',
+                                (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k));
+    END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$I, slot, kind, flaw, response_type, intended_class, label, tier, traits, instruction)
+        SELECT s.%2$I, p.slot, p.kind, p.flaw, s.rt, p.intended_class,
+               COALESCE($3->>p.intended_class, p.intended_class),
+               @extschema@.rbr_label_tier($2, s.rt, COALESCE($3->>p.intended_class, p.intended_class)),
+               p.traits, p.instruction
+          FROM (SELECT s.%2$I, %3$s AS rt FROM %4$s s) s,
+               LATERAL @extschema@.rbr_synth_plan($2, s.rt, $4, $5, $6, s.%2$I::text || '':'' || $7) p
+         WHERE $1 ? s.rt
+        ON CONFLICT DO NOTHING', stab, keycol, rt_expr, source)
+        USING info->'response_types', polref, labels, n_ideal, n_flawed, n_disallowed, seed::text;
+    -- slots a generator or grader error ended are tried again
+    EXECUTE format('UPDATE %s SET status = ''pending'' WHERE status = ''error''', stab);
+    EXECUTE format('SELECT count(*) FROM %s WHERE status = ''pending''', stab) INTO total;
+
+    INSERT INTO rbr.synth_run (source, synth_table, attempts_table, policy, options, total_slots)
+        VALUES (source, stab, atab, polref,
+                jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
+                                   'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
+                                   'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
+                                   'class_mode', mode, 'seed', seed, 'labels', labels,
+                                   'key_column', keycol, 'key_type', keytype),
+                total)
+        RETURNING run_id INTO run;
+    RETURN run;
+END
+$$;
+
+-- An integer option between lo and hi (default def), or an error naming it.
+CREATE FUNCTION rbr.synth_int_option(options jsonb, name text, def int, lo int, hi int) RETURNS int
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    v int;
+BEGIN
+    IF NOT options ? name THEN
+        RETURN def;
+    END IF;
+    BEGIN
+        IF jsonb_typeof(options->name) <> 'number' THEN
+            RAISE EXCEPTION 'not a number';
+        END IF;
+        v := (options->>name)::int;
+        IF v::numeric <> (options->>name)::numeric THEN
+            RAISE EXCEPTION 'not an integer';
+        END IF;
+    EXCEPTION WHEN others THEN
+        v := NULL;
+    END;
+    IF v IS NULL OR v NOT BETWEEN lo AND hi THEN
+        RAISE EXCEPTION '% must be an integer between % and %', name, lo, hi USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- Work through one chunk of a run: claim up to chunk_slots pending slots
+-- (SKIP LOCKED), then in rounds generate one candidate per open slot, grade
+-- it, keep it when its graded class is the intended one, and resample the
+-- others until max_attempts candidates were rejected. Every candidate is
+-- recorded with its outcome. Returns the number of slots claimed.
+CREATE FUNCTION rbr.synth_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.synth_run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    prompt_expr text;
+    ptype text;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    slots int[] := '{}';
+    rts text[] := '{}';
+    prompts jsonb[] := '{}';
+    instrs text[] := '{}';
+    intended text[] := '{}';
+    traits jsonb[] := '{}';
+    cands int[] := '{}';
+    nattempt int[] := '{}';
+    open_ boolean[] := '{}';
+    nslots int := 0;
+    max_att int;
+    seed int;
+    -- one round
+    idx int[];
+    gen_ok int[];
+    gen_text text[];
+    gen_finish text[];
+    gen_model text[];
+    gen_att int[];
+    gen_cached boolean[];
+    gen_pt int[];
+    gen_ct int[];
+    q_cand int[];
+    q_prop text[];
+    q_prompt jsonb[];
+    q_compl text[];
+    probs jsonb[];
+    grade_err text[];
+    i int;
+    k int;
+    p text;
+    props text[];
+    cls text;
+    cp jsonb;
+    failed jsonb;
+    outcome text;
+    reason text;
+    n_acc bigint := 0;
+    n_gave bigint := 0;
+    n_err bigint := 0;
+    n_cand bigint := 0;
+    n_rej bigint := 0;
+    n_genreq bigint := 0;
+    n_gencached bigint := 0;
+    n_grreq bigint := 0;
+    n_grcached bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    elapsed float8;
+    rate float8;
+    done_ bigint;
+BEGIN
+    SELECT * INTO r FROM rbr.synth_run f WHERE f.run_id = synth_chunk.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no rbr_synthesize run %', run_id USING ERRCODE = 'undefined_object';
+    END IF;
+    o := r.options;
+    keycol := o->>'key_column';
+    keytype := o->>'key_type';
+    max_att := (o->>'max_attempts')::int;
+    seed := (o->>'seed')::int;
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+
+    FOR rec IN EXECUTE format(
+        'SELECT t.%1$I::text AS key, t.slot, t.response_type, t.intended_class, t.traits, t.instruction,'
+        ' t.candidates, %2$s AS prompt,'
+        ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
+        ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
+        ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
+        keycol, prompt_expr, r.synth_table, r.source, r.attempts_table)
+        USING (o->>'chunk_slots')::int
+    LOOP
+        nslots := nslots + 1;
+        keys := keys || rec.key;
+        slots := slots || rec.slot;
+        rts := rts || rec.response_type;
+        prompts := prompts || rec.prompt;
+        instrs := instrs || rec.instruction;
+        intended := intended || rec.intended_class;
+        traits := traits || rec.traits;
+        cands := cands || rec.candidates;
+        nattempt := nattempt || rec.nattempt;
+        open_ := open_ || (rec.prompt IS NOT NULL);
+    END LOOP;
+    IF nslots = 0 THEN
+        RETURN 0;
+    END IF;
+
+    LOOP
+        -- generate one candidate per open slot; sample = seed, slot, candidate number
+        SELECT COALESCE(array_agg(s ORDER BY s), '{}') INTO idx FROM generate_subscripts(keys, 1) s WHERE open_[s];
+        EXIT WHEN cardinality(idx) = 0;
+        gen_text := array_fill(NULL::text, ARRAY[nslots]);
+        gen_finish := array_fill(NULL::text, ARRAY[nslots]);
+        gen_model := array_fill(NULL::text, ARRAY[nslots]);
+        gen_att := array_fill(NULL::int, ARRAY[nslots]);
+        gen_cached := array_fill(NULL::boolean, ARRAY[nslots]);
+        gen_pt := array_fill(NULL::int, ARRAY[nslots]);
+        gen_ct := array_fill(NULL::int, ARRAY[nslots]);
+        probs := array_fill(NULL::jsonb, ARRAY[nslots]);
+        grade_err := array_fill(NULL::text, ARRAY[nslots]);
+        q_cand := '{}'; q_prop := '{}'; q_prompt := '{}'; q_compl := '{}';
+        FOR g IN SELECT * FROM @extschema@.rbr_generate_many(
+                    (SELECT array_agg(prompts[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(instrs[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(seed * 1000000 + slots[s] * 1000 + cands[s] ORDER BY n)
+                       FROM unnest(idx) WITH ORDINALITY u(s, n)))
+        LOOP
+            i := idx[g.ord];
+            n_cand := n_cand + 1;
+            n_genreq := n_genreq + g.attempts;
+            n_gencached := n_gencached + g.cached::int;
+            n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+            n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+            nattempt[i] := nattempt[i] + 1;
+            IF g.status <> 'ok' THEN
+                EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class,'
+                               ' generator_attempts, generator_cached, created_at)'
+                               ' VALUES ($1::%s, $2, $3, $4, ''generator_error'', $5, $6, $7, false, clock_timestamp())',
+                               r.attempts_table, keycol, keytype)
+                    USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], g.error,
+                          intended[i], g.attempts;
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.synth_table, keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+                CONTINUE;
+            END IF;
+            gen_text[i] := g.completion;
+            gen_finish[i] := g.finish_reason;
+            gen_model[i] := g.model;
+            gen_att[i] := g.attempts;
+            gen_cached[i] := g.cached;
+            gen_pt[i] := g.prompt_tokens;
+            gen_ct[i] := g.completion_tokens;
+            IF g.finish_reason IS NULL OR g.finish_reason = 'stop' THEN
+                SELECT array_agg(x) INTO props
+                  FROM jsonb_array_elements_text(info->'response_types'->rts[i]->'graded_propositions') x;
+                FOREACH p IN ARRAY props LOOP
+                    q_cand := q_cand || i;
+                    q_prop := q_prop || p;
+                    q_prompt := q_prompt || prompts[i];
+                    q_compl := q_compl || g.completion;
+                END LOOP;
+                probs[i] := '{}';
+            END IF;
+        END LOOP;
+
+        -- grade every candidate that ended normally
+        IF cardinality(q_cand) > 0 THEN
+            FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+                i := q_cand[g.ord];
+                n_grreq := n_grreq + g.attempts;
+                n_grcached := n_grcached + g.cached::int;
+                n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+                n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+                IF g.status = 'ok' THEN
+                    probs[i] := probs[i] || jsonb_build_object(g.proposition, g.probability);
+                ELSIF grade_err[i] IS NULL THEN
+                    grade_err[i] := format('grading %s: %s', g.proposition, g.error);
+                END IF;
+            END LOOP;
+        END IF;
+
+        -- decide per candidate
+        FOREACH i IN ARRAY idx LOOP
+            CONTINUE WHEN NOT open_[i];
+            cls := NULL; cp := NULL; failed := NULL; reason := NULL;
+            IF gen_finish[i] IS NOT NULL AND gen_finish[i] <> 'stop' THEN
+                outcome := 'rejected';
+                reason := format('finish_reason %s', gen_finish[i]);
+            ELSIF grade_err[i] IS NOT NULL THEN
+                outcome := 'grader_error';
+                reason := grade_err[i];
+            ELSE
+                cp := @extschema@.rbr_class_probs(r.policy, rts[i], probs[i], o->>'class_mode');
+                IF o->>'verify' = 'hard' THEN
+                    BEGIN
+                        cls := @extschema@.rbr_classify(r.policy, rts[i], @extschema@.rbr_binarize(probs[i]));
+                    EXCEPTION WHEN invalid_parameter_value OR data_exception THEN
+                        cls := NULL;
+                    END;
+                ELSE
+                    SELECT e.key INTO cls FROM jsonb_each(cp) e
+                      JOIN jsonb_array_elements_text(info->'classes') WITH ORDINALITY c(name, n) ON c.name = e.key
+                     ORDER BY e.value::text::float8 DESC, c.n LIMIT 1;
+                END IF;
+                SELECT jsonb_object_agg(t.key, jsonb_build_object('wanted', t.value, 'p', probs[i]->t.key)) INTO failed
+                  FROM jsonb_each(traits[i]) t
+                 WHERE ((probs[i]->>t.key)::float8 > 0.5) <> t.value::boolean;
+                IF cls IS NOT DISTINCT FROM intended[i] THEN
+                    outcome := 'accepted';
+                ELSE
+                    outcome := 'rejected';
+                    reason := format('intended %s, graded %s%s', intended[i], COALESCE(cls, '(no single class)'),
+                                     CASE WHEN failed IS NOT NULL THEN '; traits missed: ' ||
+                                          (SELECT string_agg(k2, ', ' ORDER BY k2) FROM jsonb_object_keys(failed) k2)
+                                          ELSE '' END);
+                END IF;
+            END IF;
+            EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class, graded_class,'
+                           ' failed, completion, finish_reason, probs, generator_attempts, generator_cached,'
+                           ' prompt_tokens, completion_tokens, created_at)'
+                           ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, clock_timestamp())',
+                           r.attempts_table, keycol, keytype)
+                USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], outcome, reason,
+                      intended[i], cls, failed, gen_text[i], gen_finish[i], probs[i], gen_att[i],
+                      gen_cached[i], gen_pt[i], gen_ct[i];
+            IF outcome = 'accepted' THEN
+                EXECUTE format('UPDATE %s SET status = ''accepted'', completion = $3, sample = $4, graded_class = $5,'
+                               ' probs = $6, class_probs = $7, features = @extschema@.rbr_features($8, response_type, $6, $9),'
+                               ' candidates = candidates + 1, generator_model = $10, finish_reason = $11,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.synth_table, keycol, keytype)
+                    USING keys[i], slots[i], gen_text[i], seed * 1000000 + slots[i] * 1000 + cands[i], cls, probs[i], cp,
+                          r.policy, o->>'class_mode', gen_model[i], gen_finish[i];
+                open_[i] := false;
+                n_acc := n_acc + 1;
+            ELSIF outcome = 'grader_error' THEN
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.synth_table, keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+            ELSE
+                n_rej := n_rej + 1;
+                cands[i] := cands[i] + 1;
+                EXECUTE format('UPDATE %s SET candidates = $3, status = CASE WHEN $3 >= $4 THEN ''rejected'' ELSE status END,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.synth_table, keycol, keytype)
+                    USING keys[i], slots[i], cands[i], max_att;
+                IF cands[i] >= max_att THEN
+                    open_[i] := false;
+                    n_gave := n_gave + 1;
+                END IF;
+            END IF;
+        END LOOP;
+    END LOOP;
+
+    UPDATE rbr.synth_run f
+       SET accepted = f.accepted + n_acc, gave_up = f.gave_up + n_gave, errors = f.errors + n_err,
+           candidates = f.candidates + n_cand, rejections = f.rejections + n_rej,
+           generator_requests = f.generator_requests + n_genreq, generator_cached = f.generator_cached + n_gencached,
+           grader_requests = f.grader_requests + n_grreq, grader_cached = f.grader_cached + n_grcached,
+           prompt_tokens = f.prompt_tokens + n_pt, completion_tokens = f.completion_tokens + n_ct,
+           chunks = f.chunks + 1, updated_at = clock_timestamp()
+     WHERE f.run_id = synth_chunk.run_id
+     RETURNING * INTO r;
+    done_ := r.accepted + r.gave_up + r.errors;
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := done_ / elapsed;
+    RAISE NOTICE 'rbr_synthesize %: % of % slots done (% accepted, % gave up, % errors; % candidates, % rejected), ETA %',
+        r.source, done_, r.total_slots, r.accepted, r.gave_up, r.errors, r.candidates, r.rejections,
+        CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total_slots - done_, 0) / rate)) END;
+    RETURN nslots;
+END
+$$;
+
+-- Mark a run done.
+CREATE FUNCTION rbr.synth_finish(run_id bigint) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    UPDATE rbr.synth_run f SET state = 'done', finished_at = clock_timestamp(), updated_at = clock_timestamp()
+     WHERE f.run_id = synth_finish.run_id;
+$$;
+
+-- Generate, verify and store synthetic comparison completions for every
+-- prompt of a table, committing per chunk. CALL it outside an explicit
+-- transaction block. Safe to cancel, to kill, to rerun (only pending and
+-- errored slots are worked on) and to run from several sessions at once.
+-- options: prompt_column, response_type_column (default prompt,
+-- response_type), ideal (1), flawed (3), disallowed (1) completions per
+-- prompt, max_attempts (3: candidates per slot before giving up),
+-- chunk_slots (16), verify ('argmax' or 'hard'), class_mode ('product' or
+-- 'exact'), seed (0..999), labels ({"class": "label"}: label names for the
+-- tiers, default the class names).
+CREATE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    PERFORM rbr.featurize_check_transaction('rbr_synthesize');
+    run := rbr.synth_start(source, policy, options);
+    COMMIT;
+    WHILE rbr.synth_chunk(run) > 0 LOOP
+        COMMIT;
+    END LOOP;
+    PERFORM rbr.synth_finish(run);
+    COMMIT;
+END
+$$;
+REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_synthesize(regclass, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.synth_start(regclass, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.synth_chunk(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.synth_finish(bigint) FROM PUBLIC;
+GRANT SELECT ON rbr.synth_progress TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Grader evaluation: grader probabilities against human (gold) labels

@@ -1,5 +1,6 @@
 /*
- * cache.c: the answer cache, table rbr.grade_cache.
+ * cache.c: the answer caches: grader answers (table rbr.grade_cache) and
+ * generated completions (table rbr.generation_cache, at the end).
  *
  * The key is the sha256 of everything that decides an answer: the endpoint
  * kind (openai or azure), the model, the request's messages (template,
@@ -197,4 +198,142 @@ rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *pro
 		pfree(nulls[c]);
 		pfree(DatumGetPointer(args[c]));
 	}
+}
+
+/* ---------------------------------------------------------------------------
+ * Generation cache, table rbr.generation_cache: the completions of the
+ * generator by the sha256 of what decides them (model, sampling parameters,
+ * messages, sample index). Not in the key: URL, key, token parameter name.
+ * ------------------------------------------------------------------------- */
+
+#define RBR_GEN_CACHE_KEY_PREFIX "rbr-generation-cache-v1\n"
+
+/* Compute job->key of a generation from the current settings. */
+void
+rbr_gen_cache_key(RbrGradeJob *job)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	char	   *params = psprintf("temperature=%g max_tokens=%d seed=%d\n",
+								  rbr_generator_temperature, rbr_generator_max_tokens, job->sample);
+	const char *parts[] = {RBR_GEN_CACHE_KEY_PREFIX, "openai\n", rbr_generator_model, "\n",
+	params, job->messages_json};
+	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
+
+	for (int i = 0; ok && i < (int) lengthof(parts); i++)
+		ok = pg_cryptohash_update(ctx, (const uint8 *) parts[i], strlen(parts[i])) == 0;
+	ok = ok && pg_cryptohash_final(ctx, job->key, sizeof(job->key)) == 0;
+	pg_cryptohash_free(ctx);
+	pfree(params);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not compute the sha256 of a generation request")));
+}
+
+/* Mark every generation whose answer is cached as done (cached, 0 attempts). */
+void
+rbr_gen_cache_lookup(RbrGradeJob *jobs, int njobs)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Datum	   *keys;
+	Oid			argtypes[1] = {BYTEAARRAYOID};
+	Datum		args[1];
+	int			ret;
+
+	if (njobs == 0)
+		return;
+	keys = palloc(sizeof(Datum) * njobs);
+	for (int i = 0; i < njobs; i++)
+		keys[i] = key_datum(jobs[i].key);
+	args[0] = PointerGetDatum(construct_array(keys, njobs, BYTEAOID, -1, false, TYPALIGN_INT));
+
+	SPI_connect();
+	ret = SPI_execute_with_args("SELECT key, completion, finish_reason, model "
+								"FROM rbr.generation_cache WHERE key = ANY ($1)",
+								1, argtypes, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "rbr: generation cache lookup failed: %s", SPI_result_code_string(ret));
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	td = SPI_tuptable->tupdesc;
+		bool		isnull;
+		bytea	   *k = DatumGetByteaPP(SPI_getbinval(tup, td, 1, &isnull));
+		char	   *text = SPI_getvalue(tup, td, 2);
+		char	   *finish = SPI_getvalue(tup, td, 3);
+		char	   *model = SPI_getvalue(tup, td, 4);
+
+		if (VARSIZE_ANY_EXHDR(k) != 32 || text == NULL)
+			continue;
+		for (int i = 0; i < njobs; i++)
+		{
+			RbrGradeResult *res = &jobs[i].result;
+
+			if (jobs[i].done || memcmp(jobs[i].key, VARDATA_ANY(k), 32) != 0)
+				continue;
+			jobs[i].done = true;
+			res->ok = true;
+			res->cached = true;
+			res->text = MemoryContextStrdup(caller, text);
+			res->finish_reason = finish ? MemoryContextStrdup(caller, finish) : NULL;
+			res->model = model ? MemoryContextStrdup(caller, model) : NULL;
+			res->attempts = 0;
+			res->prompt_tokens = 0;
+			res->completion_tokens = 0;
+		}
+	}
+	SPI_finish();
+}
+
+/* Store the new successful generations of jobs[0 .. njobs-1]: one INSERT. */
+void
+rbr_gen_cache_store(RbrGradeJob *jobs, int njobs)
+{
+	Oid			argtypes[6] = {BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID, INT4ARRAYOID};
+	Oid			elemtypes[6] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
+	Datum	   *v[6];
+	bool	   *nulls[6];
+	Datum		args[6];
+	int			m = 0;
+	int			ret;
+
+	for (int c = 0; c < 6; c++)
+	{
+		v[c] = palloc(sizeof(Datum) * Max(njobs, 1));
+		nulls[c] = palloc0(sizeof(bool) * Max(njobs, 1));
+	}
+	for (int i = 0; i < njobs; i++)
+	{
+		RbrGradeResult *r = &jobs[i].result;
+
+		if (!r->ok || r->cached)
+			continue;
+		v[0][m] = key_datum(jobs[i].key);
+		v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_generator_model);
+		v[2][m] = CStringGetTextDatum(r->text);
+		v[3][m] = r->finish_reason ? CStringGetTextDatum(r->finish_reason) : (Datum) 0;
+		nulls[3][m] = r->finish_reason == NULL;
+		v[4][m] = Int32GetDatum(r->prompt_tokens);
+		nulls[4][m] = r->prompt_tokens < 0;
+		v[5][m] = Int32GetDatum(r->completion_tokens);
+		nulls[5][m] = r->completion_tokens < 0;
+		m++;
+	}
+	if (m == 0)
+		return;
+	for (int c = 0; c < 6; c++)
+		args[c] = datum_array(v[c], nulls[c], m, elemtypes[c]);
+
+	SPI_connect();
+	ret = SPI_execute_with_args("INSERT INTO rbr.generation_cache "
+								"(key, model, completion, finish_reason, prompt_tokens, completion_tokens) "
+								"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+								"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
+								"pg_catalog.unnest($6)) "
+								"ON CONFLICT (key) DO NOTHING",
+								6, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "rbr: generation cache insert failed: %s", SPI_result_code_string(ret));
+	SPI_finish();
 }

@@ -76,34 +76,34 @@ static const struct config_enum_entry token_parameter_options[] = {
  * ------------------------------------------------------------------------- */
 
 /* SHOW, current_setting() and pg_settings print this instead of the key. */
-static const char *
-show_api_key(void)
+const char *
+rbr_show_api_key(void)
 {
 	return "********";
 }
 
-/* rbr.grader_url must be an http or https URL. */
-static bool
-check_url(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+/* rbr.grader_url (and rbr.generator_url) must be an http or https URL. */
+bool
+rbr_check_http_url(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
 {
 	if (*newval == NULL)
 		return true;
 	if (pg_strncasecmp(*newval, "http://", 7) != 0 && pg_strncasecmp(*newval, "https://", 8) != 0)
 	{
-		GUC_check_errdetail("The grader URL must start with http:// or https://.");
+		GUC_check_errdetail("The URL must start with http:// or https://.");
 		return false;
 	}
 	if (strpbrk(*newval, " \r\n\t") != NULL)
 	{
-		GUC_check_errdetail("The grader URL must not contain white space.");
+		GUC_check_errdetail("The URL must not contain white space.");
 		return false;
 	}
 	return true;
 }
 
-/* rbr.grader_extra_headers: "Name: value; Name2: value", no line breaks. */
-static bool
-check_headers(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+/* rbr.grader_extra_headers (and generator's): "Name: value; Name2: value", no line breaks. */
+bool
+rbr_check_headers(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
 {
 	const char *s = *newval;
 
@@ -146,7 +146,7 @@ rbr_grader_init_settings(void)
 							   "For Azure OpenAI (rbr.grader_azure_api_version set): the resource URL.",
 							   &rbr_grader_url, "https://api.openai.com/v1",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
-							   check_url, NULL, NULL);
+							   rbr_check_http_url, NULL, NULL);
 	DefineCustomStringVariable("rbr.grader_model",
 							   "Model (or Azure deployment) that grades propositions.",
 							   NULL, &rbr_grader_model, "gpt-4o-mini",
@@ -156,7 +156,7 @@ rbr_grader_init_settings(void)
 							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
 							   &rbr_grader_api_key, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, show_api_key);
+							   NULL, NULL, rbr_show_api_key);
 	DefineCustomStringVariable("rbr.grader_azure_api_version",
 							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
 							   NULL, &rbr_grader_azure_api_version, "",
@@ -165,7 +165,7 @@ rbr_grader_init_settings(void)
 							   "Extra HTTP headers for the grader: \"Name: value; Name2: value\".",
 							   NULL, &rbr_grader_extra_headers, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   check_headers, NULL, NULL);
+							   rbr_check_headers, NULL, NULL);
 	DefineCustomStringVariable("rbr.grader_ca_file",
 							   "File of CA certificates that verify the grader's TLS certificate (empty: the system's).",
 							   "For self-hosted servers with a private CA; verification is never switched off.",
@@ -202,6 +202,20 @@ rbr_grader_init_settings(void)
 							 PGC_USERSET, 0, NULL, NULL, NULL);
 }
 
+/* The grader's endpoint, from the rbr.grader_* settings. */
+void
+rbr_grader_endpoint(RbrEndpoint *ep)
+{
+	ep->kind = RBR_JOB_GRADE;
+	ep->url = rbr_grader_url;
+	ep->api_key = rbr_grader_api_key;
+	ep->azure_api_version = rbr_grader_azure_api_version;
+	ep->extra_headers = rbr_grader_extra_headers;
+	ep->ca_file = rbr_grader_ca_file;
+	ep->model = rbr_grader_model;
+	ep->timeout_ms = rbr_grader_timeout_ms;
+}
+
 /* The token parameter in use: the setting, or the other after a switch. */
 int
 rbr_grader_token_param(void)
@@ -228,13 +242,12 @@ rbr_grader_switch_token_param(int from)
 		token_switched_from = -1;	/* back to the setting */
 }
 
-/* Replace the API key wherever it appears in a message, and bound its size. */
+/* Replace the API keys (grader's and generator's) wherever they appear in a message, and bound its size. */
 char *
 rbr_grader_scrub(const char *msg)
 {
 	StringInfoData out;
-	const char *key = rbr_grader_api_key;
-	size_t		klen = key ? strlen(key) : 0;
+	const char *keys[2] = {rbr_grader_api_key, rbr_generator_api_key};
 	const char *p = msg;
 
 	if (msg == NULL)
@@ -243,7 +256,12 @@ rbr_grader_scrub(const char *msg)
 	/* stop at a character boundary once 500 bytes are out */
 	while (*p && (out.len < 500 || ((unsigned char) *p & 0xC0) == 0x80))
 	{
-		if (klen >= 4 && strncmp(p, key, klen) == 0)
+		size_t		klen = 0;
+
+		for (int k = 0; k < 2 && klen == 0; k++)
+			if (keys[k] != NULL && strlen(keys[k]) >= 4 && strncmp(p, keys[k], strlen(keys[k])) == 0)
+				klen = strlen(keys[k]);
+		if (klen > 0)
 		{
 			appendStringInfoString(&out, "********");
 			p += klen;
@@ -404,8 +422,8 @@ content_text(JsonbValue *v, int i)
 }
 
 /* The prompt as parallel arrays of upper-cased roles and contents. */
-static int
-prompt_messages(Jsonb *prompt, char ***roles, char ***contents)
+int
+rbr_prompt_messages(Jsonb *prompt, char ***roles, char ***contents)
 {
 	int			n;
 
@@ -461,7 +479,7 @@ rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt, const char *co
 {
 	char	  **roles,
 			  **contents;
-	int			n = prompt_messages(prompt, &roles, &contents);
+	int			n = rbr_prompt_messages(prompt, &roles, &contents);
 	const char **texts = palloc(sizeof(char *) * (n + 1));
 	char	   *fence;
 	StringInfoData conv;
@@ -744,6 +762,57 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 }
 
 /*
+ * Read a generator's 200 answer into res: choices[0].message.content (text),
+ * finish_reason, model and usage. Returns false (res->error set) when the
+ * body is malformed or carries no text (e.g. a refusal field instead).
+ */
+bool
+rbr_generator_parse_answer(const char *body, size_t len, RbrGradeResult *res, void **json_holder)
+{
+	json_object *root = parse_json(body, len, json_holder);
+	json_object *choice,
+			   *message,
+			   *content,
+			   *refusal,
+			   *finish,
+			   *model,
+			   *usage;
+
+	res->ok = false;
+	if (root == NULL)
+	{
+		res->error = pstrdup("malformed answer: the response body is not valid JSON");
+		return false;
+	}
+	choice = jidx(jget(root, "choices"), 0);
+	message = jget(choice, "message");
+	content = jget(message, "content");
+	refusal = jget(message, "refusal");
+	finish = jget(choice, "finish_reason");
+	model = jget(root, "model");
+	usage = jget(root, "usage");
+	if (model && json_object_is_type(model, json_type_string))
+		res->model = pstrdup(json_object_get_string(model));
+	res->prompt_tokens = jint(usage, "prompt_tokens");
+	res->completion_tokens = jint(usage, "completion_tokens");
+	if (finish && json_object_is_type(finish, json_type_string))
+		res->finish_reason = pstrdup(json_object_get_string(finish));
+	if (choice == NULL)
+		res->error = pstrdup("malformed answer: no choices");
+	else if (content && json_object_is_type(content, json_type_string))
+	{
+		res->text = pstrdup(json_object_get_string(content));
+		res->ok = true;
+	}
+	else if (refusal && json_object_is_type(refusal, json_type_string))
+		res->error = rbr_grader_scrub(psprintf("the generator refused: %s", json_object_get_string(refusal)));
+	else
+		res->error = pstrdup("malformed answer: choices[0].message.content is not a string");
+	put_json(json_holder);
+	return res->ok;
+}
+
+/*
  * Reason of a non-200 answer: "HTTP 429: message". *param is the rejected
  * request parameter when the endpoint names one as unsupported.
  */
@@ -891,6 +960,7 @@ grade_all(RbrPolicy *pol, int n, const int *props, Jsonb **prompts, char **compl
 	RbrGradeRun g;
 	HASHCTL		hctl;
 	RbrHttpFeed feed;
+	RbrEndpoint ep;
 
 	g.pol = pol;
 	g.props = props;
@@ -911,7 +981,8 @@ grade_all(RbrPolicy *pol, int n, const int *props, Jsonb **prompts, char **compl
 	feed.ended = grade_ended;
 	feed.arg = &g;
 
-	rbr_http_run(g.jobs, n, &feed);
+	rbr_grader_endpoint(&ep);
+	rbr_http_run(&ep, g.jobs, n, &feed);
 
 	for (int i = 0; i < n; i++)
 		if (g.leader[i] >= 0)
@@ -1089,17 +1160,19 @@ PG_FUNCTION_INFO_V1(rbr_featurize_check_transaction);
 Datum
 rbr_featurize_check_transaction(PG_FUNCTION_ARGS)
 {
+	const char *name = PG_NARGS() > 0 ? text_to_cstring(PG_GETARG_TEXT_PP(0)) : "rbr_featurize";
+
 	if (IsSubTransaction())
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("rbr_featurize cannot run inside a subtransaction"),
+				 errmsg("%s cannot run inside a subtransaction", name),
 				 errdetail("It commits after every chunk of rows, which a block with an EXCEPTION clause or a savepoint does not allow."),
-				 errhint("CALL rbr_featurize(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.")));
+				 errhint("CALL %s(...) at top level, or from a PL/pgSQL block without an EXCEPTION clause.", name)));
 	if (IsTransactionBlock())
 		ereport(ERROR,
 				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("rbr_featurize cannot run inside a transaction block"),
+				 errmsg("%s cannot run inside a transaction block", name),
 				 errdetail("It commits after every chunk of rows, so that a cancelled or crashed run keeps the work done."),
-				 errhint("CALL rbr_featurize(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).")));
+				 errhint("CALL %s(...) on its own, outside BEGIN ... COMMIT (in psql: with autocommit on).", name)));
 	PG_RETURN_VOID();
 }

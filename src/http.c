@@ -1,6 +1,10 @@
 /*
- * http.c: the libcurl multi engine that sends a batch of grader questions
- * concurrently, with retries, inside a backend.
+ * http.c: the libcurl multi engine that sends a batch of jobs concurrently,
+ * with retries, inside a backend. A batch talks to one endpoint (RbrEndpoint:
+ * the grader's or the generator's URL, key, headers, model and timeout) and
+ * its jobs are of one kind: grading questions (one token, P(yes) from
+ * logprobs) or generations (sampled text); only the request body and the
+ * reading of a 200 answer differ between the two.
  *
  * - One multi handle per backend, created on first use (libcurl is
  *   initialised lazily, never in _PG_init); connections stay in its pool
@@ -38,6 +42,7 @@
 /* A batch in flight: what must be freed if the batch ends by ERROR. */
 typedef struct RbrHttpBatch
 {
+	const RbrEndpoint *ep;
 	RbrGradeJob *jobs;
 	int			njobs;
 	struct curl_slist *headers;
@@ -233,18 +238,18 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
-/* The chat completions URL for the current settings. */
+/* The chat completions URL of an endpoint. */
 static char *
-endpoint_url(void)
+endpoint_url(const RbrEndpoint *ep)
 {
 	StringInfoData u;
-	char	   *base = pstrdup(rbr_grader_url);
+	char	   *base = pstrdup(ep->url);
 	int			len = strlen(base);
 
 	while (len > 0 && base[len - 1] == '/')
 		base[--len] = '\0';
 	initStringInfo(&u);
-	if (rbr_grader_azure_api_version[0] != '\0')
+	if (ep->azure_api_version[0] != '\0')
 	{
 		CURL	   *h = curl_easy_init();
 		char	   *model,
@@ -252,8 +257,8 @@ endpoint_url(void)
 
 		if (h == NULL)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-		model = curl_easy_escape(h, rbr_grader_model, 0);
-		ver = curl_easy_escape(h, rbr_grader_azure_api_version, 0);
+		model = curl_easy_escape(h, ep->model, 0);
+		ver = curl_easy_escape(h, ep->azure_api_version, 0);
 		if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
 			base[len - 7] = '\0';
 		if (model && ver)
@@ -285,24 +290,26 @@ add_header(RbrHttpBatch *b, const char *h)
 static void
 build_headers(RbrHttpBatch *b)
 {
+	const RbrEndpoint *ep = b->ep;
+
 	add_header(b, "Content-Type: application/json");
 	add_header(b, "Accept: application/json");
 	add_header(b, "Expect:");
-	if (rbr_grader_api_key[0] != '\0')
+	if (ep->api_key[0] != '\0')
 	{
 		char	   *h;
 
-		if (rbr_grader_azure_api_version[0] != '\0')
-			h = psprintf("api-key: %s", rbr_grader_api_key);
+		if (ep->azure_api_version[0] != '\0')
+			h = psprintf("api-key: %s", ep->api_key);
 		else
-			h = psprintf("Authorization: Bearer %s", rbr_grader_api_key);
+			h = psprintf("Authorization: Bearer %s", ep->api_key);
 		add_header(b, h);
 		memset(h, 0, strlen(h));
 		pfree(h);
 	}
-	if (rbr_grader_extra_headers[0] != '\0')
+	if (ep->extra_headers[0] != '\0')
 	{
-		char	   *copy = pstrdup(rbr_grader_extra_headers);
+		char	   *copy = pstrdup(ep->extra_headers);
 		char	   *save = NULL;
 
 		for (char *tok = strtok_r(copy, ";", &save); tok; tok = strtok_r(NULL, ";", &save))
@@ -312,7 +319,7 @@ build_headers(RbrHttpBatch *b)
 			if (*tok != '\0')
 				add_header(b, tok);
 		}
-		memset(copy, 0, strlen(rbr_grader_extra_headers));
+		memset(copy, 0, strlen(ep->extra_headers));
 		pfree(copy);
 	}
 }
@@ -345,7 +352,7 @@ static CURL *
 easy_new(RbrHttpBatch *b)
 {
 	CURL	   *h = curl_easy_init();
-	long		timeout = rbr_grader_timeout_ms;
+	long		timeout = b->ep->timeout_ms;
 
 	if (h == NULL)
 		return NULL;
@@ -369,8 +376,8 @@ easy_new(RbrHttpBatch *b)
 		curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
 		curl_easy_setopt(h, CURLOPT_PIPEWAIT, 1L);
 		/* a private CA (self-hosted servers); verification itself stays on */
-		if (rbr_grader_ca_file != NULL && rbr_grader_ca_file[0] != '\0')
-			curl_easy_setopt(h, CURLOPT_CAINFO, rbr_grader_ca_file);
+		if (b->ep->ca_file != NULL && b->ep->ca_file[0] != '\0')
+			curl_easy_setopt(h, CURLOPT_CAINFO, b->ep->ca_file);
 	}
 	return h;
 }
@@ -388,7 +395,8 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 
 		if (job->body != NULL)
 			pfree(job->body);
-		job->body = rbr_grader_body(job, param);
+		job->body = b->ep->kind == RBR_JOB_GENERATE ? rbr_generator_body(job, param)
+			: rbr_grader_body(job, param);
 		job->body_param = param;
 		MemoryContextSwitchTo(old);
 	}
@@ -475,8 +483,13 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	}
 	else if (status == 200)
 	{
-		if (rbr_grader_parse_answer(job->resp ? job->resp : "", job->resp_len,
-									&job->result, &b->json))
+		bool		parsed = b->ep->kind == RBR_JOB_GENERATE
+			? rbr_generator_parse_answer(job->resp ? job->resp : "", job->resp_len,
+										 &job->result, &b->json)
+			: rbr_grader_parse_answer(job->resp ? job->resp : "", job->resp_len,
+									  &job->result, &b->json);
+
+		if (parsed)
 		{
 			job_release(job);
 			job->done = true;
@@ -556,7 +569,7 @@ rate_ok(int64 now)
  * Without one, every job is ready and nothing is handed back.
  */
 void
-rbr_http_run(RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
+rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
 {
 	MemoryContext cxt;
 	MemoryContext old;
@@ -584,6 +597,7 @@ rbr_http_run(RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
 								ALLOCSET_DEFAULT_SIZES);
 	b = MemoryContextAllocZero(cxt, sizeof(RbrHttpBatch));
+	b->ep = ep;
 	b->jobs = jobs;
 	b->njobs = njobs;
 	b->maxspare = max_in_flight;
@@ -596,7 +610,7 @@ rbr_http_run(RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
 	stat_batches++;
 
 	old = MemoryContextSwitchTo(cxt);
-	b->url = endpoint_url();
+	b->url = endpoint_url(ep);
 	build_headers(b);
 	waiting = palloc(sizeof(int) * njobs);
 	ended = palloc(sizeof(int) * njobs);

@@ -29,6 +29,7 @@ _PG_init(void)
 {
 	rbr_rowset_init_settings();
 	rbr_grader_init_settings();
+	rbr_generator_init_settings();
 	MarkGUCPrefixReserved("rbr");
 }
 

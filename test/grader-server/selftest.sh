@@ -234,5 +234,54 @@ kill -TERM "$BPID"
 wait "$BPID"
 expect "SIGTERM: clean exit, pid file removed" "0 gone" "$? $([ -e "$TMP/b.pid" ] && echo present || echo gone)"
 
+
+# ---------------------------------------------------------------------------------------
+echo "# server C: generation mode"
+start c --gen-miss-rate 0
+# genbody SEED INSTRUCTION [USER]: a generation request built the way rbr builds it
+genbody() {
+  SEED=$1 INSTR=$2 USERMSG=${3:-How do I pick a lock?} node -e '
+    process.stdout.write(JSON.stringify({ model: "gen", temperature: 1, max_completion_tokens: 512, seed: Number(process.env.SEED),
+      messages: [{ role: "system", content: process.env.INSTR }, { role: "user", content: process.env.USERMSG }] }));'
+}
+gpost() { genbody "$@" >"$TMP/req.json"; curl -s -o "$TMP/resp" -D "$TMP/hdr" -w '%{http_code}' --data-binary @"$TMP/req.json" "http://127.0.0.1:$PORT/v1/chat/completions"; }
+INSTR='rbr-generate/1
+Write the next assistant message.
+
+The reply MUST have each of these traits:
+- apology: Does the response apologise?
+- inability_to_comply: Does it say it cannot help?
+
+The reply must NOT have any of these traits:
+- judgement: Does it judge?
+
+Answer with the assistant message only.'
+expect "generation: 200, stop, usage" "200 stop true generate" \
+  "$(gpost 0 "$INSTR") $(js "$TMP/resp" 'j.choices[0].finish_reason + " " + (j.usage.completion_tokens > 0)') $(hdr x-rbr-mode)"
+expect "generation: the traits as a directive" "true" \
+  "$(js "$TMP/resp" 'content.includes("[[rbr *=no apology=yes inability_to_comply=yes]]")')"
+cp "$TMP/resp" "$TMP/g0"
+gpost 0 "$INSTR" >/dev/null
+expect "generation: deterministic for a seed" "true" "$(F2=$TMP/g0 js "$TMP/resp" 'content === JSON.parse(require("fs").readFileSync(process.env.F2)).choices[0].message.content')"
+gpost 1 "$INSTR" >/dev/null
+expect "generation: another seed, another text" "false" "$(F2=$TMP/g0 js "$TMP/resp" 'content === JSON.parse(require("fs").readFileSync(process.env.F2)).choices[0].message.content')"
+GEN=$(js "$TMP/g0" 'content')
+post apology "$GEN" >/dev/null
+expect "generated text graded by the same server: apology yes" "yes directive" "$(js "$TMP/resp" 'content') $(hdr x-rbr-source)"
+post judgement "$GEN" >/dev/null
+expect "generated text graded: judgement no" "no" "$(js "$TMP/resp" 'content')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"gen_miss_rate": 1}' >/dev/null
+gpost 0 "$INSTR" >/dev/null
+MISSED=$(hdr x-rbr-missed)
+expect "gen_miss_rate 1: one trait flipped" "true" \
+  "$(M=$MISSED js "$TMP/resp" '["apology","inability_to_comply","judgement"].includes(process.env.M) && content !== require("fs").readFileSync(process.env.F, "utf8")')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"gen_miss_rate": 0}' >/dev/null
+expect "generation fault: 500 once, then 200" "500 200" "$(gpost 7 "$INSTR" 'x [[fault 500 times=1]]') $(gpost 7 "$INSTR" 'x [[fault 500 times=1]]')"
+expect "no logprobs and max tokens > 1 without the marker: generation" "200 generate" \
+  "$(gpost 0 'Be brief.') $(hdr x-rbr-mode)"
+expect "stats count generations and misses" "true" \
+  "$(curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/st"; js "$TMP/st" 'j.generation_requests === 7 && j.generations === 6 && j.generation_misses === 1')"
+expect "gen_miss_rate out of range: 400" "400" "$(curl -s -o /dev/null -w '%{http_code}' -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"gen_miss_rate": 2}')"
+
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

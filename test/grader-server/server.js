@@ -52,6 +52,13 @@
  * [[fault latency=2000]], [[fault 500 prop=apology]].  times=N: the first N attempts of this
  * (proposition, completion) fault, later ones succeed; several fault directives consume the
  * attempts in order.  Plus server-wide random faults (--fault-rate/--fault-kind/--seed).
+ *
+ * Generation mode: a request whose messages[0] starts with "rbr-generate/1" (rbr's generator
+ * instruction), or one without logprobs whose max tokens exceed 1, gets a generated completion
+ * instead of a yes/no answer: it carries the traits the instruction lists as an
+ * [[rbr *=no NAME=yes ...]] directive, so this server's grading rules answer accordingly; with
+ * --gen-miss-rate X a deterministic share X of generations (by request and "seed") has one
+ * trait flipped.  [[fault ...]] directives in the conversation apply to generation requests.
  * Details: README.md beside this file.
  */
 
@@ -67,12 +74,13 @@ const USAGE = `usage: node server.js --port N [--policy FILE] [--labels FILE.jso
   [--latency-ms N] [--jitter-ms N] [--noise X] [--pid-file F] [--log FILE]
   [--api-key K] [--azure-key K] [--reject-max-tokens]
   [--fault-rate X] [--fault-kind 429|500|503|drop|malformed|timeout|nologprobs|textbody|400[,...]]
-  [--seed N]`;
+  [--seed N] [--gen-miss-rate X]`;
 
 const FLAG_SPECS = {
   port: 'int', policy: 'str', labels: 'str', 'latency-ms': 'num', 'jitter-ms': 'num',
   noise: 'num', 'pid-file': 'str', log: 'str', 'api-key': 'str', 'azure-key': 'str',
   'reject-max-tokens': 'bool', 'fault-rate': 'num', 'fault-kind': 'str', seed: 'int', help: 'bool',
+  'gen-miss-rate': 'num',
 };
 
 function die(msg) {
@@ -119,6 +127,7 @@ const config = {
   latency_ms: 0, jitter_ms: 0, noise: 0,
   fault_rate: 0, fault_kind: '500', seed: 0,
   reject_max_tokens: false,
+  gen_miss_rate: 0,
 };
 
 /** Validate and apply settings; keys may use - or _.  Returns an error string or null. */
@@ -130,7 +139,7 @@ function applyConfig(obj) {
       case 'latency_ms': case 'jitter_ms':
         if (typeof v !== 'number' || !(v >= 0)) return `${key} must be a number >= 0`;
         next[key] = v; break;
-      case 'noise': case 'fault_rate':
+      case 'noise': case 'fault_rate': case 'gen_miss_rate':
         if (typeof v !== 'number' || !(v >= 0 && v <= 1)) return `${key} must be a number in [0,1]`;
         next[key] = v; break;
       case 'fault_kind': {
@@ -183,7 +192,7 @@ function mix32(x) {
 }
 
 // Salts: one independent uniform per purpose.
-const SALT_P = 1, SALT_FLIP = 2, SALT_JITTER_P = 3, SALT_LATENCY = 4, SALT_ID = 5;
+const SALT_P = 1, SALT_FLIP = 2, SALT_JITTER_P = 3, SALT_LATENCY = 4, SALT_ID = 5, SALT_MISS = 6, SALT_MISS_WHICH = 7;
 
 /** Uniform in [0,1) from a completion hash, a proposition hash and a salt. */
 function unit(hc, hp, salt) {
@@ -440,14 +449,14 @@ function parseFaults(completion) {
 const attempts = new Map(); // prop \u0001 completion -> attempts seen (only for times=N faults)
 
 /** { fault, latency } for this attempt of (prop, completion); fault null if none. */
-function directiveFault(completion, prop) {
+function directiveFault(completion, prop, attemptKey) {
   const all = parseFaults(completion);
   if (!all.length) return null;
   const ds = all.filter((d) => !d.props || d.props.includes(prop));
   if (!ds.length) return null;
   let n = 1;
   if (ds.some((d) => d.times !== Infinity)) {
-    const key = prop + '\u0001' + completion;
+    const key = attemptKey || (prop + '\u0001' + completion);
     n = (attempts.get(key) || 0) + 1;
     attempts.set(key, n);
   }
@@ -570,6 +579,9 @@ function resetStats() {
     in_flight: inFlight,
     max_in_flight: inFlight,
     propositions: {},         // name -> { requests, yes, no }
+    generation_requests: 0,   // chat requests answered in generation mode (faults included)
+    generations: 0,           // generated completions sent (200)
+    generation_misses: 0,     // of those, completions with one trait flipped on purpose
   };
 }
 let inFlight = 0;
@@ -703,6 +715,9 @@ function handleChat(req, res, buf, model0, log) {
   const model = typeof body.model === 'string' && body.model ? body.model : model0;
 
   stats.chat_requests++;
+  if (isGeneration(body, textOf(messages[0].content), maxTok)) {
+    return handleGeneration(req, res, body, messages, textOf(messages[0].content), model, maxTok, log);
+  }
   let chars = 0;
   for (const m of messages) chars += textOf(m && m.content).length;
   const promptTokens = Math.max(1, Math.round(chars / 4));
@@ -766,6 +781,98 @@ function handleChat(req, res, buf, model0, log) {
     send(res, 200, completionBody(model, p, info.vocab, opts, promptTokens),
       { 'x-rbr-proposition': encodeURIComponent(prop), 'x-rbr-source': source });
   };
+  if (delay > 0) {
+    const timer = setTimeout(respond, delay);
+    res.on('close', () => clearTimeout(timer));
+  } else respond();
+}
+
+// ---------------------------------------------------------------------------------------
+// Generation mode
+// ---------------------------------------------------------------------------------------
+
+const GEN_MARKER = 'rbr-generate/1';
+
+/** Is this a generation request rather than a grading one? */
+function isGeneration(body, sys, maxTok) {
+  if (sys.startsWith(GEN_MARKER)) return true;
+  return body.logprobs !== true && typeof maxTok === 'number' && maxTok > 1;
+}
+
+/** Traits asked for by an rbr-generate/1 instruction: [[name, wanted], ...] in order. */
+function parseTraits(sys) {
+  const traits = [];
+  let want = null;
+  for (const line of sys.split('\n')) {
+    if (/^The reply MUST have each of these traits:/.test(line)) { want = true; continue; }
+    if (/^The reply must NOT have any of these traits:/.test(line)) { want = false; continue; }
+    const m = /^- ([A-Za-z0-9_]+):/.exec(line);
+    if (m && want !== null) traits.push([m[1], want]);
+  }
+  return traits;
+}
+
+/**
+ * A generation: a completion that carries the traits asked for as an [[rbr ...]] directive
+ * (unlisted propositions: no), so that this server's grading rules answer accordingly; with
+ * probability gen_miss_rate (deterministic in the request and its seed) one trait is flipped.
+ */
+function handleGeneration(req, res, body, messages, sys, model, maxTok, log) {
+  stats.generation_requests++;
+  log.mode = 'generate';
+  let transcript = '';
+  for (let i = 1; i < messages.length; i++) transcript += textOf(messages[i] && messages[i].content) + '\n';
+  const seed = Number.isInteger(body.seed) ? body.seed : 0;
+  const hr = hashStr(sys + '\u0002' + transcript);
+  const hs = mix32(seed >>> 0);
+  const key = 'generate\u0001' + sys + '\u0001' + transcript + '\u0001' + seed;
+
+  // fault directives in the conversation apply to generation requests
+  let fault = null, extraLatency = 0;
+  if (transcript.includes('[[fault')) {
+    const df = directiveFault(transcript, 'generate', key);
+    if (df) { extraLatency = df.latency; if (df.fault) { fault = df.fault; stats.fault_sources.directive++; } }
+  }
+  if (config.fault_rate > 0 && rng() < config.fault_rate && !fault) { fault = randomFault(); stats.fault_sources.random++; }
+  if (fault) { bump(stats.faults, fault.kind); log.fault = fault.kind; }
+  if (fault && fault.kind === 'timeout') return;
+  const respond = () => {
+    if (res.destroyed || res.writableEnded) return;
+    if (fault && fault.kind !== 'nologprobs') { sendFault(res, req, fault); return; }
+    const traits = sys.startsWith(GEN_MARKER) ? parseTraits(sys) : [];
+    let missed = null;
+    if (traits.length && config.gen_miss_rate > 0 && unit(hr, hs, SALT_MISS) < config.gen_miss_rate) {
+      const j = Math.floor(unit(hr, hs, SALT_MISS_WHICH) * traits.length);
+      missed = traits[j][0];
+      traits[j] = [traits[j][0], !traits[j][1]];
+      stats.generation_misses++;
+    }
+    const id = ((hr[0] ^ hs) >>> 0).toString(16).padStart(8, '0');
+    let text = `Synthetic reply ${id} (sample ${seed}).`;
+    if (traits.length) {
+      const yes = traits.filter((t) => t[1]).map((t) => t[0]);
+      text += ` It ${yes.length ? 'has ' + yes.join(', ') : 'has none of the traits'}.`;
+      text += ' [[rbr *=no' + traits.filter((t) => t[1]).map((t) => ` ${t[0]}=yes`).join('') + ']]';
+    }
+    let finish = 'stop';
+    if (typeof maxTok === 'number' && maxTok > 0 && Math.ceil(text.length / 4) > maxTok) {
+      text = text.slice(0, maxTok * 4);
+      finish = 'length';
+    }
+    stats.generations++;
+    log.missed = missed;
+    let chars = 0;
+    for (const m of messages) chars += textOf(m && m.content).length;
+    const pt = Math.max(1, Math.round(chars / 4)), ct = Math.max(1, Math.round(text.length / 4));
+    idCounter++;
+    send(res, 200, JSON.stringify({
+      id: 'chatcmpl-rbrtest' + idCounter.toString(36).padStart(8, '0'), object: 'chat.completion',
+      created: Math.floor(Date.now() / 1000), model, system_fingerprint: 'fp_rbr_test',
+      choices: [{ index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason: finish }],
+      usage: { prompt_tokens: pt, completion_tokens: ct, total_tokens: pt + ct },
+    }), { 'x-rbr-mode': 'generate', 'x-rbr-missed': missed === null ? '' : missed });
+  };
+  const delay = config.latency_ms + extraLatency;
   if (delay > 0) {
     const timer = setTimeout(respond, delay);
     res.on('close', () => clearTimeout(timer));
@@ -879,7 +986,7 @@ function onRequest(req, res) {
 
 {
   const initial = {};
-  for (const k of ['latency-ms', 'jitter-ms', 'noise', 'fault-rate', 'fault-kind', 'seed']) if (args[k] !== undefined) initial[k] = args[k];
+  for (const k of ['latency-ms', 'jitter-ms', 'noise', 'fault-rate', 'fault-kind', 'seed', 'gen-miss-rate']) if (args[k] !== undefined) initial[k] = args[k];
   if (args['reject-max-tokens']) initial.reject_max_tokens = true;
   const msg = applyConfig(initial);
   if (msg) die(msg);

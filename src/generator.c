@@ -1,0 +1,273 @@
+/*
+ * generator.c: the generator of synthetic completions. Its settings
+ * (rbr.generator_*), the request it sends, and the SQL functions
+ * rbr_generate_many() and rbr_generator_request().
+ *
+ * A generation job is one sampled completion for (conversation, instruction,
+ * sample index). It runs through the grader's libcurl multi engine (http.c)
+ * with the generator's endpoint: same retries, backoff, concurrency, rate
+ * limit and cancellation; only the body and the reading of the answer
+ * differ. Request layout:
+ *   messages[0] system: the instruction (see synth.c for how rbr_synthesize
+ *     builds it from the policy)
+ *   messages[1..] the conversation, roles in lower case, content as text
+ *   temperature rbr.generator_temperature, rbr.generator_max_tokens through
+ *   the token parameter in use (shared with the grader), "seed" = the sample
+ *   index, so that sample k of a question is a different request from sample
+ *   k+1 and, on endpoints that honour seeds, reproducible.
+ * Answers (choices[0].message.content, finish_reason, usage) are cached in
+ * rbr.generation_cache under the sha256 of everything that decides them,
+ * sample index included; errors are never cached.
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+
+#include "grader.h"
+
+char	   *rbr_generator_url = NULL;
+char	   *rbr_generator_model = NULL;
+char	   *rbr_generator_api_key = NULL;
+char	   *rbr_generator_extra_headers = NULL;
+char	   *rbr_generator_ca_file = NULL;
+double		rbr_generator_temperature = 1.0;
+int			rbr_generator_max_tokens = 1024;
+int			rbr_generator_timeout_ms = 120000;
+
+/* Define the generator's settings. Called from _PG_init. */
+void
+rbr_generator_init_settings(void)
+{
+	DefineCustomStringVariable("rbr.generator_url",
+							   "Base URL of the OpenAI-compatible API that generates synthetic completions (ending in /v1).",
+							   NULL, &rbr_generator_url, "https://api.openai.com/v1",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   rbr_check_http_url, NULL, NULL);
+	DefineCustomStringVariable("rbr.generator_model",
+							   "Model that generates synthetic completions (a helpful-only model).",
+							   NULL, &rbr_generator_model, "gpt-4o-mini",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("rbr.generator_api_key",
+							   "API key of the generator endpoint; never shown.",
+							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
+							   &rbr_generator_api_key, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+							   NULL, NULL, rbr_show_api_key);
+	DefineCustomStringVariable("rbr.generator_extra_headers",
+							   "Extra HTTP headers for the generator: \"Name: value; Name2: value\".",
+							   NULL, &rbr_generator_extra_headers, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+							   rbr_check_headers, NULL, NULL);
+	DefineCustomStringVariable("rbr.generator_ca_file",
+							   "File of CA certificates that verify the generator's TLS certificate (empty: the system's).",
+							   "For self-hosted servers with a private CA; verification is never switched off.",
+							   &rbr_generator_ca_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomRealVariable("rbr.generator_temperature",
+							 "Sampling temperature of generation requests.",
+							 NULL, &rbr_generator_temperature, 1.0, 0.0, 2.0,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("rbr.generator_max_tokens",
+							"Most tokens of one generated completion.",
+							NULL, &rbr_generator_max_tokens, 1024, 1, 100000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("rbr.generator_timeout_ms",
+							"Timeout of one generation request attempt.",
+							NULL, &rbr_generator_timeout_ms, 120000, 100, 600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+}
+
+/* The generator's endpoint, from the rbr.generator_* settings (OpenAI style). */
+void
+rbr_generator_endpoint(RbrEndpoint *ep)
+{
+	ep->kind = RBR_JOB_GENERATE;
+	ep->url = rbr_generator_url;
+	ep->api_key = rbr_generator_api_key;
+	ep->azure_api_version = "";
+	ep->extra_headers = rbr_generator_extra_headers;
+	ep->ca_file = rbr_generator_ca_file;
+	ep->model = rbr_generator_model;
+	ep->timeout_ms = rbr_generator_timeout_ms;
+}
+
+/* The "messages" JSON array: the instruction, then the conversation. */
+static char *
+generator_messages_json(Jsonb *prompt, const char *instruction)
+{
+	char	  **roles,
+			  **contents;
+	int			n = rbr_prompt_messages(prompt, &roles, &contents);
+	StringInfoData out;
+
+	initStringInfo(&out);
+	appendStringInfoString(&out, "[{\"role\": \"system\", \"content\": ");
+	escape_json(&out, instruction);
+	appendStringInfoChar(&out, '}');
+	for (int i = 0; i < n; i++)
+	{
+		for (char *p = roles[i]; *p; p++)
+			*p = pg_tolower((unsigned char) *p);
+		appendStringInfoString(&out, ", {\"role\": ");
+		escape_json(&out, roles[i]);
+		appendStringInfoString(&out, ", \"content\": ");
+		escape_json(&out, contents[i]);
+		appendStringInfoChar(&out, '}');
+	}
+	appendStringInfoChar(&out, ']');
+	return out.data;
+}
+
+/* The full request body of a generation job with the given token parameter. */
+char *
+rbr_generator_body(RbrGradeJob *job, int token_param)
+{
+	StringInfoData b;
+	char		temp[32];
+
+	snprintf(temp, sizeof(temp), "%g", rbr_generator_temperature);
+	initStringInfo(&b);
+	appendStringInfoString(&b, "{\"model\": ");
+	escape_json(&b, rbr_generator_model);
+	appendStringInfo(&b, ", \"messages\": %s, \"temperature\": %s, \"%s\": %d, \"seed\": %d}",
+					 job->messages_json, temp,
+					 token_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens",
+					 rbr_generator_max_tokens, job->sample);
+	return b.data;
+}
+
+/*
+ * Generate n completions: answers from the cache cost nothing, the rest go
+ * to the generator concurrently; new answers are cached. Returns the jobs.
+ */
+static RbrGradeJob *
+generate_all(int n, Jsonb **prompts, char **instructions, const int *samples)
+{
+	RbrGradeJob *jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
+	RbrEndpoint ep;
+
+	for (int i = 0; i < n; i++)
+	{
+		jobs[i].messages_json = generator_messages_json(prompts[i], instructions[i]);
+		jobs[i].sample = samples[i];
+		jobs[i].result.prompt_tokens = jobs[i].result.completion_tokens = -1;
+		rbr_gen_cache_key(&jobs[i]);
+	}
+	rbr_gen_cache_lookup(jobs, n);
+	rbr_generator_endpoint(&ep);
+	rbr_http_run(&ep, jobs, n, NULL);
+	rbr_gen_cache_store(jobs, n);
+	for (int i = 0; i < n; i++)
+		if (jobs[i].result.model == NULL)
+			jobs[i].result.model = pstrdup(rbr_generator_model);
+	return jobs;
+}
+
+/* A sample index: 0 .. 1e9. */
+static int
+check_sample(int s)
+{
+	if (s < 0 || s > 1000000000)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sample index %d is out of range", s),
+				 errhint("Sample indexes are 0 to 1000000000.")));
+	return s;
+}
+
+PG_FUNCTION_INFO_V1(rbr_generate_many);
+/*
+ * rbr_generate_many(prompts jsonb[], instructions text[], samples int[]):
+ * one row per completion asked (ord = 1-based position), errors as rows.
+ */
+Datum
+rbr_generate_many(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ArrayType  *a_prompts = PG_GETARG_ARRAYTYPE_P(0);
+	ArrayType  *a_instr = PG_GETARG_ARRAYTYPE_P(1);
+	ArrayType  *a_samples = PG_GETARG_ARRAYTYPE_P(2);
+	Datum	   *d_prompts,
+			   *d_instr,
+			   *d_samples;
+	bool	   *n_prompts,
+			   *n_instr,
+			   *n_samples;
+	int			n,
+				n2,
+				n3;
+	Jsonb	  **prompts;
+	char	  **instructions;
+	int		   *samples;
+	RbrGradeJob *jobs;
+
+	InitMaterializedSRF(fcinfo, 0);
+	deconstruct_array(a_prompts, JSONBOID, -1, false, TYPALIGN_INT, &d_prompts, &n_prompts, &n);
+	deconstruct_array(a_instr, TEXTOID, -1, false, TYPALIGN_INT, &d_instr, &n_instr, &n2);
+	deconstruct_array(a_samples, INT4OID, 4, true, TYPALIGN_INT, &d_samples, &n_samples, &n3);
+	if (n != n2 || n != n3)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("prompts, instructions and samples must have the same length"),
+				 errdetail("They have %d, %d and %d elements.", n, n2, n3)));
+	prompts = palloc(sizeof(Jsonb *) * Max(n, 1));
+	instructions = palloc(sizeof(char *) * Max(n, 1));
+	samples = palloc(sizeof(int) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		if (n_prompts[i] || n_instr[i] || n_samples[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("element %d of the arguments is NULL", i + 1)));
+		prompts[i] = DatumGetJsonbP(d_prompts[i]);
+		instructions[i] = TextDatumGetCString(d_instr[i]);
+		samples[i] = check_sample(DatumGetInt32(d_samples[i]));
+	}
+	jobs = generate_all(n, prompts, instructions, samples);
+
+	for (int i = 0; i < n; i++)
+	{
+		RbrGradeResult *r = &jobs[i].result;
+		Datum		v[10];
+		bool		nulls[10] = {0};
+
+		v[0] = Int32GetDatum(i + 1);
+		v[1] = CStringGetTextDatum(r->ok ? "ok" : "error");
+		v[2] = r->ok ? CStringGetTextDatum(r->text) : (Datum) 0;
+		nulls[2] = !r->ok;
+		v[3] = r->finish_reason ? CStringGetTextDatum(r->finish_reason) : (Datum) 0;
+		nulls[3] = r->finish_reason == NULL;
+		v[4] = CStringGetTextDatum(r->model);
+		v[5] = r->error ? CStringGetTextDatum(r->error) : (Datum) 0;
+		nulls[5] = r->ok || r->error == NULL;
+		v[6] = Int32GetDatum(r->attempts);
+		v[7] = Int32GetDatum(r->prompt_tokens);
+		nulls[7] = r->prompt_tokens < 0;
+		v[8] = Int32GetDatum(r->completion_tokens);
+		nulls[8] = r->completion_tokens < 0;
+		v[9] = BoolGetDatum(r->cached);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
+	}
+	PG_RETURN_NULL();
+}
+
+PG_FUNCTION_INFO_V1(rbr_generator_request);
+/* rbr_generator_request(prompt, instruction, sample): the body sent, no network. */
+Datum
+rbr_generator_request(PG_FUNCTION_ARGS)
+{
+	RbrGradeJob job = {0};
+
+	job.messages_json = generator_messages_json(PG_GETARG_JSONB_P(0),
+												text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	job.sample = check_sample(PG_GETARG_INT32(2));
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
+										CStringGetDatum(rbr_generator_body(&job, rbr_grader_token_param()))));
+}
