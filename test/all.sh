@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test suite against the running throwaway cluster (see test/run.sh):
 #   1. pg_regress: the SQL surface (sql/*.sql -> expected/*.out)
-#   2. unit tests of the C numerics that need no server (test/unit)
+#   2. unit tests of the C numerics that need no server (test/unit), and the
+#      self-test of the test grader server
 #   3. integration tests (test/t/*.t, run by prove): HTTP grading, faults,
 #      cancellation, crashes, concurrency, privileges
 # Prints one summary line "tests: N passed, N failed" at the end.
@@ -26,6 +27,13 @@ if [ -f test/unit/Makefile ]; then
     passed=$((passed + $(grep -cE '^ok ' "$log/unit.txt" || true)))
     failed=$((failed + $(grep -cE '^not ok ' "$log/unit.txt" || true)))
 fi
+
+echo "== test grader server self-test"
+if bash test/grader-server/selftest.sh 2>&1 | tee "$log/server.txt"; then :; else failed=$((failed + 1)); fi
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log/server.txt" | tail -1)
+[ -n "$line" ] || { line="0 passed, 1 failed"; }
+passed=$((passed + ${line%% passed*}))
+f=${line#*passed, }; failed=$((failed + ${f%% failed*}))
 
 if compgen -G "test/t/*.t" >/dev/null; then
     echo "== integration tests"
