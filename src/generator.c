@@ -59,7 +59,7 @@ rbr_generator_init_settings(void)
 							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
 							   &rbr_generator_api_key, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, rbr_show_api_key);
+							   rbr_check_api_key, NULL, rbr_show_api_key);
 	DefineCustomStringVariable("rbr.generator_extra_headers",
 							   "Extra HTTP headers for the generator: \"Name: value; Name2: value\".",
 							   NULL, &rbr_generator_extra_headers, "",

@@ -33,6 +33,7 @@
 #include "access/xact.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/array.h"
 /* PostgreSQL's SQL function json_object() and json-c's type share a name */
 #define json_object pg_sql_json_object
@@ -101,6 +102,25 @@ rbr_check_http_url(char **newval, void **extra pg_attribute_unused(), GucSource 
 	return true;
 }
 
+/*
+ * rbr.grader_api_key (and the generator's): no control characters, which
+ * would inject request headers. The message never echoes the value.
+ */
+bool
+rbr_check_api_key(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	if (*newval == NULL)
+		return true;
+	for (const char *p = *newval; *p; p++)
+		if ((unsigned char) *p < 0x20 || (unsigned char) *p == 0x7f)
+		{
+			GUC_check_errmsg("the API key must not contain control characters or line breaks");
+			GUC_check_errhint("The value is not shown.");
+			return false;
+		}
+	return true;
+}
+
 /* rbr.grader_extra_headers (and generator's): "Name: value; Name2: value", no line breaks. */
 bool
 rbr_check_headers(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
@@ -156,7 +176,7 @@ rbr_grader_init_settings(void)
 							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
 							   &rbr_grader_api_key, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, rbr_show_api_key);
+							   rbr_check_api_key, NULL, rbr_show_api_key);
 	DefineCustomStringVariable("rbr.grader_azure_api_version",
 							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
 							   NULL, &rbr_grader_azure_api_version, "",
@@ -480,15 +500,22 @@ rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt, const char *co
 	char	  **roles,
 			  **contents;
 	int			n = rbr_prompt_messages(prompt, &roles, &contents);
-	const char **texts = palloc(sizeof(char *) * (n + 1));
+	const char **texts = palloc(sizeof(char *) * (2 * n + 1));
 	char	   *fence;
 	StringInfoData conv;
 	StringInfoData out;
 
+	/* roles are untrusted too: on one line, and inside the fence */
 	for (int i = 0; i < n; i++)
+	{
+		for (char *p = roles[i]; *p; p++)
+			if (*p == '\n' || *p == '\r')
+				*p = ' ';
 		texts[i] = contents[i];
-	texts[n] = completion;
-	fence = fence_for(texts, n + 1);
+		texts[n + i] = roles[i];
+	}
+	texts[2 * n] = completion;
+	fence = fence_for(texts, 2 * n + 1);
 
 	initStringInfo(&conv);
 	appendStringInfo(&conv,
@@ -619,6 +646,39 @@ jint(json_object *o, const char *key)
 	return v && json_object_is_type(v, json_type_int) ? json_object_get_int(v) : -1;
 }
 
+/*
+ * Up to len bytes of untrusted text as a valid string of the database: cut at
+ * a NUL, control characters as spaces, invalid UTF-8 bytes (and, in a
+ * database that is not UTF-8, every non-ASCII byte) as '?'.
+ */
+static char *
+clean_text(const char *s, size_t len)
+{
+	StringInfoData out;
+	bool		utf8 = GetDatabaseEncoding() == PG_UTF8;
+	size_t		i = 0;
+
+	initStringInfo(&out);
+	while (i < len && s[i] != '\0')
+	{
+		unsigned char c = (unsigned char) s[i];
+		int			l = (c < 0x80) ? 1 : pg_utf_mblen((const unsigned char *) s + i);
+
+		if (c < 0x80)
+			appendStringInfoChar(&out, c < 0x20 ? ' ' : (char) c);
+		else if (utf8 && i + l <= len && pg_utf8_islegal((const unsigned char *) s + i, l))
+		{
+			appendBinaryStringInfo(&out, s + i, l);
+			i += l;
+			continue;
+		}
+		else
+			appendStringInfoChar(&out, '?');
+		i++;
+	}
+	return out.data;
+}
+
 /* Parse JSON text; the object is parked in *holder until put. */
 static json_object *
 parse_json(const char *body, size_t len, void **holder)
@@ -631,6 +691,8 @@ parse_json(const char *body, size_t len, void **holder)
 	tok = json_tokener_new();
 	if (tok == NULL)
 		return NULL;
+	/* invalid UTF-8 must never reach SQL text: reject the whole body */
+	json_tokener_set_flags(tok, JSON_TOKENER_VALIDATE_UTF8);
 	root = json_tokener_parse_ex(tok, body, (int) len);
 	if (root != NULL && json_tokener_get_error(tok) != json_tokener_success)
 	{
@@ -676,7 +738,7 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 	res->ok = false;
 	if (root == NULL)
 	{
-		res->error = pstrdup("malformed answer: the response body is not valid JSON");
+		res->error = pstrdup("malformed answer: the response body is not valid JSON in UTF-8");
 		return false;
 	}
 	choice = jidx(jget(root, "choices"), 0);
@@ -713,7 +775,10 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 			}
 		}
 	}
-	else if (lp0 != NULL && jget(lp0, "token") && jget(lp0, "logprob"))
+	else if (lp0 != NULL && jget(lp0, "token") && jget(lp0, "logprob") &&
+			 json_object_is_type(jget(lp0, "token"), json_type_string) &&
+			 (json_object_is_type(jget(lp0, "logprob"), json_type_double) ||
+			  json_object_is_type(jget(lp0, "logprob"), json_type_int)))
 	{
 		/* no alternatives listed: the chosen token alone */
 		tokens = palloc(sizeof(char *));
@@ -730,9 +795,30 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 	}
 	put_json(json_holder);
 
+	/*
+	 * A log-probability is at most 0 (a little more is rounding); anything
+	 * larger is a broken answer, which would otherwise give P = NaN or an
+	 * arbitrary value. NaN entries are skipped by rbr_grader_p_yes().
+	 */
+	for (int i = 0; i < n; i++)
+	{
+		if (lps[i] > 1e-4)
+		{
+			res->error = psprintf("malformed answer: %g is not a log-probability (entry %d of top_logprobs)",
+								  lps[i], i + 1);
+			return false;
+		}
+		if (lps[i] > 0.0)
+			lps[i] = 0.0;
+	}
 	if (n > 0)
 	{
 		p = rbr_grader_p_yes(tokens, lps, n, &mass, &found);
+		if (found && !(p >= 0.0 && p <= 1.0))
+		{
+			res->error = pstrdup("malformed answer: the logprobs give no probability");
+			return false;
+		}
 		if (found)
 		{
 			res->ok = true;
@@ -781,7 +867,7 @@ rbr_generator_parse_answer(const char *body, size_t len, RbrGradeResult *res, vo
 	res->ok = false;
 	if (root == NULL)
 	{
-		res->error = pstrdup("malformed answer: the response body is not valid JSON");
+		res->error = pstrdup("malformed answer: the response body is not valid JSON in UTF-8");
 		return false;
 	}
 	choice = jidx(jget(root, "choices"), 0);
@@ -843,12 +929,7 @@ rbr_grader_error_reason(long status, const char *body, size_t len, char **param,
 	}
 	else if (body != NULL && len > 0)
 	{
-		char	   *t = pnstrdup(body, Min(len, 200));
-
-		for (char *p = t; *p; p++)
-			if ((unsigned char) *p < 0x20)
-				*p = ' ';
-		reason = psprintf("HTTP %ld: %s", status, t);
+		reason = psprintf("HTTP %ld: %s", status, clean_text(body, Min(len, 200)));
 	}
 	else
 		reason = psprintf("HTTP %ld", status);

@@ -113,6 +113,7 @@ typedef struct RbrGradeJob
 extern void rbr_grader_init_settings(void);
 extern bool rbr_check_http_url(char **newval, void **extra, GucSource source);
 extern bool rbr_check_headers(char **newval, void **extra, GucSource source);
+extern bool rbr_check_api_key(char **newval, void **extra, GucSource source);
 extern const char *rbr_show_api_key(void);
 extern char *rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt,
 									  const char *completion);

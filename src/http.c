@@ -33,6 +33,7 @@
 
 #include "common/pg_prng.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -175,16 +176,21 @@ write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
-/* Does header line h (length n) start with name (case-insensitive) and ':'? */
+/*
+ * Value of header line h (length n, not NUL-terminated) if it is header
+ * 'name' (case-insensitive), leading blanks skipped; NULL otherwise. The
+ * value ends at h + n; it is never read past.
+ */
 static const char *
 header_value(const char *h, size_t n, const char *name)
 {
 	size_t		k = strlen(name);
+	const char *end = h + n;
 
 	if (n <= k || pg_strncasecmp(h, name, k) != 0 || h[k] != ':')
 		return NULL;
 	h += k + 1;
-	while (*h == ' ' || *h == '\t')
+	while (h < end && (*h == ' ' || *h == '\t'))
 		h++;
 	return h;
 }
@@ -206,8 +212,8 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	{
 		bool		ms = pg_strncasecmp(buffer, "retry-after-ms", 14) == 0;
 
-		vl = n - (v - buffer);
-		while (vl > 0 && (v[vl - 1] == '\r' || v[vl - 1] == '\n' || v[vl - 1] == ' '))
+		vl = n - (size_t) (v - buffer);
+		while (vl > 0 && (v[vl - 1] == '\r' || v[vl - 1] == '\n' || v[vl - 1] == ' ' || v[vl - 1] == '\t'))
 			vl--;
 		if (vl == 0 || vl >= sizeof(val))
 			return n;
@@ -397,6 +403,9 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 			pfree(job->body);
 		job->body = b->ep->kind == RBR_JOB_GENERATE ? rbr_generator_body(job, param)
 			: rbr_grader_body(job, param);
+		/* JSON on the wire is UTF-8, whatever the database encoding */
+		if (GetDatabaseEncoding() != PG_UTF8)
+			job->body = pg_server_to_any(job->body, strlen(job->body), PG_UTF8);
 		job->body_param = param;
 		MemoryContextSwitchTo(old);
 	}
@@ -545,6 +554,20 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	return false;
 }
 
+/*
+ * Forget a rate-limit slot booked under an earlier, slower setting: the next
+ * start is at most one interval of the current setting away.
+ */
+static void
+rate_reset(int64 now)
+{
+	if (rbr_grader_requests_per_second <= 0)
+		rbr_next_slot = 0;
+	else
+		rbr_next_slot = Min(rbr_next_slot,
+							now + (int64) (1000000.0 / rbr_grader_requests_per_second));
+}
+
 /* May another request start now under rbr.grader_requests_per_second? */
 static bool
 rate_ok(int64 now)
@@ -558,65 +581,25 @@ rate_ok(int64 now)
 }
 
 /*
- * Send every job that is not done yet, at most rbr.grader_max_in_flight at a
- * time, and wait until each has ended ('ok' or error). Results are in
- * jobs[i].result; strings are palloc'd in the current memory context.
- *
- * With a feed, jobs are made ready a window at a time by feed->prepare when
- * a slot is free and no ready job is left (it may end jobs itself, e.g. from
- * the cache), and ended jobs are handed to feed->ended in groups once the
- * freed slots are refilled, so that work overlaps with requests in flight.
- * Without one, every job is ready and nothing is handed back.
+ * The engine's loop over a batch set up by rbr_http_run(): start jobs (and
+ * retries) while slots are free, poll, hand ended jobs to the feed.
  */
-void
-rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
+static void
+http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_in_flight)
 {
-	MemoryContext cxt;
-	MemoryContext old;
 	MemoryContext caller PG_USED_FOR_ASSERTS_ONLY = CurrentMemoryContext;
-	MemoryContextCallback *cb;
-	RbrHttpBatch *b;
-	int		   *waiting;
-	int		   *ended;
+	RbrGradeJob *jobs = b->jobs;
+	int			njobs = b->njobs;
+	int		   *waiting = MemoryContextAlloc(cxt, sizeof(int) * njobs);
+	int		   *ended = MemoryContextAlloc(cxt, sizeof(int) * njobs);
 	int			nwaiting = 0;
 	int			nended = 0;
-	int			ended_group;
 	int			next_new = 0;
 	int			ready = feed ? 0 : njobs;
 	int			in_flight = 0;
-	int			max_in_flight = rbr_grader_max_in_flight;
 
-	if (njobs == 0)
-		return;
-
-	http_init();
-	/* a batch left behind by an ERROR whose context is not gone yet */
-	if (rbr_active_batch != NULL)
-		batch_cleanup(rbr_active_batch);
-
-	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
-								ALLOCSET_DEFAULT_SIZES);
-	b = MemoryContextAllocZero(cxt, sizeof(RbrHttpBatch));
-	b->ep = ep;
-	b->jobs = jobs;
-	b->njobs = njobs;
-	b->maxspare = max_in_flight;
-	b->spare = MemoryContextAllocZero(cxt, sizeof(CURL *) * max_in_flight);
-	cb = MemoryContextAllocZero(cxt, sizeof(MemoryContextCallback));
-	cb->func = batch_cleanup;
-	cb->arg = b;
-	MemoryContextRegisterResetCallback(cxt, cb);
-	rbr_active_batch = b;
-	stat_batches++;
-
-	old = MemoryContextSwitchTo(cxt);
-	b->url = endpoint_url(ep);
-	build_headers(b);
-	waiting = palloc(sizeof(int) * njobs);
-	ended = palloc(sizeof(int) * njobs);
-	MemoryContextSwitchTo(old);
 	/* hand ended jobs back in groups, a few rounds of slots apart */
-	ended_group = Max(16, Min(max_in_flight, 256));
+	int			ended_group = Max(16, Min(max_in_flight, 256));
 
 	while (next_new < njobs || in_flight > 0 || nwaiting > 0 || nended > 0)
 	{
@@ -730,6 +713,75 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 			curl_multi_poll(rbr_multi, NULL, 0, (int) wait_ms, NULL);
 		CHECK_FOR_INTERRUPTS();
 	}
+}
+
+/*
+ * Send every job that is not done yet, at most rbr.grader_max_in_flight at a
+ * time, and wait until each has ended ('ok' or error). Results are in
+ * jobs[i].result; strings are palloc'd in the current memory context.
+ *
+ * With a feed, jobs are made ready a window at a time by feed->prepare when
+ * a slot is free and no ready job is left (it may end jobs itself, e.g. from
+ * the cache), and ended jobs are handed to feed->ended in groups once the
+ * freed slots are refilled, so that work overlaps with requests in flight.
+ * Without one, every job is ready and nothing is handed back.
+ */
+void
+rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
+{
+	MemoryContext cxt;
+	MemoryContext old;
+	MemoryContextCallback *cb;
+	RbrHttpBatch *b;
+	int			max_in_flight = rbr_grader_max_in_flight;
+
+	if (njobs == 0)
+		return;
+
+	http_init();
+	/* a batch left behind by an ERROR whose context is not gone yet */
+	if (rbr_active_batch != NULL)
+		batch_cleanup(rbr_active_batch);
+	rate_reset(GetCurrentTimestamp());
+
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
+								ALLOCSET_DEFAULT_SIZES);
+	b = MemoryContextAllocZero(cxt, sizeof(RbrHttpBatch));
+	b->ep = ep;
+	b->jobs = jobs;
+	b->njobs = njobs;
+	b->maxspare = max_in_flight;
+	b->spare = MemoryContextAllocZero(cxt, sizeof(CURL *) * max_in_flight);
+	cb = MemoryContextAllocZero(cxt, sizeof(MemoryContextCallback));
+	cb->func = batch_cleanup;
+	cb->arg = b;
+	MemoryContextRegisterResetCallback(cxt, cb);
+	rbr_active_batch = b;
+	stat_batches++;
+
+	old = MemoryContextSwitchTo(cxt);
+	b->url = endpoint_url(ep);
+	build_headers(b);
+	MemoryContextSwitchTo(old);
+
+	/*
+	 * An ERROR anywhere in the loop (cancel, statement_timeout, out of
+	 * memory, the feed's cache look-ups and writes) frees every handle at
+	 * once, so that none stays attached to the multi handle even when the
+	 * ERROR is caught by an EXCEPTION block and the batch's context lives on
+	 * until the statement ends. The reset callback stays as a second line of
+	 * defence (e.g. an ERROR in build_headers above).
+	 */
+	PG_TRY();
+	{
+		http_loop(b, cxt, feed, max_in_flight);
+	}
+	PG_CATCH();
+	{
+		batch_cleanup(b);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 
 	batch_cleanup(b);
 	MemoryContextDelete(cxt);
