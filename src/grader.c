@@ -129,9 +129,11 @@ rbr_check_headers(char **newval, void **extra pg_attribute_unused(), GucSource s
 
 	if (s == NULL)
 		return true;
+	/* the value may carry credentials: never repeat it in the message */
 	if (strpbrk(s, "\r\n") != NULL)
 	{
-		GUC_check_errdetail("Header values must not contain line breaks.");
+		GUC_check_errmsg("extra headers must not contain line breaks");
+		GUC_check_errhint("The value is not shown.");
 		return false;
 	}
 	while (*s)
@@ -148,7 +150,8 @@ rbr_check_headers(char **newval, void **extra pg_attribute_unused(), GucSource s
 			s++;
 		if (s == start || *s != ':')
 		{
-			GUC_check_errdetail("Give headers as \"Name: value; Name2: value\".");
+			GUC_check_errmsg("extra headers must be given as \"Name: value; Name2: value\"");
+			GUC_check_errhint("The value is not shown.");
 			return false;
 		}
 		while (*s && *s != ';')
