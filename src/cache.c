@@ -114,18 +114,75 @@ rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attri
 	SPI_finish();
 }
 
-/* A one-dimensional array of n Datums (NULL where nulls[i]) of one type. */
-static Datum
-datum_array(Datum *d, bool *nulls, int n, Oid type)
+/* Rows for one INSERT, gathered column by column; see batch_insert(). */
+typedef struct ColumnBatch
 {
-	int16		len;
-	bool		byval;
-	char		align;
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
+	int			ncols;
+	int			nrows;
+	const Oid  *elemtypes;		/* element type of each column */
+	Datum	  **v;				/* v[column][row] */
+	bool	  **nulls;
+} ColumnBatch;
 
-	get_typlenbyvalalign(type, &len, &byval, &align);
-	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs, type, len, byval, align));
+/* Room for up to maxrows rows of ncols columns of the given types. */
+static void
+batch_init(ColumnBatch *b, int ncols, const Oid *elemtypes, int maxrows)
+{
+	b->ncols = ncols;
+	b->nrows = 0;
+	b->elemtypes = elemtypes;
+	b->v = palloc(sizeof(Datum *) * ncols);
+	b->nulls = palloc(sizeof(bool *) * ncols);
+	for (int c = 0; c < ncols; c++)
+	{
+		b->v[c] = palloc(sizeof(Datum) * Max(maxrows, 1));
+		b->nulls[c] = palloc0(sizeof(bool) * Max(maxrows, 1));
+	}
+}
+
+/*
+ * Run sql (an INSERT ... SELECT FROM ROWS FROM (unnest($1), ...)) with one
+ * array parameter per column holding the gathered rows, then free them.
+ */
+static void
+batch_insert(ColumnBatch *b, const char *sql, const char *what)
+{
+	Oid		   *argtypes = palloc(sizeof(Oid) * b->ncols);
+	Datum	   *args = palloc(sizeof(Datum) * b->ncols);
+	int			ret;
+
+	for (int c = 0; c < b->ncols; c++)
+	{
+		int16		len;
+		bool		byval;
+		char		align;
+		int			dims[1] = {b->nrows};
+		int			lbs[1] = {1};
+
+		get_typlenbyvalalign(b->elemtypes[c], &len, &byval, &align);
+		argtypes[c] = get_array_type(b->elemtypes[c]);
+		args[c] = PointerGetDatum(construct_md_array(b->v[c], b->nulls[c], 1, dims, lbs,
+													 b->elemtypes[c], len, byval, align));
+		if (!byval)
+			for (int r = 0; r < b->nrows; r++)
+				if (!b->nulls[c][r])
+					pfree(DatumGetPointer(b->v[c][r]));
+	}
+	SPI_connect();
+	ret = SPI_execute_with_args(sql, b->ncols, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "rbr: %s insert failed: %s", what, SPI_result_code_string(ret));
+	SPI_finish();
+	for (int c = 0; c < b->ncols; c++)
+	{
+		pfree(DatumGetPointer(args[c]));
+		pfree(b->v[c]);
+		pfree(b->nulls[c]);
+	}
+	pfree(argtypes);
+	pfree(args);
+	pfree(b->v);
+	pfree(b->nulls);
 }
 
 /*
@@ -135,69 +192,39 @@ datum_array(Datum *d, bool *nulls, int n, Oid type)
 void
 rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props)
 {
-	Oid			argtypes[8] = {BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
-	TEXTARRAYOID, FLOAT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID};
-	Oid			elemtypes[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
-	Datum	   *v[8];
-	bool	   *nulls[8];
-	Datum		args[8];
-	int			m = 0;
-	int			ret;
+	static const Oid types[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
+	ColumnBatch b;
 
-	for (int c = 0; c < 8; c++)
-	{
-		v[c] = palloc(sizeof(Datum) * Max(n, 1));
-		nulls[c] = palloc0(sizeof(bool) * Max(n, 1));
-	}
+	batch_init(&b, 8, types, n);
 	for (int k = 0; k < n; k++)
 	{
 		RbrGradeJob *job = &jobs[idx[k]];
 		RbrGradeResult *r = &job->result;
+		int			m = b.nrows;
 
 		if (!r->ok || r->cached)
 			continue;
-		v[0][m] = key_datum(job->key);
-		v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_grader_model);
-		v[2][m] = CStringGetTextDatum(props[idx[k]]);
-		v[3][m] = Float8GetDatum(r->probability);
-		v[4][m] = CStringGetTextDatum(r->method);
-		v[5][m] = Float8GetDatum(r->yes_no_mass);
-		nulls[5][m] = isnan(r->yes_no_mass);
-		v[6][m] = Int32GetDatum(r->prompt_tokens);
-		nulls[6][m] = r->prompt_tokens < 0;
-		v[7][m] = Int32GetDatum(r->completion_tokens);
-		nulls[7][m] = r->completion_tokens < 0;
-		m++;
+		b.v[0][m] = key_datum(job->key);
+		b.v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_grader_model);
+		b.v[2][m] = CStringGetTextDatum(props[idx[k]]);
+		b.v[3][m] = Float8GetDatum(r->probability);
+		b.v[4][m] = CStringGetTextDatum(r->method);
+		b.v[5][m] = Float8GetDatum(r->yes_no_mass);
+		b.nulls[5][m] = isnan(r->yes_no_mass);
+		b.v[6][m] = Int32GetDatum(r->prompt_tokens);
+		b.nulls[6][m] = r->prompt_tokens < 0;
+		b.v[7][m] = Int32GetDatum(r->completion_tokens);
+		b.nulls[7][m] = r->completion_tokens < 0;
+		b.nrows++;
 	}
-	if (m == 0)
+	if (b.nrows == 0)
 		return;
-	for (int c = 0; c < 8; c++)
-		args[c] = datum_array(v[c], nulls[c], m, elemtypes[c]);
-
-	SPI_connect();
-	ret = SPI_execute_with_args("INSERT INTO rbr.grade_cache "
-								"(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
-								"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-								"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
-								"pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8)) "
-								"ON CONFLICT (key) DO NOTHING",
-								8, argtypes, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "rbr: cache insert failed: %s", SPI_result_code_string(ret));
-	SPI_finish();
-	for (int k = 0; k < m; k++)
-	{
-		pfree(DatumGetPointer(v[0][k]));
-		pfree(DatumGetPointer(v[1][k]));
-		pfree(DatumGetPointer(v[2][k]));
-		pfree(DatumGetPointer(v[4][k]));
-	}
-	for (int c = 0; c < 8; c++)
-	{
-		pfree(v[c]);
-		pfree(nulls[c]);
-		pfree(DatumGetPointer(args[c]));
-	}
+	batch_insert(&b, "INSERT INTO rbr.grade_cache "
+				 "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
+				 "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+				 "pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
+				 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8)) "
+				 "ON CONFLICT (key) DO NOTHING", "cache");
 }
 
 /* ---------------------------------------------------------------------------
@@ -289,51 +316,34 @@ rbr_gen_cache_lookup(RbrGradeJob *jobs, int njobs)
 void
 rbr_gen_cache_store(RbrGradeJob *jobs, int njobs)
 {
-	Oid			argtypes[6] = {BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
-	INT4ARRAYOID, INT4ARRAYOID};
-	Oid			elemtypes[6] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
-	Datum	   *v[6];
-	bool	   *nulls[6];
-	Datum		args[6];
-	int			m = 0;
-	int			ret;
+	static const Oid types[6] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
+	ColumnBatch b;
 
-	for (int c = 0; c < 6; c++)
-	{
-		v[c] = palloc(sizeof(Datum) * Max(njobs, 1));
-		nulls[c] = palloc0(sizeof(bool) * Max(njobs, 1));
-	}
+	batch_init(&b, 6, types, njobs);
 	for (int i = 0; i < njobs; i++)
 	{
 		RbrGradeResult *r = &jobs[i].result;
+		int			m = b.nrows;
 
 		if (!r->ok || r->cached)
 			continue;
-		v[0][m] = key_datum(jobs[i].key);
-		v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_generator_model);
-		v[2][m] = CStringGetTextDatum(r->text);
-		v[3][m] = r->finish_reason ? CStringGetTextDatum(r->finish_reason) : (Datum) 0;
-		nulls[3][m] = r->finish_reason == NULL;
-		v[4][m] = Int32GetDatum(r->prompt_tokens);
-		nulls[4][m] = r->prompt_tokens < 0;
-		v[5][m] = Int32GetDatum(r->completion_tokens);
-		nulls[5][m] = r->completion_tokens < 0;
-		m++;
+		b.v[0][m] = key_datum(jobs[i].key);
+		b.v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_generator_model);
+		b.v[2][m] = CStringGetTextDatum(r->text);
+		b.v[3][m] = r->finish_reason ? CStringGetTextDatum(r->finish_reason) : (Datum) 0;
+		b.nulls[3][m] = r->finish_reason == NULL;
+		b.v[4][m] = Int32GetDatum(r->prompt_tokens);
+		b.nulls[4][m] = r->prompt_tokens < 0;
+		b.v[5][m] = Int32GetDatum(r->completion_tokens);
+		b.nulls[5][m] = r->completion_tokens < 0;
+		b.nrows++;
 	}
-	if (m == 0)
+	if (b.nrows == 0)
 		return;
-	for (int c = 0; c < 6; c++)
-		args[c] = datum_array(v[c], nulls[c], m, elemtypes[c]);
-
-	SPI_connect();
-	ret = SPI_execute_with_args("INSERT INTO rbr.generation_cache "
-								"(key, model, completion, finish_reason, prompt_tokens, completion_tokens) "
-								"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-								"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
-								"pg_catalog.unnest($6)) "
-								"ON CONFLICT (key) DO NOTHING",
-								6, argtypes, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "rbr: generation cache insert failed: %s", SPI_result_code_string(ret));
-	SPI_finish();
+	batch_insert(&b, "INSERT INTO rbr.generation_cache "
+				 "(key, model, completion, finish_reason, prompt_tokens, completion_tokens) "
+				 "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+				 "pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
+				 "pg_catalog.unnest($6)) "
+				 "ON CONFLICT (key) DO NOTHING", "generation cache");
 }
