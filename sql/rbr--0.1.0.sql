@@ -990,12 +990,13 @@ GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
 -- candidate and why it was kept or rejected to <prompts>_synth_attempts.
 -- Like rbr_featurize: chunks of slots claimed with FOR UPDATE SKIP LOCKED and
 -- committed one by one, so a run can be cancelled, crash and be resumed, and
--- several sessions can share one table. Grant (besides the grader's grants):
---   GRANT EXECUTE ON FUNCTION rbr_generate_many(jsonb[], text[], int[]) TO synth_role;
+-- several sessions can share one table. Grant (the whole list; doc/configuration.md):
+--   GRANT EXECUTE ON FUNCTION rbr_generate_many(jsonb[], text[], int[]),
+--         rbr_grade_many(text, text[], jsonb[], text[]) TO synth_role;
 --   GRANT EXECUTE ON PROCEDURE rbr_synthesize(regclass, text, jsonb) TO synth_role;
 --   GRANT EXECUTE ON FUNCTION rbr.synth_start(regclass, text, jsonb),
 --         rbr.synth_chunk(bigint), rbr.synth_finish(bigint) TO synth_role;
---   GRANT SELECT, INSERT ON rbr.generation_cache TO synth_role;
+--   GRANT SELECT, INSERT ON rbr.generation_cache, rbr.grade_cache TO synth_role;
 --   GRANT SELECT, INSERT, UPDATE ON rbr.synth_run TO synth_role;
 --   GRANT USAGE ON SEQUENCE rbr.synth_run_run_id_seq TO synth_role;
 
@@ -1127,6 +1128,32 @@ DECLARE
 BEGIN
     IF source IS NULL OR policy IS NULL OR options IS NULL THEN
         RAISE EXCEPTION 'rbr_synthesize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- every privilege the run needs (doc/configuration.md), checked before anything is created,
+    -- so that a role with part of the grants gets one error naming what is missing instead of a
+    -- failure in the middle of the first chunk
+    SELECT string_agg(w.what, ', ' ORDER BY w.n) INTO bad
+      FROM (VALUES
+        (1, 'EXECUTE on function rbr_generate_many(jsonb[], text[], int[])',
+            has_function_privilege('@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE')),
+        (2, 'EXECUTE on function rbr_grade_many(text, text[], jsonb[], text[])',
+            has_function_privilege('@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE')),
+        (3, 'EXECUTE on functions rbr.synth_chunk(bigint) and rbr.synth_finish(bigint)',
+            has_function_privilege('rbr.synth_chunk(bigint)', 'EXECUTE')
+            AND has_function_privilege('rbr.synth_finish(bigint)', 'EXECUTE')),
+        (4, 'SELECT, INSERT on rbr.generation_cache', has_table_privilege('rbr.generation_cache', 'SELECT') AND has_table_privilege('rbr.generation_cache', 'INSERT')),
+        (5, 'SELECT, INSERT on rbr.grade_cache',
+            has_table_privilege('rbr.grade_cache', 'SELECT') AND has_table_privilege('rbr.grade_cache', 'INSERT')),
+        (6, 'SELECT, INSERT, UPDATE on rbr.synth_run',
+            has_table_privilege('rbr.synth_run', 'SELECT') AND has_table_privilege('rbr.synth_run', 'INSERT')
+            AND has_table_privilege('rbr.synth_run', 'UPDATE')),
+        (7, 'USAGE on sequence rbr.synth_run_run_id_seq', has_sequence_privilege('rbr.synth_run_run_id_seq', 'USAGE'))
+      ) w(n, what, ok)
+     WHERE NOT w.ok;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'permission denied to run rbr_synthesize: % lack(s) %', current_user, bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A superuser grants them as doc/configuration.md lists ("The generator (synthetic data)").';
     END IF;
     IF jsonb_typeof(options) <> 'object' THEN
         RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';

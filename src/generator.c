@@ -27,6 +27,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 
@@ -143,30 +144,75 @@ rbr_generator_body(RbrGradeJob *job, int token_param)
 	return b.data;
 }
 
+/* A cache key seen in one call, and the job that asks it. */
+typedef struct GenSeenKey
+{
+	uint8		key[32];
+	int			job;
+} GenSeenKey;
+
 /*
- * Generate n completions: answers from the cache cost nothing, the rest go
- * to the generator concurrently; new answers are cached. Returns the jobs.
+ * Generate n completions: answers from the cache cost nothing, identical
+ * requests (same cache key: conversation, instruction, sample index and
+ * settings) are asked once, the rest go to the generator concurrently; new
+ * answers are cached. Returns the jobs; a repeated request gets its first
+ * occurrence's answer with 0 attempts and cached = true when it succeeded,
+ * as rbr_grade_many does.
  */
 static RbrGradeJob *
 generate_all(int n, Jsonb **prompts, char **instructions, const int *samples)
 {
 	RbrGradeJob *jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
+	RbrGradeJob *uniq = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
+	int		   *leader = palloc(sizeof(int) * Max(n, 1));	/* index in uniq */
+	bool	   *first = palloc(sizeof(bool) * Max(n, 1));
+	int			m = 0;
+	HASHCTL		hctl;
+	HTAB	   *seen;
 	RbrEndpoint ep;
 
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = 32;
+	hctl.entrysize = sizeof(GenSeenKey);
+	hctl.hcxt = CurrentMemoryContext;
+	seen = hash_create("rbr generation keys", Max(n, 16), &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	for (int i = 0; i < n; i++)
 	{
+		GenSeenKey *e;
+		bool		found;
+
 		jobs[i].messages_json = generator_messages_json(prompts[i], instructions[i]);
 		jobs[i].sample = samples[i];
 		jobs[i].result.prompt_tokens = jobs[i].result.completion_tokens = -1;
 		rbr_gen_cache_key(&jobs[i]);
+		e = hash_search(seen, jobs[i].key, HASH_ENTER, &found);
+		first[i] = !found;
+		if (!found)
+		{
+			e->job = m;
+			uniq[m++] = jobs[i];
+		}
+		leader[i] = e->job;
 	}
-	rbr_gen_cache_lookup(jobs, n);
+	hash_destroy(seen);
+	rbr_gen_cache_lookup(uniq, m);
 	rbr_generator_endpoint(&ep);
-	rbr_http_run(&ep, jobs, n, NULL);
-	rbr_gen_cache_store(jobs, n);
+	rbr_http_run(&ep, uniq, m, NULL);
+	rbr_gen_cache_store(uniq, m);
 	for (int i = 0; i < n; i++)
-		if (jobs[i].result.model == NULL)
-			jobs[i].result.model = pstrdup(rbr_generator_model);
+	{
+		RbrGradeResult *r = &jobs[i].result;
+
+		*r = uniq[leader[i]].result;
+		if (!first[i])
+		{
+			r->attempts = 0;
+			r->prompt_tokens = r->completion_tokens = 0;
+			r->cached = r->ok;
+		}
+		if (r->model == NULL)
+			r->model = pstrdup(rbr_generator_model);
+	}
 	return jobs;
 }
 

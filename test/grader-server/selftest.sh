@@ -282,6 +282,14 @@ expect "no logprobs and max tokens > 1 without the marker: generation" "200 gene
 expect "stats count generations and misses" "true" \
   "$(curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/st"; js "$TMP/st" 'j.generation_requests === 7 && j.generations === 6 && j.generation_misses === 1')"
 expect "gen_miss_rate out of range: 400" "400" "$(curl -s -o /dev/null -w '%{http_code}' -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"gen_miss_rate": 2}')"
+gpost 3 "$INSTR" 'x [[gen yes=0.55 no=0.45 judgement=0.2]]' >/dev/null
+expect "[[gen ...]]: graded probabilities in the directive" "true" \
+  "$(js "$TMP/resp" 'content.includes("[[rbr *=0.45 apology=0.55 inability_to_comply=0.55 judgement=0.2]]")')"
+gpost 3 "$INSTR" 'x [[gen-fault 400 prop=apology times=1]]' >/dev/null
+GEN=$(js "$TMP/resp" 'content')
+expect "[[gen-fault ...]]: the text carries the fault" "true" "$(js "$TMP/resp" 'content.endsWith(" [[fault 400 prop=apology times=1]]")')"
+expect "[[gen-fault ...]]: its grading faults once" "400 0 200 0 200 0" \
+  "$(post apology "$GEN") $(post apology "$GEN") $(post judgement "$GEN")"
 
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

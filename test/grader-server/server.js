@@ -59,6 +59,8 @@
  * [[rbr *=no NAME=yes ...]] directive, so this server's grading rules answer accordingly; with
  * --gen-miss-rate X a deterministic share X of generations (by request and "seed") has one
  * trait flipped.  [[fault ...]] directives in the conversation apply to generation requests.
+ * In the conversation, [[gen yes=P no=Q NAME=P]] sets the P(yes) the generated text is graded
+ * with, and [[gen-fault ARGS]] makes the generated text carry [[fault ARGS]] (a grading fault).
  * Details: README.md beside this file.
  */
 
@@ -799,6 +801,32 @@ function isGeneration(body, sys, maxTok) {
   return body.logprobs !== true && typeof maxTok === 'number' && maxTok > 1;
 }
 
+const GEN_RE = /\[\[gen\s+([^\]]*)\]\]/g;
+const GEN_FAULT_RE = /\[\[gen-fault\s+([^\]]*)\]\]/g;
+
+/**
+ * [[gen yes=P no=Q NAME=P ...]] directives in the conversation: the P(yes) the generated text
+ * gets for the traits wanted true (yes, default 0.97), wanted false (no, default 0.03) and
+ * named traits; null when there is none.
+ */
+function genProbs(transcript) {
+  if (!transcript.includes('[[gen ')) return null;
+  const gp = { yes: 0.97, no: 0.03, names: {} };
+  GEN_RE.lastIndex = 0;
+  let m;
+  while ((m = GEN_RE.exec(transcript)) !== null) {
+    for (const tok of m[1].split(/\s+/)) {
+      const eq = tok.indexOf('=');
+      if (eq <= 0) continue;
+      const name = tok.slice(0, eq), raw = tok.slice(eq + 1).toLowerCase();
+      const v = raw === 'yes' ? 0.97 : raw === 'no' ? 0.03 : (raw === '' ? NaN : Number(raw));
+      if (!(v >= 0 && v <= 1)) continue;
+      if (name === 'yes') gp.yes = v; else if (name === 'no') gp.no = v; else gp.names[name] = v;
+    }
+  }
+  return gp;
+}
+
 /** Traits asked for by an rbr-generate/1 instruction: [[name, wanted], ...] in order. */
 function parseTraits(sys) {
   const traits = [];
@@ -852,8 +880,17 @@ function handleGeneration(req, res, body, messages, sys, model, maxTok, log) {
     if (traits.length) {
       const yes = traits.filter((t) => t[1]).map((t) => t[0]);
       text += ` It ${yes.length ? 'has ' + yes.join(', ') : 'has none of the traits'}.`;
-      text += ' [[rbr *=no' + traits.filter((t) => t[1]).map((t) => ` ${t[0]}=yes`).join('') + ']]';
+      const gp = genProbs(transcript);
+      if (!gp) text += ' [[rbr *=no' + traits.filter((t) => t[1]).map((t) => ` ${t[0]}=yes`).join('') + ']]';
+      else {
+        // [[gen ...]] in the conversation: graded probabilities near the instruction's labels
+        const pOf = (t) => (t[0] in gp.names ? gp.names[t[0]] : t[1] ? gp.yes : gp.no);
+        text += ` [[rbr *=${gp.no}` + traits.filter((t) => pOf(t) !== gp.no).map((t) => ` ${t[0]}=${pOf(t)}`).join('') + ']]';
+      }
     }
+    // [[gen-fault ...]] in the conversation: the text carries [[fault ...]] for its grading
+    GEN_FAULT_RE.lastIndex = 0;
+    for (let m; (m = GEN_FAULT_RE.exec(transcript)) !== null;) text += ` [[fault ${m[1].trim()}]]`;
     let finish = 'stop';
     if (typeof maxTok === 'number' && maxTok > 0 && Math.ceil(text.length / 4) > maxTok) {
       text = text.slice(0, maxTok * 4);
