@@ -598,6 +598,46 @@ CREATE FUNCTION rbr.fold_name_sql(col text) RETURNS text
     SELECT format('lower(btrim(regexp_replace(%s::text, ''[ \t_-]+'', ''_'', ''g''), ''_''))', col)
 $$;
 
+-- Check the source table of rbr_featurize / rbr_synthesize (caller): its
+-- single-column primary key, and the type of each named column: response_type
+-- text, the others (prompt, completion) text or jsonb messages. Returns the
+-- table's schema, name, key column and key type.
+CREATE FUNCTION rbr.check_source(source regclass, caller text, rt_col text, message_cols text[],
+                                 columns_hint text, types_hint text,
+                                 OUT nsp name, OUT rel name, OUT keycol name, OUT keytype text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    col text;
+    t text;
+BEGIN
+    SELECT n.nspname, c.relname INTO nsp, rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = format('%s() keys its results by the source''s primary key; add one (e.g. a bigint identity column).', caller);
+    END IF;
+    FOREACH col IN ARRAY message_cols || rt_col LOOP
+        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
+         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF t IS NULL THEN
+            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
+                USING ERRCODE = 'undefined_column', HINT = columns_hint;
+        END IF;
+        IF (col = rt_col AND t NOT IN ('text', 'character varying'))
+           OR (col <> rt_col AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
+            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
+                USING ERRCODE = 'datatype_mismatch', HINT = types_hint;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Set up a run: check the source and options, create or extend the feature
 -- and status tables, add a features row per source row, record the run.
 CREATE FUNCTION rbr.featurize_start(source regclass, policy text, options jsonb) RETURNS bigint
@@ -661,31 +701,10 @@ BEGIN
     info := @extschema@.rbr_policy_info(policy);
     polref := (info->>'name') || '@' || (info->>'version');
 
-    SELECT n.nspname, c.relname INTO nsp, rel
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
-    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
-      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
-    IF keycol IS NULL THEN
-        RAISE EXCEPTION 'table % has no single-column primary key', source
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'rbr_featurize() keys its results by the source''s primary key; add one (e.g. a bigint identity column).';
-    END IF;
-    FOREACH col IN ARRAY ARRAY[pcol, ccol, rcol] LOOP
-        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
-         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
-        IF t IS NULL THEN
-            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
-                USING ERRCODE = 'undefined_column',
-                      HINT = 'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.';
-        END IF;
-        IF (col = rcol AND t NOT IN ('text', 'character varying'))
-           OR (col <> rcol AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
-            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
-                USING ERRCODE = 'datatype_mismatch',
-                      HINT = 'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.';
-        END IF;
-    END LOOP;
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
     IF length(rel) > 63 - length('_features') THEN
         RAISE EXCEPTION 'table name % is too long to derive %_features', rel, rel USING ERRCODE = 'name_too_long';
     END IF;
@@ -1196,31 +1215,10 @@ BEGIN
         RAISE EXCEPTION 'labels names unknown class(es): %', bad USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    SELECT n.nspname, c.relname INTO nsp, rel
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
-    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
-      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
-    IF keycol IS NULL THEN
-        RAISE EXCEPTION 'table % has no single-column primary key', source
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'rbr_synthesize() keys its results by the source''s primary key; add one (e.g. a bigint identity column).';
-    END IF;
-    FOREACH col IN ARRAY ARRAY[pcol, rcol] LOOP
-        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
-         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
-        IF t IS NULL THEN
-            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
-                USING ERRCODE = 'undefined_column',
-                      HINT = 'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.';
-        END IF;
-        IF (col = rcol AND t NOT IN ('text', 'character varying'))
-           OR (col <> rcol AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
-            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
-                USING ERRCODE = 'datatype_mismatch',
-                      HINT = 'prompt: jsonb messages or text; response_type: text.';
-        END IF;
-    END LOOP;
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_synthesize', rcol, ARRAY[pcol],
+           'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; response_type: text.');
     IF length(rel) > 63 - length('_synth_attempts') THEN
         RAISE EXCEPTION 'table name % is too long to derive %_synth_attempts', rel, rel USING ERRCODE = 'name_too_long';
     END IF;
