@@ -18,6 +18,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 
 #include "grader.h"
@@ -57,61 +58,115 @@ key_datum(const uint8 *key)
 	return PointerGetDatum(b);
 }
 
-/* Mark every job whose answer is in the cache as done (cached, 0 attempts). */
-void
-rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attribute_unused())
+/* Fills a job from a cached row; false if the row is unusable. */
+typedef bool (*CachedRowFill) (RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller);
+
+/* An entry of the index of jobs by cache key: the first job with the key. */
+typedef struct KeyEntry
+{
+	uint8		key[32];
+	int			first;
+} KeyEntry;
+
+/*
+ * Look up every job's key with sql (a SELECT whose first column is the key
+ * and whose $1 is the array of keys). For each row found, fill() every job
+ * that has its key and is not done yet; such jobs end done, ok, cached, with
+ * no attempts or tokens. Several jobs may share a key; a hash index finds
+ * them without scanning all jobs per row.
+ */
+static void
+cache_lookup(RbrGradeJob *jobs, int njobs, const char *sql, const char *what, CachedRowFill fill)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	Datum	   *keys = palloc(sizeof(Datum) * Max(njobs, 1));
+	Datum	   *keys;
+	int		   *next;
+	HTAB	   *index;
+	HASHCTL		ctl;
 	Oid			argtypes[1] = {BYTEAARRAYOID};
 	Datum		args[1];
 	int			ret;
 
 	if (njobs == 0)
 		return;
-	for (int i = 0; i < njobs; i++)
+	keys = palloc(sizeof(Datum) * njobs);
+	next = palloc(sizeof(int) * njobs);
+	ctl.keysize = 32;
+	ctl.entrysize = sizeof(KeyEntry);
+	ctl.hcxt = CurrentMemoryContext;
+	index = hash_create("rbr cache lookup", njobs, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	for (int i = njobs - 1; i >= 0; i--)
+	{
+		bool		found;
+		KeyEntry   *e = hash_search(index, jobs[i].key, HASH_ENTER, &found);
+
+		next[i] = found ? e->first : -1;
+		e->first = i;
 		keys[i] = key_datum(jobs[i].key);
+	}
 	args[0] = PointerGetDatum(construct_array(keys, njobs, BYTEAOID, -1, false, TYPALIGN_INT));
 
 	SPI_connect();
-	ret = SPI_execute_with_args("SELECT key, probability, method, yes_no_mass, model "
-								"FROM rbr.grade_cache WHERE key = ANY ($1)",
-								1, argtypes, args, NULL, true, 0);
+	ret = SPI_execute_with_args(sql, 1, argtypes, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "rbr: cache lookup failed: %s", SPI_result_code_string(ret));
+		elog(ERROR, "rbr: %s lookup failed: %s", what, SPI_result_code_string(ret));
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[r];
 		TupleDesc	td = SPI_tuptable->tupdesc;
 		bool		isnull;
 		bytea	   *k = DatumGetByteaPP(SPI_getbinval(tup, td, 1, &isnull));
-		double		p = DatumGetFloat8(SPI_getbinval(tup, td, 2, &isnull));
-		char	   *method = SPI_getvalue(tup, td, 3);
-		Datum		massd = SPI_getbinval(tup, td, 4, &isnull);
-		double		mass = isnull ? NAN : DatumGetFloat8(massd);
-		char	   *model = SPI_getvalue(tup, td, 5);
+		KeyEntry   *e;
 
-		if (VARSIZE_ANY_EXHDR(k) != 32)
+		if (isnull || VARSIZE_ANY_EXHDR(k) != 32 ||
+			(e = hash_search(index, VARDATA_ANY(k), HASH_FIND, NULL)) == NULL)
 			continue;
-		for (int i = 0; i < njobs; i++)
+		for (int i = e->first; i >= 0; i = next[i])
 		{
 			RbrGradeResult *res = &jobs[i].result;
 
-			if (jobs[i].done || memcmp(jobs[i].key, VARDATA_ANY(k), 32) != 0)
+			if (jobs[i].done || !fill(&jobs[i], tup, td, caller))
 				continue;
 			jobs[i].done = true;
 			res->ok = true;
 			res->cached = true;
-			res->probability = p;
-			res->method = (method && strcmp(method, "text") == 0) ? "text" : "logprobs";
-			res->yes_no_mass = mass;
-			res->model = model ? MemoryContextStrdup(caller, model) : NULL;
 			res->attempts = 0;
 			res->prompt_tokens = 0;
 			res->completion_tokens = 0;
 		}
 	}
 	SPI_finish();
+	hash_destroy(index);
+	pfree(next);
+	pfree(keys);
+	pfree(DatumGetPointer(args[0]));
+}
+
+/* Fill a grading job from a row of rbr.grade_cache (key, probability, method, yes_no_mass, model). */
+static bool
+fill_grade(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
+{
+	RbrGradeResult *res = &job->result;
+	bool		isnull;
+	double		p = DatumGetFloat8(SPI_getbinval(tup, td, 2, &isnull));
+	char	   *method = SPI_getvalue(tup, td, 3);
+	Datum		massd = SPI_getbinval(tup, td, 4, &isnull);
+	char	   *model = SPI_getvalue(tup, td, 5);
+
+	res->probability = p;
+	res->method = (method && strcmp(method, "text") == 0) ? "text" : "logprobs";
+	res->yes_no_mass = isnull ? NAN : DatumGetFloat8(massd);
+	res->model = model ? MemoryContextStrdup(caller, model) : NULL;
+	return true;
+}
+
+/* Mark every job whose answer is in the cache as done (cached, 0 attempts). */
+void
+rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attribute_unused())
+{
+	cache_lookup(jobs, njobs,
+				 "SELECT key, probability, method, yes_no_mass, model "
+				 "FROM rbr.grade_cache WHERE key = ANY ($1)", "cache", fill_grade);
 }
 
 /* Rows for one INSERT, gathered column by column; see batch_insert(). */
@@ -257,59 +312,30 @@ rbr_gen_cache_key(RbrGradeJob *job)
 				 errmsg("could not compute the sha256 of a generation request")));
 }
 
+/* Fill a generation job from a row of rbr.generation_cache (key, completion, finish_reason, model). */
+static bool
+fill_generation(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
+{
+	RbrGradeResult *res = &job->result;
+	char	   *text = SPI_getvalue(tup, td, 2);
+	char	   *finish = SPI_getvalue(tup, td, 3);
+	char	   *model = SPI_getvalue(tup, td, 4);
+
+	if (text == NULL)
+		return false;
+	res->text = MemoryContextStrdup(caller, text);
+	res->finish_reason = finish ? MemoryContextStrdup(caller, finish) : NULL;
+	res->model = model ? MemoryContextStrdup(caller, model) : NULL;
+	return true;
+}
+
 /* Mark every generation whose answer is cached as done (cached, 0 attempts). */
 void
 rbr_gen_cache_lookup(RbrGradeJob *jobs, int njobs)
 {
-	MemoryContext caller = CurrentMemoryContext;
-	Datum	   *keys;
-	Oid			argtypes[1] = {BYTEAARRAYOID};
-	Datum		args[1];
-	int			ret;
-
-	if (njobs == 0)
-		return;
-	keys = palloc(sizeof(Datum) * njobs);
-	for (int i = 0; i < njobs; i++)
-		keys[i] = key_datum(jobs[i].key);
-	args[0] = PointerGetDatum(construct_array(keys, njobs, BYTEAOID, -1, false, TYPALIGN_INT));
-
-	SPI_connect();
-	ret = SPI_execute_with_args("SELECT key, completion, finish_reason, model "
-								"FROM rbr.generation_cache WHERE key = ANY ($1)",
-								1, argtypes, args, NULL, true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "rbr: generation cache lookup failed: %s", SPI_result_code_string(ret));
-	for (uint64 r = 0; r < SPI_processed; r++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[r];
-		TupleDesc	td = SPI_tuptable->tupdesc;
-		bool		isnull;
-		bytea	   *k = DatumGetByteaPP(SPI_getbinval(tup, td, 1, &isnull));
-		char	   *text = SPI_getvalue(tup, td, 2);
-		char	   *finish = SPI_getvalue(tup, td, 3);
-		char	   *model = SPI_getvalue(tup, td, 4);
-
-		if (VARSIZE_ANY_EXHDR(k) != 32 || text == NULL)
-			continue;
-		for (int i = 0; i < njobs; i++)
-		{
-			RbrGradeResult *res = &jobs[i].result;
-
-			if (jobs[i].done || memcmp(jobs[i].key, VARDATA_ANY(k), 32) != 0)
-				continue;
-			jobs[i].done = true;
-			res->ok = true;
-			res->cached = true;
-			res->text = MemoryContextStrdup(caller, text);
-			res->finish_reason = finish ? MemoryContextStrdup(caller, finish) : NULL;
-			res->model = model ? MemoryContextStrdup(caller, model) : NULL;
-			res->attempts = 0;
-			res->prompt_tokens = 0;
-			res->completion_tokens = 0;
-		}
-	}
-	SPI_finish();
+	cache_lookup(jobs, njobs,
+				 "SELECT key, completion, finish_reason, model "
+				 "FROM rbr.generation_cache WHERE key = ANY ($1)", "generation cache", fill_generation);
 }
 
 /* Store the new successful generations of jobs[0 .. njobs-1]: one INSERT. */
