@@ -18,22 +18,7 @@ my $set = "SET rbr.grader_url = '$grd/v1'; SET rbr.grader_api_key = 'sk-grade-KE
         . " SET rbr.generator_url = '$gen/v1'; SET rbr.generator_api_key = 'sk-gen-KEY-0123456789';"
         . " SET rbr.grader_retry_base_ms = 50; SET rbr.grader_max_retries = 2; SET rbr.grader_timeout_ms = 5000;"
         . " SET client_min_messages = warning;";
-my @types = ('hard_refuse', 'comply', 'Safe Refuse 1', 'safe_refuse_2');
 
-# a prompts table of n rows, response types in turn
-sub mk_prompts {
-    my ($t, $n, $text) = @_;
-    $text //= 'question';
-    my $rows = join(', ', map {
-        my $rt = $types[($_ - 1) % 4];
-        "($_, '[{\"role\": \"user\", \"content\": \"$text $_\"}]', '$rt')"
-    } 1 .. $n);
-    psql_ok("CREATE TABLE $t (id int PRIMARY KEY, prompt jsonb, response_type text); INSERT INTO $t VALUES $rows");
-}
-sub run_row {
-    my ($t, $cols) = @_;
-    return split /\|/, psql_ok("SELECT $cols FROM rbr.synth_progress WHERE source = '$t'::regclass ORDER BY run_id DESC LIMIT 1");
-}
 sub gen_count { server_stats($gen)->{generation_requests} }
 
 # --- a full run: 1 ideal, 3 flawed, 1 disallowed per prompt, all accepted
@@ -55,7 +40,7 @@ is(psql_ok("SELECT count(*) FROM p1_synth WHERE cardinality(features) = cardinal
     . " AND array_position(features, NULL) IS NULL"), 40, 'feature vectors complete');
 is(psql_ok("SELECT count(*) FROM p1_synth WHERE response_type IN ('hard_refuse', 'comply', 'safe_refuse_1', 'safe_refuse_2')"),
    40, 'response types folded');
-my ($acc, $cand, $rej, $greq, $grreq, $state) = run_row('p1', 'accepted, candidates, rejections, generator_requests, grader_requests, state');
+my ($acc, $cand, $rej, $greq, $grreq, $state) = synth_run_row('p1', 'accepted, candidates, rejections, generator_requests, grader_requests, state');
 is("$acc|$cand|$rej|$state", '40|40|0|done', 'progress: 40 accepted of 40 candidates, done');
 is(gen_count(), 40, 'generator server saw 40 generation requests');
 is(server_stats($gen)->{chat_requests}, 40, 'and nothing else (no grading on the generator)');
@@ -69,7 +54,7 @@ server_config($gen, '{"gen_miss_rate": 0.5}');
 server_reset($_) for $gen, $grd;
 mk_prompts('p2', 8);
 psql_ok("$set SET rbr.generator_model = 'gen-miss'; CALL rbr_synthesize('p2', 'ref', '{\"max_attempts\": 2}')");
-my ($acc2, $gave2, $cand2, $rej2) = run_row('p2', 'accepted, gave_up, candidates, rejections');
+my ($acc2, $gave2, $cand2, $rej2) = synth_run_row('p2', 'accepted, gave_up, candidates, rejections');
 ok($rej2 > 0, "rejections happened ($rej2)");
 is($acc2 + $gave2, 40, "every slot ended: $acc2 accepted, $gave2 gave up");
 is(psql_ok("SELECT count(*) FROM p2_synth_attempts WHERE outcome = 'rejected'"), $rej2, 'every rejection recorded');
@@ -92,7 +77,7 @@ ok(server_stats($gen)->{generation_misses} >= $rej2, 'rejections come from the s
 server_config($gen, '{"gen_miss_rate": 1}');
 mk_prompts('p3', 4);
 psql_ok("$set SET rbr.generator_model = 'gen-allmiss'; CALL rbr_synthesize('p3', 'ref', '{\"max_attempts\": 1}')");
-my ($gave3, $cand3) = run_row('p3', 'gave_up, candidates');
+my ($gave3, $cand3) = synth_run_row('p3', 'gave_up, candidates');
 is($cand3, 20, 'max_attempts 1: exactly one candidate per slot');
 ok($gave3 > 0, "slots given up ($gave3)");
 is(psql_ok("SELECT count(*) FROM p3_synth WHERE status = 'rejected'"), $gave3, 'given-up slots have status rejected');
@@ -105,7 +90,7 @@ psql_ok("$set SET rbr.generator_model = 'gen-basic'; CALL rbr_synthesize('p1', '
 is(gen_count() + server_stats($grd)->{chat_requests}, 0, 'rerun of a complete table sends nothing');
 mk_prompts('p1b', 8);
 psql_ok("$set SET rbr.generator_model = 'gen-basic'; CALL rbr_synthesize('p1b', 'ref')");
-my ($gr, $gc, $rr, $rc) = run_row('p1b', 'generator_requests, generator_cached, grader_requests, grader_cached');
+my ($gr, $gc, $rr, $rc) = synth_run_row('p1b', 'generator_requests, generator_cached, grader_requests, grader_cached');
 is("$gr|$gc|$rr", '0|40|0', 'same prompts, same settings: all 40 generations from the cache');
 ok($rc > 0, "grades from the cache too ($rc)");
 is(gen_count() + server_stats($grd)->{chat_requests}, 0, 'servers saw nothing');
@@ -132,7 +117,7 @@ my $paid_before = gen_count();
 ok($paid_before - $kept <= 4, "cancel: at most one chunk in flight was lost ($paid_before generated, $kept kept)");
 server_reset($_) for $gen, $grd;
 psql_ok("$set SET rbr.generator_model = 'gen-cancel'; CALL rbr_synthesize('pc', 'ref', '{\"chunk_slots\": 4}')");
-my ($tot, $greq2) = run_row('pc', 'total, generator_requests');
+my ($tot, $greq2) = synth_run_row('pc', 'total, generator_requests');
 is($tot, 120 - $kept, 'resume: only the pending slots counted');
 is($greq2, 120 - $kept, 'resume: one generation per pending slot');
 is(gen_count(), $greq2, 'resume: the server saw only those');
@@ -169,7 +154,7 @@ is(psql_ok("SELECT generator_attempts FROM pe_synth_attempts WHERE id = 2"), 2, 
 is(psql_ok("SELECT outcome || ':' || left(reason, 8) FROM pe_synth_attempts WHERE id = 3"), 'generator_error:HTTP 400',
    'a 400 is recorded as a generator error');
 is(psql_ok("SELECT completion IS NULL AND candidates = 0 FROM pe_synth WHERE id = 3"), 't', 'an error is no candidate');
-my ($acce, $erre) = run_row('pe', 'accepted, errors');
+my ($acce, $erre) = synth_run_row('pe', 'accepted, errors');
 is("$acce|$erre", '2|1', 'progress counts the error');
 server_reset($gen);
 psql_ok("$set SET rbr.generator_model = 'gen-err'; CALL rbr_synthesize('pe', 'ref', '$one')");

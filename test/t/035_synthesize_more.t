@@ -17,22 +17,8 @@ my $set = "SET rbr.grader_url = '$grd/v1'; SET rbr.grader_api_key = 'sk-grade-KE
         . " SET rbr.generator_url = '$gen/v1'; SET rbr.generator_api_key = 'sk-gen-KEY-0123456789';"
         . " SET rbr.grader_retry_base_ms = 50; SET rbr.grader_max_retries = 2; SET rbr.grader_timeout_ms = 5000;"
         . " SET client_min_messages = warning;";
-my @types = ('hard_refuse', 'comply', 'Safe Refuse 1', 'safe_refuse_2');
 my $one = '{"ideal": 1, "flawed": 0, "disallowed": 0}';
 
-sub mk_prompts {
-    my ($t, $n, $text) = @_;
-    $text //= 'question';
-    my $rows = join(', ', map {
-        my $rt = $types[($_ - 1) % 4];
-        "($_, '[{\"role\": \"user\", \"content\": \"$text $_\"}]', '$rt')"
-    } 1 .. $n);
-    psql_ok("CREATE TABLE $t (id int PRIMARY KEY, prompt jsonb, response_type text); INSERT INTO $t VALUES $rows");
-}
-sub run_row {
-    my ($t, $cols) = @_;
-    return split /\|/, psql_ok("SELECT $cols FROM rbr.synth_progress WHERE source = '$t'::regclass ORDER BY run_id DESC LIMIT 1");
-}
 sub gen_count { server_stats($gen)->{generation_requests} }
 sub grd_count { server_stats($grd)->{chat_requests} }
 # grading requests one candidate of each slot of a table costs (its response type's graded propositions)
@@ -88,7 +74,7 @@ server_reset($_) for $gen, $grd;
 psql_ok("$set SET rbr.generator_model = 'gen-kill'; SET rbr.grader_model = 'grade-kill';"
     . " CALL rbr_synthesize('pk', 'ref', '{\"chunk_slots\": 4}')");
 my ($tot, $greq, $gcached, $rreq, $rcached, $cand) =
-    run_row('pk', 'total, generator_requests, generator_cached, grader_requests, grader_cached, candidates');
+    synth_run_row('pk', 'total, generator_requests, generator_cached, grader_requests, grader_cached, candidates');
 is($tot, 120 - $kept, 'resume: only the pending slots counted');
 is("$greq|$gcached|$cand", (120 - $kept) . '|0|' . (120 - $kept), 'resume: one new generation per pending slot, none from the cache');
 is(gen_count(), $greq, 'resume: the generator saw only those');
@@ -174,14 +160,14 @@ is(psql_ok("SELECT count(*) FROM pg_synth WHERE id IN (2, 3) AND candidates = 0 
 is(psql_ok("SELECT count(*) FROM pg_synth_attempts WHERE id IN (2, 3) AND NOT probs ? 'apology'"
     . " AND (SELECT count(*) FROM jsonb_object_keys(probs)) = $nhr - 1"), 2,
    'grading errors: the other propositions were graded');
-my ($acc, $errs, $rej) = run_row('pg', 'accepted, errors, rejections');
+my ($acc, $errs, $rej) = synth_run_row('pg', 'accepted, errors, rejections');
 is("$acc|$errs|$rej", '1|2|0', 'grading errors: progress counts 2 errors, no rejection');
 is(gen_count(), 3, 'grading errors: 3 generations');
 is(grd_count(), 3 * $nhr, "grading errors: 3 x $nhr grading requests (400s are not retried)");
 # no server reset here: it would forget that the times=1 fault has happened
 my ($g0, $r0) = (gen_count(), grd_count());
 psql_ok("$set SET rbr.generator_model = 'gen-gerr'; SET rbr.grader_model = 'grade-gerr'; CALL rbr_synthesize('pg', 'ref', '$one')");
-my ($tot3, $greq3, $gc3, $rreq3, $rc3) = run_row('pg', 'total, generator_requests, generator_cached, grader_requests, grader_cached');
+my ($tot3, $greq3, $gc3, $rreq3, $rc3) = synth_run_row('pg', 'total, generator_requests, generator_cached, grader_requests, grader_cached');
 is("$tot3|$greq3|$gc3", '2|0|2', 'rerun: the 2 errored slots, their generations from the cache');
 is("$rreq3|$rc3", '2|' . (2 * ($nhr - 1)), 'rerun: only apology asked again, the rest from the grade cache');
 is((gen_count() - $g0) . '|' . (grd_count() - $r0), '0|2', 'rerun: the servers saw just those 2 grading requests');
@@ -251,7 +237,7 @@ psql_ok("CREATE TABLE pd (id int PRIMARY KEY, prompt text, response_type text);"
     . " INSERT INTO pd VALUES (1, 'the same question', 'comply'), (2, 'the same question', 'comply')");
 # (flawed slots are left out: the flaws are drawn per primary key, so their instructions differ)
 psql_ok("$set SET rbr.generator_model = 'gen-dedup'; CALL rbr_synthesize('pd', 'ref', '{\"ideal\": 2, \"flawed\": 0}')");
-my ($dacc, $dcand, $dreq, $dcached) = run_row('pd', 'accepted, candidates, generator_requests, generator_cached');
+my ($dacc, $dcand, $dreq, $dcached) = synth_run_row('pd', 'accepted, candidates, generator_requests, generator_cached');
 is("$dacc|$dcand|$dreq|$dcached", '6|6|3|3', 'synthesize: 6 candidates, 3 generated, 3 answered by the first ones');
 is(gen_count(), 3, 'synthesize: the server saw 3 generations');
 is(psql_ok("SELECT count(*) FROM pd_synth a JOIN pd_synth b ON a.slot = b.slot AND a.id = 1 AND b.id = 2"

@@ -10,7 +10,7 @@ use Cwd qw(abs_path);
 use Time::HiRes qw(time sleep);
 use Exporter 'import';
 our @EXPORT = qw(psql psql_ok start_server stop_server server_stats server_reset server_config
-                 new_db drop_db bg_psql REPO REFERENCE);
+                 new_db drop_db bg_psql mk_prompts synth_run_row REPO REFERENCE);
 
 use constant REPO => abs_path(dirname(__FILE__) . '/../..');
 use constant REFERENCE => abs_path(REPO . '/../shared/reference') // '/work/shared/reference';
@@ -68,6 +68,25 @@ sub bg_psql {
     my $h = start(\@cmd, '<', \undef, '>', \$out, '2>', \$err, timeout($o{timeout} // 300));
     $h->{rbr_tmp} = $f;
     return ($h, \$out, \$err);
+}
+
+# A prompts table $t of $n rows (id int, prompt jsonb, response_type text):
+# one user message "$text <id>" each, response types in turn.
+my @PROMPT_TYPES = ('hard_refuse', 'comply', 'Safe Refuse 1', 'safe_refuse_2');
+sub mk_prompts {
+    my ($t, $n, $text) = @_;
+    $text //= 'question';
+    my $rows = join(', ', map {
+        my $rt = $PROMPT_TYPES[($_ - 1) % 4];
+        "($_, '[{\"role\": \"user\", \"content\": \"$text $_\"}]', '$rt')"
+    } 1 .. $n);
+    psql_ok("CREATE TABLE $t (id int PRIMARY KEY, prompt jsonb, response_type text); INSERT INTO $t VALUES $rows");
+}
+
+# The given columns of the latest rbr.synth_progress row of table $t, as a list.
+sub synth_run_row {
+    my ($t, $cols) = @_;
+    return split /\|/, psql_ok("SELECT $cols FROM rbr.synth_progress WHERE source = '$t'::regclass ORDER BY run_id DESC LIMIT 1");
 }
 
 # Start the test grader on a free 127.0.0.1 port; returns its base URL (.../v1).
