@@ -67,23 +67,48 @@ load_model(ModelCacheEntry *entry, const char *model, const char *rt)
 	SPI_finish();
 }
 
-PG_FUNCTION_INFO_V1(rbr_model_reward);
-/* rbr_reward(model, response_type, features, base_reward): with stored weights. */
-Datum
-rbr_model_reward(PG_FUNCTION_ARGS)
+/*
+ * What one call site (fn_extra) scored with last: the raw model and response
+ * type arguments, the generation of rbr's tables then, and a copy of the
+ * weights. Scoring a table with one model then costs a comparison per row
+ * instead of a hash look-up.
+ */
+typedef struct ModelMemo
 {
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	char	   *rt = rbr_fold_name(text_to_cstring(PG_GETARG_TEXT_PP(1)));
-	ArrayType  *x = PG_GETARG_ARRAYTYPE_P(2);
-	double		sum = PG_GETARG_FLOAT8(3);
+	uint64		generation;
+	int			model_len;
+	int			rt_len;
+	char		model_raw[NAMEDATALEN];
+	char		rt_raw[NAMEDATALEN];
+	char		model[NAMEDATALEN];	/* as given */
+	char		rt[NAMEDATALEN];	/* folded */
+	int			d;
+	double	   *weights;		/* in fn_mcxt */
+} ModelMemo;
+
+/* The weights of (model, response type), through the call site's memo and the backend cache. */
+static ModelMemo *
+model_weights(FunctionCallInfo fcinfo, text *model_arg, text *rt_arg)
+{
+	ModelMemo  *memo = (ModelMemo *) fcinfo->flinfo->fn_extra;
+	int			mlen = VARSIZE_ANY_EXHDR(model_arg);
+	int			rlen = VARSIZE_ANY_EXHDR(rt_arg);
+	uint64		gen = rbr_tables_generation();
+	char	   *model;
+	char	   *rt;
 	char		key[MODEL_KEY_MAX];
 	ModelCacheEntry *entry;
 	bool		found;
-	uint64		gen;
-	int			nx;
-	const double *xv;
 
-	if (strlen(model) >= NAMEDATALEN || strlen(rt) >= NAMEDATALEN)
+	if (memo != NULL && memo->generation == gen &&
+		memo->model_len == mlen && memo->rt_len == rlen &&
+		memcmp(memo->model_raw, VARDATA_ANY(model_arg), mlen) == 0 &&
+		memcmp(memo->rt_raw, VARDATA_ANY(rt_arg), rlen) == 0)
+		return memo;
+
+	model = text_to_cstring(model_arg);
+	rt = rbr_fold_name(text_to_cstring(rt_arg));
+	if (mlen >= NAMEDATALEN || rlen >= NAMEDATALEN || strlen(rt) >= NAMEDATALEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_NAME_TOO_LONG),
 				 errmsg("model or response type name is too long")));
@@ -97,7 +122,6 @@ rbr_model_reward(PG_FUNCTION_ARGS)
 		model_cache = hash_create("rbr model cache", 16, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	}
 	snprintf(key, sizeof(key), "%s\x1f%s", model, rt);
-	gen = rbr_tables_generation();
 	entry = hash_search(model_cache, key, HASH_ENTER, &found);
 	if (!found)
 	{
@@ -110,23 +134,51 @@ rbr_model_reward(PG_FUNCTION_ARGS)
 		entry->generation = gen;
 	}
 
+	if (memo == NULL)
+		memo = fcinfo->flinfo->fn_extra = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(ModelMemo));
+	else if (memo->weights != NULL)
+		pfree(memo->weights);
+	memo->weights = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(double) * Max(entry->d, 1));
+	memcpy(memo->weights, entry->weights, sizeof(double) * entry->d);
+	memo->d = entry->d;
+	memo->generation = gen;
+	memo->model_len = mlen;
+	memo->rt_len = rlen;
+	memcpy(memo->model_raw, VARDATA_ANY(model_arg), mlen);
+	memcpy(memo->rt_raw, VARDATA_ANY(rt_arg), rlen);
+	strlcpy(memo->model, model, NAMEDATALEN);
+	strlcpy(memo->rt, rt, NAMEDATALEN);
+	return memo;
+}
+
+PG_FUNCTION_INFO_V1(rbr_model_reward);
+/* rbr_reward(model, response_type, features, base_reward): with stored weights. */
+Datum
+rbr_model_reward(PG_FUNCTION_ARGS)
+{
+	ModelMemo  *m = model_weights(fcinfo, PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1));
+	ArrayType  *x = PG_GETARG_ARRAYTYPE_P(2);
+	double		sum = PG_GETARG_FLOAT8(3);
+	int			nx;
+	const double *xv;
+
 	if (ARR_NDIM(x) > 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("features must be a one-dimensional array")));
 	nx = ARR_NDIM(x) == 0 ? 0 : ARR_DIMS(x)[0];
-	if (nx != entry->d)
+	if (nx != m->d)
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("model \"%s\" has %d weights for response type \"%s\", but %d features were given",
-						model, entry->d, rt, nx),
+						m->model, m->d, m->rt, nx),
 				 errhint("Pass the features in the order of rbr.model.feature_names.")));
 	if (ARR_HASNULL(x))
 		PG_RETURN_NULL();
 	rbr_check_finite(sum, "base_reward");
 	xv = (const double *) ARR_DATA_PTR(x);
 	for (int i = 0; i < nx; i++)
-		sum += entry->weights[i] * xv[i];
+		sum += m->weights[i] * xv[i];
 	if (unlikely(isnan(sum) || isinf(sum)))
 	{
 		for (int i = 0; i < nx; i++)
