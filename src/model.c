@@ -68,14 +68,16 @@ load_model(ModelCacheEntry *entry, const char *model, const char *rt)
 }
 
 /*
- * What one call site (fn_extra) scored with last: the raw model and response
- * type arguments, the generation of rbr's tables then, and a copy of the
- * weights. Scoring a table with one model then costs a comparison per row
- * instead of a hash look-up.
+ * What one call site (fn_extra) scored with recently: per (model, response
+ * type) argument pair, the raw arguments, the generation of rbr's tables then,
+ * and a copy of the weights. Scoring a table (whose rows mix a few response
+ * types) then costs a few comparisons per row instead of a hash look-up.
  */
+#define MODEL_MEMO_SLOTS 8
+
 typedef struct ModelMemo
 {
-	uint64		generation;
+	uint64		generation;		/* 0: slot unused */
 	int			model_len;
 	int			rt_len;
 	char		model_raw[NAMEDATALEN];
@@ -86,11 +88,18 @@ typedef struct ModelMemo
 	double	   *weights;		/* in fn_mcxt */
 } ModelMemo;
 
+typedef struct ModelMemos
+{
+	int			next;			/* slot to replace next (round robin) */
+	ModelMemo	slot[MODEL_MEMO_SLOTS];
+} ModelMemos;
+
 /* The weights of (model, response type), through the call site's memo and the backend cache. */
 static ModelMemo *
 model_weights(FunctionCallInfo fcinfo, text *model_arg, text *rt_arg)
 {
-	ModelMemo  *memo = (ModelMemo *) fcinfo->flinfo->fn_extra;
+	ModelMemos *memos = (ModelMemos *) fcinfo->flinfo->fn_extra;
+	ModelMemo  *memo;
 	int			mlen = VARSIZE_ANY_EXHDR(model_arg);
 	int			rlen = VARSIZE_ANY_EXHDR(rt_arg);
 	uint64		gen = rbr_tables_generation();
@@ -100,11 +109,16 @@ model_weights(FunctionCallInfo fcinfo, text *model_arg, text *rt_arg)
 	ModelCacheEntry *entry;
 	bool		found;
 
-	if (memo != NULL && memo->generation == gen &&
-		memo->model_len == mlen && memo->rt_len == rlen &&
-		memcmp(memo->model_raw, VARDATA_ANY(model_arg), mlen) == 0 &&
-		memcmp(memo->rt_raw, VARDATA_ANY(rt_arg), rlen) == 0)
-		return memo;
+	if (memos == NULL)
+		memos = fcinfo->flinfo->fn_extra = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(ModelMemos));
+	for (int i = 0; i < MODEL_MEMO_SLOTS; i++)
+	{
+		memo = &memos->slot[i];
+		if (memo->generation == gen && memo->model_len == mlen && memo->rt_len == rlen &&
+			memcmp(memo->model_raw, VARDATA_ANY(model_arg), mlen) == 0 &&
+			memcmp(memo->rt_raw, VARDATA_ANY(rt_arg), rlen) == 0)
+			return memo;
+	}
 
 	model = text_to_cstring(model_arg);
 	rt = rbr_fold_name(text_to_cstring(rt_arg));
@@ -134,9 +148,9 @@ model_weights(FunctionCallInfo fcinfo, text *model_arg, text *rt_arg)
 		entry->generation = gen;
 	}
 
-	if (memo == NULL)
-		memo = fcinfo->flinfo->fn_extra = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(ModelMemo));
-	else if (memo->weights != NULL)
+	memo = &memos->slot[memos->next];
+	memos->next = (memos->next + 1) % MODEL_MEMO_SLOTS;
+	if (memo->weights != NULL)
 		pfree(memo->weights);
 	memo->weights = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(double) * Max(entry->d, 1));
 	memcpy(memo->weights, entry->weights, sizeof(double) * entry->d);
