@@ -125,4 +125,15 @@ SELECT to_regclass('feat_t_features') AS features_table;
 -- on its own it runs (an empty table: nothing to grade)
 CALL rbr_featurize('feat_t', 'grader_t');
 SELECT state, total FROM rbr.featurize_progress;
+-- a role sees only the runs over tables it may read
+CREATE ROLE rbr_progress_peek;
+SET ROLE rbr_progress_peek;
+SELECT count(*) AS runs_visible_without_select FROM rbr.featurize_progress;
+RESET ROLE;
+GRANT SELECT ON feat_t TO rbr_progress_peek;
+SET ROLE rbr_progress_peek;
+SELECT count(*) AS runs_visible_with_select FROM rbr.featurize_progress;
+RESET ROLE;
+REVOKE SELECT ON feat_t FROM rbr_progress_peek;
+DROP ROLE rbr_progress_peek;
 DROP TABLE feat_t, feat_t_features, feat_t_grades;

@@ -561,7 +561,9 @@ CREATE VIEW rbr.featurize_progress AS
            END AS eta,
            r.requests, r.cached_values AS cached, r.prompt_tokens, r.completion_tokens,
            r.chunks, r.started_at, r.updated_at, r.finished_at
-      FROM rbr.featurize_run r;
+      FROM rbr.featurize_run r
+     -- a role sees the runs over the tables it may read
+     WHERE pg_catalog.has_table_privilege(r.source::pg_catalog.oid, 'SELECT');
 
 -- SQL text of an expression over the features row f (and source row s) that
 -- depends on which simple propositions a row needs: wrap (a format with one
@@ -1108,7 +1110,9 @@ CREATE VIEW rbr.synth_progress AS
            r.candidates, r.rejections, r.generator_requests, r.generator_cached,
            r.grader_requests, r.grader_cached, r.prompt_tokens, r.completion_tokens,
            r.chunks, r.started_at, r.updated_at, r.finished_at
-      FROM rbr.synth_run r;
+      FROM rbr.synth_run r
+     -- a role sees the runs over the tables it may read
+     WHERE pg_catalog.has_table_privilege(r.source::pg_catalog.oid, 'SELECT');
 
 -- Set up a run: check the source and options, create the result tables, add
 -- the planned slots of every source row, make error slots pending again,

@@ -265,25 +265,67 @@ rbr_grader_switch_token_param(int from)
 		token_switched_from = -1;	/* back to the setting */
 }
 
-/* Replace the API keys (grader's and generator's) wherever they appear in a message, and bound its size. */
+/* Add the values of "Name: value; Name2: value" (trimmed) to secrets[]. */
+static int
+header_values(const char *headers, char **secrets, int n, int max)
+{
+	const char *p = headers;
+
+	while (p != NULL && *p && n < max)
+	{
+		const char *colon = strchr(p, ':');
+		const char *end;
+
+		if (colon == NULL)
+			break;
+		end = strchr(colon, ';');
+		if (end == NULL)
+			end = colon + strlen(colon);
+		colon++;
+		while (colon < end && (*colon == ' ' || *colon == '\t'))
+			colon++;
+		while (end > colon && (end[-1] == ' ' || end[-1] == '\t'))
+			end--;
+		secrets[n++] = pnstrdup(colon, end - colon);
+		p = strchr(colon, ';');
+		if (p)
+			p++;
+	}
+	return n;
+}
+
+/*
+ * Replace the secrets (the grader's and generator's API keys, and the values
+ * of their extra headers) wherever they appear in a message, and bound its
+ * size. Secrets shorter than 4 bytes are left alone (they would mask ordinary
+ * text).
+ */
 char *
 rbr_grader_scrub(const char *msg)
 {
 	StringInfoData out;
-	const char *keys[2] = {rbr_grader_api_key, rbr_generator_api_key};
+	char	   *secrets[66];
+	int			nsecrets = 0;
 	const char *p = msg;
 
 	if (msg == NULL)
 		return NULL;
+	if (rbr_grader_api_key != NULL)
+		secrets[nsecrets++] = rbr_grader_api_key;
+	if (rbr_generator_api_key != NULL)
+		secrets[nsecrets++] = rbr_generator_api_key;
+	nsecrets = header_values(rbr_grader_extra_headers, secrets, nsecrets, 34);
+	nsecrets = header_values(rbr_generator_extra_headers, secrets, nsecrets, 66);
+
 	initStringInfo(&out);
 	/* stop at a character boundary once 500 bytes are out */
 	while (*p && (out.len < 500 || ((unsigned char) *p & 0xC0) == 0x80))
 	{
 		size_t		klen = 0;
 
-		for (int k = 0; k < 2 && klen == 0; k++)
-			if (keys[k] != NULL && strlen(keys[k]) >= 4 && strncmp(p, keys[k], strlen(keys[k])) == 0)
-				klen = strlen(keys[k]);
+		for (int k = 0; k < nsecrets && klen == 0; k++)
+			if (strlen(secrets[k]) >= 4 && strncmp(p, secrets[k], strlen(secrets[k])) == 0)
+				klen = strlen(secrets[k]);
 		if (klen > 0)
 		{
 			appendStringInfoString(&out, "********");

@@ -220,6 +220,17 @@ for my $g (qw(rbr.grader_api_key rbr.generator_api_key)) {
     unlike($err, qr/sk-abc/, "$g: the refused value is not echoed");
 }
 
+# --- secrets in extra headers are scrubbed too, like the keys, when an endpoint echoes them
+$canned{echo} = { status => 401, body => 'rejected credentials: org-SEKRIT-value-42 (X-Org) and sk-echoed-KEY-777' };
+canned_write();
+($r, $raw) = grade_canned("$cset SET rbr.grader_extra_headers = 'X-Org: org-SEKRIT-value-42; X-Team: t';"
+                        . " SET rbr.grader_api_key = 'sk-echoed-KEY-777';", 'echo');
+is($r->{echo}[0], 'error', 'an echoed 401 is an error');
+unlike($raw, qr/org-SEKRIT-value-42|sk-echoed-KEY-777/, 'neither the header value nor the key appears in the error');
+like($r->{echo}[3], qr/rejected credentials: \*{8} \(X-Org\) and \*{8}/, 'both are replaced by ********');
+delete $canned{echo};
+canned_write();
+
 # --- the keys never reach the server log
 my $logf = $ENV{RBR_CLUSTER_DIR} ? "$ENV{RBR_CLUSTER_DIR}/server.log" : undef;
 SKIP: {
