@@ -38,6 +38,7 @@ char	   *rbr_generator_model = NULL;
 char	   *rbr_generator_api_key = NULL;
 char	   *rbr_generator_extra_headers = NULL;
 char	   *rbr_generator_ca_file = NULL;
+char	   *rbr_generator_azure_api_version = NULL;
 double		rbr_generator_temperature = 1.0;
 int			rbr_generator_max_tokens = 1024;
 int			rbr_generator_timeout_ms = 120000;
@@ -66,6 +67,10 @@ rbr_generator_init_settings(void)
 							   NULL, &rbr_generator_extra_headers, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
 							   rbr_check_headers, NULL, NULL);
+	DefineCustomStringVariable("rbr.generator_azure_api_version",
+							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
+							   NULL, &rbr_generator_azure_api_version, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomStringVariable("rbr.generator_ca_file",
 							   "File of CA certificates that verify the generator's TLS certificate (empty: the system's).",
 							   "For self-hosted servers with a private CA; verification is never switched off.",
@@ -85,14 +90,14 @@ rbr_generator_init_settings(void)
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 }
 
-/* The generator's endpoint, from the rbr.generator_* settings (OpenAI style). */
+/* The generator's endpoint, from the rbr.generator_* settings. */
 void
 rbr_generator_endpoint(RbrEndpoint *ep)
 {
 	ep->kind = RBR_JOB_GENERATE;
 	ep->url = rbr_generator_url;
 	ep->api_key = rbr_generator_api_key;
-	ep->azure_api_version = "";
+	ep->azure_api_version = rbr_generator_azure_api_version ? rbr_generator_azure_api_version : "";
 	ep->extra_headers = rbr_generator_extra_headers;
 	ep->ca_file = rbr_generator_ca_file;
 	ep->model = rbr_generator_model;

@@ -243,5 +243,18 @@ is(gen_count(), 3, 'synthesize: the server saw 3 generations');
 is(psql_ok("SELECT count(*) FROM pd_synth a JOIN pd_synth b ON a.slot = b.slot AND a.id = 1 AND b.id = 2"
     . " WHERE a.completion = b.completion"), 3, 'synthesize: both rows got the same completions, as from the cache across runs');
 
+# --- 6. the generator in Azure OpenAI style: api-key header, api-version parameter, deployment URL
+my ($az) = start_server('--azure-key', 'az-GEN-KEY-24680');
+my $azset = "SET rbr.generator_url = '$az'; SET rbr.generator_azure_api_version = '2024-06-01';"
+          . " SET rbr.generator_api_key = 'az-GEN-KEY-24680'; SET rbr.generator_model = 'gen-deploy';";
+$r = psql_ok("$azset SELECT status || ':' || model || ':' || (completion <> '')"
+    . " FROM rbr_generate_many(ARRAY['\"hi\"']::jsonb[], ARRAY['rbr-generate/1\nBe brief.'], ARRAY[1])");
+is($r, 'ok:gen-deploy:true', 'Azure style generation accepted (api-key header, api-version, deployment)');
+is(server_stats($az)->{generation_requests}, 1, 'the Azure deployment URL was called');
+$r = psql_ok("$azset SET rbr.generator_api_key = 'az-WRONG-KEY-13579'; SELECT status || ':' || coalesce(error, '')"
+    . " FROM rbr_generate_many(ARRAY['\"hi\"']::jsonb[], ARRAY['rbr-generate/1\nBe brief again.'], ARRAY[1])");
+like($r, qr/^error:HTTP 401/, 'a wrong Azure key is refused (401), recorded as an error');
+unlike($r, qr/az-WRONG-KEY-13579/, 'the key is not in the error');
+
 drop_db();
 done_testing();
