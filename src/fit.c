@@ -308,6 +308,7 @@ solver_alloc(void *ctx pg_attribute_unused(), size_t size)
 	return MemoryContextAllocHuge(CurrentMemoryContext, Max(size, 1));
 }
 
+/* Free callback for fit_solver.c. */
 static void
 solver_free(void *ctx pg_attribute_unused(), void *ptr)
 {
@@ -315,6 +316,7 @@ solver_free(void *ctx pg_attribute_unused(), void *ptr)
 		pfree(ptr);
 }
 
+/* Interrupt callback for fit_solver.c: query cancel and statement_timeout. */
 static void
 solver_check_interrupts(void *ctx pg_attribute_unused())
 {
