@@ -890,54 +890,41 @@ static void kset_drop_unkept(KSet *K)
     K->m = m;
 }
 
+/* Move a[r] down the max-heap a[0 .. len-1] until both children are smaller. */
+static void sift_down_d(double *a, int64_t r, int64_t len)
+{
+    for (;;)
+    {
+        int64_t ch = 2 * r + 1;
+        double t;
+
+        if (ch >= len)
+            break;
+        if (ch + 1 < len && a[ch + 1] > a[ch])
+            ch++;
+        if (a[r] >= a[ch])
+            break;
+        t = a[r];
+        a[r] = a[ch];
+        a[ch] = t;
+        r = ch;
+    }
+}
+
 /* In-place heap sort of doubles (ascending). */
 static void heapsort_d(double *a, int64_t len)
 {
     int64_t i, end;
 
     for (i = len / 2; i-- > 0;)
-    {
-        int64_t r = i;
-
-        for (;;)
-        {
-            int64_t ch = 2 * r + 1;
-            double t;
-
-            if (ch >= len)
-                break;
-            if (ch + 1 < len && a[ch + 1] > a[ch])
-                ch++;
-            if (a[r] >= a[ch])
-                break;
-            t = a[r];
-            a[r] = a[ch];
-            a[ch] = t;
-            r = ch;
-        }
-    }
+        sift_down_d(a, i, len);
     for (end = len - 1; end > 0; end--)
     {
         double t = a[0];
-        int64_t r = 0;
 
         a[0] = a[end];
         a[end] = t;
-        for (;;)
-        {
-            int64_t ch = 2 * r + 1;
-
-            if (ch >= end)
-                break;
-            if (ch + 1 < end && a[ch + 1] > a[ch])
-                ch++;
-            if (a[r] >= a[ch])
-                break;
-            t = a[r];
-            a[r] = a[ch];
-            a[ch] = t;
-            r = ch;
-        }
+        sift_down_d(a, 0, end);
     }
 }
 
