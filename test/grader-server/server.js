@@ -389,21 +389,33 @@ function labelRow(completion, messages) {
 const RBR_RE = /\[\[rbr\s+([^\]]*)\]\]/g;
 const FAULT_RE = /\[\[fault(?:\s+([^\]]*))?\]\]/g;
 
-/** p set by [[rbr ...]] directives for prop, or null. */
-function directiveP(completion, prop) {
-  let explicit = null, star = null;
-  RBR_RE.lastIndex = 0;
+/**
+ * The NAME=P pairs of every directive re (a global regex whose group 1 is the
+ * directive's body) in text, in order: P a probability in [0,1], or yes (0.97)
+ * or no (0.03); malformed pairs are skipped.
+ */
+function directiveValues(re, text) {
+  const out = [];
+  re.lastIndex = 0;
   let m;
-  while ((m = RBR_RE.exec(completion)) !== null) {
+  while ((m = re.exec(text)) !== null) {
     for (const tok of m[1].split(/\s+/)) {
       const eq = tok.indexOf('=');
       if (eq <= 0) continue;
       const name = tok.slice(0, eq), raw = tok.slice(eq + 1).toLowerCase();
       const v = raw === 'yes' ? 0.97 : raw === 'no' ? 0.03 : (raw === '' ? NaN : Number(raw));
-      if (!(v >= 0 && v <= 1)) continue;
-      if (name === prop) explicit = v;
-      else if (name === '*') star = v;
+      if (v >= 0 && v <= 1) out.push([name, v]);
     }
+  }
+  return out;
+}
+
+/** p set by [[rbr ...]] directives for prop, or null. */
+function directiveP(completion, prop) {
+  let explicit = null, star = null;
+  for (const [name, v] of directiveValues(RBR_RE, completion)) {
+    if (name === prop) explicit = v;
+    else if (name === '*') star = v;
   }
   return explicit !== null ? explicit : star;
 }
@@ -812,17 +824,8 @@ const GEN_FAULT_RE = /\[\[gen-fault\s+([^\]]*)\]\]/g;
 function genProbs(transcript) {
   if (!transcript.includes('[[gen ')) return null;
   const gp = { yes: 0.97, no: 0.03, names: {} };
-  GEN_RE.lastIndex = 0;
-  let m;
-  while ((m = GEN_RE.exec(transcript)) !== null) {
-    for (const tok of m[1].split(/\s+/)) {
-      const eq = tok.indexOf('=');
-      if (eq <= 0) continue;
-      const name = tok.slice(0, eq), raw = tok.slice(eq + 1).toLowerCase();
-      const v = raw === 'yes' ? 0.97 : raw === 'no' ? 0.03 : (raw === '' ? NaN : Number(raw));
-      if (!(v >= 0 && v <= 1)) continue;
-      if (name === 'yes') gp.yes = v; else if (name === 'no') gp.no = v; else gp.names[name] = v;
-    }
+  for (const [name, v] of directiveValues(GEN_RE, transcript)) {
+    if (name === 'yes') gp.yes = v; else if (name === 'no') gp.no = v; else gp.names[name] = v;
   }
   return gp;
 }
