@@ -2,14 +2,14 @@
 # before pg_config exists: they install what is missing first (test/setup.sh).
 
 EXTENSION = rbr
-EXTVERSION = 0.1.0
+EXTVERSION = 0.2.0
 
 MODULE_big = rbr
 OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/rowset.o src/fit_solver.o src/fit.o src/model.o src/evaluate.o \
        src/grader.o src/http.o src/cache.o src/generator.o src/synth.o
 
-DATA = sql/rbr--$(EXTVERSION).sql
+DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
 REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize
