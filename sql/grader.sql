@@ -120,20 +120,28 @@ EXCEPTION WHEN invalid_transaction_state THEN
 END
 $$;
 \set SHOW_CONTEXT errors
-SELECT count(*) AS runs FROM rbr.featurize_run;
+SELECT count(*) AS runs FROM rbr.run;
 SELECT to_regclass('feat_t_features') AS features_table;
 -- on its own it runs (an empty table: nothing to grade)
 CALL rbr_featurize('feat_t', 'grader_t');
 SELECT state, total FROM rbr.featurize_progress;
--- a role sees only the runs over tables it may read
+-- a role sees only its own runs (and those of roles it is a member of),
+-- even over tables it may read; the run table itself it cannot read at all
 CREATE ROLE rbr_progress_peek;
-SET ROLE rbr_progress_peek;
-SELECT count(*) AS runs_visible_without_select FROM rbr.featurize_progress;
-RESET ROLE;
 GRANT SELECT ON feat_t TO rbr_progress_peek;
 SET ROLE rbr_progress_peek;
-SELECT count(*) AS runs_visible_with_select FROM rbr.featurize_progress;
+SELECT count(*) AS runs_visible_to_another_role FROM rbr.featurize_progress;
+SELECT count(*) FROM rbr.run;
 RESET ROLE;
+\set ECHO none
+SELECT format('GRANT %I TO rbr_progress_peek', current_user) \gexec
+\set ECHO all
+SET ROLE rbr_progress_peek;
+SELECT count(*) AS runs_visible_to_a_member FROM rbr.featurize_progress;
+RESET ROLE;
+\set ECHO none
+SELECT format('REVOKE %I FROM rbr_progress_peek', current_user) \gexec
+\set ECHO all
 REVOKE SELECT ON feat_t FROM rbr_progress_peek;
 DROP ROLE rbr_progress_peek;
 DROP TABLE feat_t, feat_t_features, feat_t_grades;

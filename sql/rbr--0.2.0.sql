@@ -21,12 +21,56 @@ CREATE TABLE rbr.policy_version (
     spec       jsonb       NOT NULL,
     loaded_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     loaded_by  name        NOT NULL DEFAULT CURRENT_USER,
+    owner      regrole     NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)),
     PRIMARY KEY (policy, version)
 );
 COMMENT ON TABLE rbr.policy_version IS
     'every version of every policy ever loaded; versions are immutable';
 SELECT pg_catalog.pg_extension_config_dump('rbr.policy_version', '');
+
+-- Owners: a role sees and loads only policies of its own or of a role it is
+-- a member of (superusers: all); a name belongs to the owner of its first
+-- version. INSERT is granted with rbr_grant(role, 'policies').
+ALTER TABLE rbr.policy_version ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON rbr.policy_version FOR SELECT
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_loads ON rbr.policy_version FOR INSERT
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
 GRANT SELECT ON rbr.policy_version TO PUBLIC;
+
+-- Row trigger of rbr.policy_version and rbr.model (TG_ARGV[0]: the name
+-- column): every row of one name has one owner, so no role adds a version
+-- to, or a response type under, a name another role owns. It runs as the
+-- extension's owner to see every row.
+CREATE FUNCTION rbr.name_owner_guard() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    other regrole;
+    what text := CASE TG_TABLE_NAME WHEN 'policy_version' THEN 'policy' ELSE 'model' END;
+    nm text := to_jsonb(NEW) ->> TG_ARGV[0];
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.owner <> OLD.owner THEN
+        RAISE EXCEPTION 'the owner of % % cannot change', what, quote_literal(nm)
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    EXECUTE format('SELECT owner FROM %I.%I WHERE %I = $1 AND owner <> $2 LIMIT 1',
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0])
+        INTO other USING nm, NEW.owner;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION '% % belongs to another role', what, quote_literal(nm)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Choose another name, or ask a member of its owning role to %s it.',
+                                CASE what WHEN 'policy' THEN 'load' ELSE 'save' END);
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.name_owner_guard() FROM PUBLIC;
+CREATE TRIGGER policy_version_owner
+    BEFORE INSERT ON rbr.policy_version
+    FOR EACH ROW EXECUTE FUNCTION rbr.name_owner_guard('policy');
 
 -- Validate a policy spec: ERROR naming the problem and its place, else true.
 CREATE FUNCTION @extschema@.rbr_policy_validate(spec jsonb) RETURNS boolean
@@ -100,13 +144,17 @@ BEGIN
         END IF;
     END IF;
     new_version := COALESCE(latest.version, 0) + 1;
-    INSERT INTO rbr.policy_version (policy, version, spec) VALUES (name, new_version, spec);
+    -- a new version keeps the name's owner (the caller is a member: it sees the name)
+    INSERT INTO rbr.policy_version (policy, version, spec, owner)
+        VALUES (name, new_version, spec,
+                COALESCE(latest.owner, pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))));
     RETURN new_version;
 END
 $$;
 
 -- The latest version of every policy, with what it defines.
-CREATE VIEW rbr.policies AS
+-- security_invoker: each role sees the policies it may see (row security).
+CREATE VIEW rbr.policies WITH (security_invoker = true) AS
     SELECT DISTINCT ON (v.policy)
            v.policy AS name,
            v.version AS latest_version,
@@ -232,13 +280,31 @@ CREATE TABLE rbr.model (
     report         jsonb       NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by     name        NOT NULL DEFAULT CURRENT_USER,
+    owner          regrole     NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)),
     PRIMARY KEY (name, response_type),
     FOREIGN KEY (policy, policy_version) REFERENCES rbr.policy_version (policy, version),
     CHECK (pg_catalog.cardinality(weights) = pg_catalog.cardinality(feature_names))
 );
 COMMENT ON TABLE rbr.model IS 'fitted RBR weights per model and response type';
 SELECT pg_catalog.pg_extension_config_dump('rbr.model', '');
+
+-- Owners, as for policies: a role sees, saves, replaces and deletes only
+-- models of its own or of a role it is a member of. INSERT, UPDATE and
+-- DELETE are granted with rbr_grant(role, 'models').
+ALTER TABLE rbr.model ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON rbr.model FOR SELECT
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_saves ON rbr.model FOR INSERT
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_replaces ON rbr.model FOR UPDATE
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'))
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_deletes ON rbr.model FOR DELETE
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
 GRANT SELECT ON rbr.model TO PUBLIC;
+CREATE TRIGGER model_owner
+    BEFORE INSERT OR UPDATE ON rbr.model
+    FOR EACH ROW EXECUTE FUNCTION rbr.name_owner_guard('name');
 
 CREATE TRIGGER model_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbr.model
@@ -287,8 +353,11 @@ BEGIN
         RAISE EXCEPTION 'fit feature_names differ from the features of response type % of policy %', quote_literal(folded), quote_literal(policy)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO rbr.model AS m (name, response_type, policy, policy_version, feature_names, weights, report)
-    VALUES (model, folded, info ->> 'name', (info ->> 'version')::int, names, w, fit)
+    -- a model name keeps its owner (the caller is a member when it sees the name)
+    INSERT INTO rbr.model AS m (name, response_type, policy, policy_version, feature_names, weights, report, owner)
+    VALUES (model, folded, info ->> 'name', (info ->> 'version')::int, names, w, fit,
+            COALESCE((SELECT o.owner FROM rbr.model o WHERE o.name = model LIMIT 1),
+                     pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))))
     ON CONFLICT ON CONSTRAINT model_pkey DO UPDATE
        SET policy = EXCLUDED.policy, policy_version = EXCLUDED.policy_version,
            feature_names = EXCLUDED.feature_names, weights = EXCLUDED.weights,
@@ -437,18 +506,225 @@ END
 $$;
 
 -------------------------------------------------------------------------------
+-- Bulk runs: the bookkeeping shared by rbr_featurize and rbr_synthesize
+-------------------------------------------------------------------------------
+-- One row per CALL of either procedure. No role may write it (nor read it:
+-- the progress views show each role its own runs); rbr.run_begin,
+-- rbr.run_get, rbr.run_advance and rbr.run_finish (C, src/runs.c) write it
+-- as the extension's owner after checking that the caller owns the run.
+CREATE TABLE rbr.run (
+    run_id            bigserial   PRIMARY KEY,
+    kind              text        NOT NULL CHECK (kind IN ('featurize', 'synthesize')),
+    owner             regrole     NOT NULL,
+    source            regclass    NOT NULL,
+    outputs           regclass[]  NOT NULL,     -- featurize: {features, grades}; synthesize: {synth, attempts}
+    policy            text        NOT NULL,     -- name@version, fixed for the run
+    options           jsonb       NOT NULL,
+    pid               int         NOT NULL,
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    total             bigint      NOT NULL,     -- work missing when the run started (values or slots)
+    done              bigint      NOT NULL DEFAULT 0,
+    errors            bigint      NOT NULL DEFAULT 0,
+    cached            bigint      NOT NULL DEFAULT 0,
+    requests          bigint      NOT NULL DEFAULT 0,
+    prompt_tokens     bigint      NOT NULL DEFAULT 0,
+    completion_tokens bigint      NOT NULL DEFAULT 0,
+    cached_tokens     bigint      NOT NULL DEFAULT 0,
+    reasoning_tokens  bigint      NOT NULL DEFAULT 0,
+    counters          jsonb       NOT NULL DEFAULT '{}',   -- counts of one kind of run (rbr_synthesize's)
+    chunks            int         NOT NULL DEFAULT 0,
+    last_key          text,
+    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at       timestamptz
+);
+COMMENT ON TABLE rbr.run IS 'rbr_featurize and rbr_synthesize runs, updated per committed chunk';
+REVOKE ALL ON rbr.run FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.run_run_id_seq FROM PUBLIC;
+
+-- Record a new run of the caller's; returns its id.
+CREATE FUNCTION rbr.run_begin(kind text, source regclass, outputs regclass[], policy text, options jsonb,
+                              total bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'rbr_run_begin'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- The row of a run of the caller's.
+CREATE FUNCTION rbr.run_get(run_id bigint) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_get'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Add one committed chunk's counts to a run of the caller's; returns the row.
+CREATE FUNCTION rbr.run_advance(run_id bigint, done bigint, errors bigint, cached bigint, requests bigint,
+                                prompt_tokens bigint, completion_tokens bigint, cached_tokens bigint,
+                                reasoning_tokens bigint, counters jsonb, last_key text) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_advance'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+-- Mark a run of the caller's done; returns the row.
+CREATE FUNCTION rbr.run_finish(run_id bigint) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_finish'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint),
+                           rbr.run_get(bigint),
+                           rbr.run_advance(bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, jsonb, text),
+                           rbr.run_finish(bigint) FROM PUBLIC;
+
+-- Every run a role may see: its own, those of roles it is a member of (a
+-- superuser sees all). A run whose backend is gone (cancelled, crashed)
+-- shows as 'interrupted'; CALL the procedure again to resume it.
+CREATE VIEW rbr.run_progress AS
+    SELECT r.run_id, r.kind, r.owner, r.source, r.policy,
+           CASE WHEN r.state = 'running' AND NOT EXISTS
+                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) r.pid)
+                THEN 'interrupted' ELSE r.state END AS state,
+           r.done, r.errors, r.total,
+           pg_catalog.round(100.0 * (r.done + r.errors) / GREATEST(r.total, 1), 1) AS percent,
+           pg_catalog.round(((r.done + r.errors) /
+                 GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS per_second,
+           CASE WHEN r.state = 'done' THEN interval '0'
+                WHEN r.done + r.errors = 0 THEN NULL
+                ELSE (r.updated_at - r.started_at) *
+                     ((r.total - r.done - r.errors)::float8 / (r.done + r.errors))
+           END AS eta,
+           r.requests, r.cached, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,
+           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at
+      FROM rbr.run r
+     WHERE pg_catalog.pg_has_role(r.owner::pg_catalog.oid, 'USAGE');
+GRANT SELECT ON rbr.run_progress TO PUBLIC;
+
+-- The type of a table's single-column primary key, as rbr uses it in SQL it
+-- builds: a built-in type of pg_catalog (a domain stands for its base type,
+-- so that no CHECK function of another role's runs), from the catalog on
+-- every use. NULLs when there is no such key.
+CREATE FUNCTION rbr.source_key(source regclass, OUT keycol name, OUT keytype text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    typ oid;
+    base oid;
+BEGIN
+    SELECT a.attname, a.atttypid INTO keycol, typ
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF keycol IS NULL THEN
+        RETURN;
+    END IF;
+    base := typ;
+    WHILE (SELECT t.typtype FROM pg_type t WHERE t.oid = base) = 'd' LOOP
+        SELECT t.typbasetype INTO base FROM pg_type t WHERE t.oid = base;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = base AND t.typnamespace = 'pg_catalog'::regnamespace
+                                              AND t.typtype = 'b' AND t.typcategory IN ('N', 'S', 'U', 'D')) THEN
+        RAISE EXCEPTION 'the primary key % of % has type %', quote_ident(keycol), source, format_type(typ, NULL)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'rbr keys its results by a primary key of a built-in number, text, uuid or date/time type.';
+    END IF;
+    keytype := format_type(base, NULL);
+END
+$$;
+
+-- A table that a bulk run writes into must be the caller's own: rbr never
+-- reuses another role's table (its triggers would run as the caller).
+CREATE FUNCTION rbr.check_own_table(tab text, caller text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+BEGIN
+    SELECT k.oid, k.relkind, k.relowner INTO c FROM pg_class k WHERE k.oid = to_regclass(tab);
+    IF FOUND AND (c.relkind <> 'r' OR c.relowner <> (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)) THEN
+        RAISE EXCEPTION '% exists and is not a table of role %', tab, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('It is owned by %s.', pg_get_userbyid(c.relowner)),
+                  HINT = format('%s() writes only into tables of its caller: drop or rename it, or run as its owner.', caller);
+    END IF;
+END
+$$;
+
+-- Run the chunks of a run, committing after each, then mark it done and
+-- report: a NOTICE with the counts of rbr.run_progress, and a WARNING with
+-- the commonest reasons when the run ended with errors. Used by both bulk
+-- procedures; a procedure (it commits), every name qualified.
+CREATE PROCEDURE rbr.run_drive(run bigint)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r rbr.run;
+    reasons text;
+BEGIN
+    r := rbr.run_get(run);
+    LOOP
+        IF r.kind OPERATOR(pg_catalog.=) 'featurize' THEN
+            EXIT WHEN rbr.featurize_chunk(run) OPERATOR(pg_catalog.=) 0;
+        ELSE
+            EXIT WHEN rbr.synth_chunk(run) OPERATOR(pg_catalog.=) 0;
+        END IF;
+        COMMIT;
+    END LOOP;
+    r := rbr.run_finish(run);
+    COMMIT;
+    reasons := rbr.run_error_reasons(run);
+    IF r.errors OPERATOR(pg_catalog.>) 0 THEN
+        RAISE WARNING '% %: % of % % ended with an error',
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END,
+                      r.source, r.errors, r.total,
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'values' ELSE 'slots' END
+            USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
+                  HINT = rbr.run_error_query(run);
+    END IF;
+END
+$$;
+
+-- The commonest error reasons of a run of the caller's, as one line.
+CREATE FUNCTION rbr.run_error_reasons(run bigint) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+    result text;
+BEGIN
+    IF r.kind = 'featurize' THEN
+        EXECUTE format('SELECT string_agg(format(''%%s (%%s)'', e, n), ''; '' ORDER BY n DESC, e) FROM'
+                       ' (SELECT left(error, 200) AS e, count(*) AS n FROM %s WHERE status = ''error'''
+                       ' AND graded_at >= $1 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3) s', r.outputs[2])
+            INTO result USING r.started_at;
+    ELSE
+        EXECUTE format('SELECT string_agg(format(''%%s (%%s)'', e, n), ''; '' ORDER BY n DESC, e) FROM'
+                       ' (SELECT left(reason, 200) AS e, count(*) AS n FROM %s WHERE outcome IN'
+                       ' (''generator_error'', ''grader_error'') AND created_at >= $1 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3) s',
+                       r.outputs[2])
+            INTO result USING r.started_at;
+    END IF;
+    RETURN COALESCE(result, 'none recorded');
+END
+$$;
+
+-- The query that lists a run's errors, for the hint of its WARNING.
+CREATE FUNCTION rbr.run_error_query(run bigint) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+BEGIN
+    IF r.kind = 'featurize' THEN
+        RETURN format('See them with: SELECT * FROM %s WHERE status = ''error''; CALL rbr_featurize again to retry them.',
+                      r.outputs[2]);
+    END IF;
+    RETURN format('See them with: SELECT * FROM %s WHERE outcome IN (''generator_error'', ''grader_error''); CALL rbr_synthesize again to retry them.',
+                  r.outputs[2]);
+END
+$$;
+REVOKE EXECUTE ON PROCEDURE rbr.run_drive(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.run_error_reasons(bigint), rbr.run_error_query(bigint) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
 -- Grader: ask an OpenAI-compatible LLM grader for P(yes) of propositions
 -------------------------------------------------------------------------------
 -- Functions that reach the network (and spend money) are revoked from
--- PUBLIC. Grant them, with the cache table, to the roles that may spend:
---   GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
---         rbr_grade_many(text, text[], jsonb[], text[]) TO grader_role;
---   GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO grader_role;
---   GRANT EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb),
---         rbr.featurize_chunk(bigint), rbr.featurize_finish(bigint) TO grader_role;
---   GRANT SELECT, INSERT ON rbr.grade_cache TO grader_role;
---   GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO grader_role;
---   GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO grader_role;
+-- PUBLIC: rbr_grant(role, 'grade') grants what grading needs. The cache
+-- itself is readable and writable by the extension's owner alone (the C code
+-- writes it as that owner), so no role can plant or read answers.
 
 -- Successful answers, keyed by the sha256 of everything that decides them
 -- (endpoint kind, model, template, proposition prompt, conversation,
@@ -516,54 +792,19 @@ CREATE FUNCTION @extschema@.rbr_grader_stats() RETURNS jsonb
 -- be cancelled or crash and be resumed, and several sessions can share one
 -- table.
 
--- One row per rbr_featurize call; updated after every chunk.
-CREATE TABLE rbr.featurize_run (
-    run_id            bigserial   PRIMARY KEY,
-    source            regclass    NOT NULL,
-    features_table    text        NOT NULL,
-    grades_table      text        NOT NULL,
-    policy            text        NOT NULL,     -- name@version, fixed for the run
-    options           jsonb       NOT NULL,
-    pid               int         NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
-    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
-    total_values      bigint      NOT NULL,     -- missing needed values when the run started
-    done_values       bigint      NOT NULL DEFAULT 0,
-    error_values      bigint      NOT NULL DEFAULT 0,
-    cached_values     bigint      NOT NULL DEFAULT 0,
-    requests          bigint      NOT NULL DEFAULT 0,
-    prompt_tokens     bigint      NOT NULL DEFAULT 0,
-    completion_tokens bigint      NOT NULL DEFAULT 0,
-    chunks            int         NOT NULL DEFAULT 0,
-    last_key          text,
-    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    finished_at       timestamptz
-);
-COMMENT ON TABLE rbr.featurize_run IS 'rbr_featurize runs, updated per committed chunk';
-
--- Progress of every run: done, total, errors, rate and ETA. A run whose
--- backend is gone (cancelled, crashed) shows as 'interrupted'; CALL
--- rbr_featurize again to resume it. With several sessions on one table each
--- run counts its own work against the values missing when it started.
+-- Progress of every rbr_featurize run the role may see (rbr.run_progress):
+-- done, total, errors, rate and ETA. A run whose backend is gone
+-- (cancelled, crashed) shows as 'interrupted'; CALL rbr_featurize again to
+-- resume it. With several sessions on one table each run counts its own
+-- work against the values missing when it started.
 CREATE VIEW rbr.featurize_progress AS
-    SELECT r.run_id, r.source, r.policy,
-           CASE WHEN r.state = 'running' AND NOT EXISTS
-                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.pid)
-                THEN 'interrupted' ELSE r.state END AS state,
-           r.done_values AS done, r.error_values AS errors, r.total_values AS total,
-           pg_catalog.round(100.0 * (r.done_values + r.error_values) / GREATEST(r.total_values, 1), 1) AS percent,
-           pg_catalog.round(((r.done_values + r.error_values) /
-                 GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS values_per_second,
-           CASE WHEN r.state = 'done' THEN interval '0'
-                WHEN r.done_values + r.error_values = 0 THEN NULL
-                ELSE (r.updated_at - r.started_at) *
-                     ((r.total_values - r.done_values - r.error_values)::float8 / (r.done_values + r.error_values))
-           END AS eta,
-           r.requests, r.cached_values AS cached, r.prompt_tokens, r.completion_tokens,
-           r.chunks, r.started_at, r.updated_at, r.finished_at
-      FROM rbr.featurize_run r
-     -- a role sees the runs over the tables it may read
-     WHERE pg_catalog.has_table_privilege(r.source::pg_catalog.oid, 'SELECT');
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state, p.done, p.errors, p.total, p.percent,
+           p.per_second AS values_per_second, p.eta, p.requests, p.cached, p.prompt_tokens,
+           p.completion_tokens, p.cached_tokens, p.reasoning_tokens, p.chunks, p.started_at, p.updated_at,
+           p.finished_at
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'featurize';
+GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
 
 -- SQL text of an expression over the features row f (and source row s) that
 -- depends on which simple propositions a row needs: wrap (a format with one
@@ -613,12 +854,22 @@ CREATE FUNCTION rbr.check_source(source regclass, caller text, rt_col text, mess
 DECLARE
     col text;
     t text;
+    kind "char";
+    rls boolean;
+    owner oid;
 BEGIN
-    SELECT n.nspname, c.relname INTO nsp, rel
+    SELECT n.nspname, c.relname, c.relkind, c.relrowsecurity, c.relowner INTO nsp, rel, kind, rls, owner
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
-    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO keycol, keytype
-      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    -- reading a view or a table with row security runs its owner's code as the caller
+    IF owner <> (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)
+       AND (kind NOT IN ('r', 'p') OR rls) THEN
+        RAISE EXCEPTION '% is a % of another role', source,
+                        CASE WHEN kind IN ('r', 'p') THEN 'table with row-level security' ELSE 'view or non-table' END
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Reading it would run code of role %s as role %s.', pg_get_userbyid(owner), current_user),
+                  HINT = format('%s() reads plain tables of other roles only; copy the rows into a table of your own.', caller);
+    END IF;
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(source) k;
     IF keycol IS NULL THEN
         RAISE EXCEPTION 'table % has no single-column primary key', source
             USING ERRCODE = 'invalid_table_definition',
@@ -669,7 +920,6 @@ DECLARE
     t text;
     nulls_expr text;
     total bigint;
-    run bigint;
 BEGIN
     IF source IS NULL OR policy IS NULL OR options IS NULL THEN
         RAISE EXCEPTION 'rbr_featurize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -723,6 +973,8 @@ BEGIN
 
     -- one set-up at a time per source table
     PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+    PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY)', ftab, keycol, keytype);
     FOREACH col IN ARRAY cols LOOP
         EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
@@ -760,14 +1012,11 @@ BEGIN
                                     (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k), rcol);
         END IF;
     END IF;
-    INSERT INTO rbr.featurize_run (source, features_table, grades_table, policy, options, total_values)
-        VALUES (source, ftab, gtab, polref,
-                jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
-                                   'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                   'propositions', which, 'key_column', keycol, 'key_type', keytype),
-                total)
-        RETURNING run_id INTO run;
-    RETURN run;
+    RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
+                                            'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
+                                            'propositions', which),
+                         total);
 END
 $$;
 
@@ -780,7 +1029,7 @@ CREATE FUNCTION rbr.featurize_chunk(run_id bigint) RETURNS int
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    r rbr.featurize_run;
+    r rbr.run;
     info jsonb;
     o jsonb;
     keycol text;
@@ -822,13 +1071,14 @@ DECLARE
     rate float8;
     remaining bigint;
 BEGIN
-    SELECT * INTO r FROM rbr.featurize_run f WHERE f.run_id = featurize_chunk.run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no rbr_featurize run %', run_id USING ERRCODE = 'undefined_object';
-    END IF;
+    r := rbr.run_get(featurize_chunk.run_id);
     o := r.options;
-    keycol := o->>'key_column';
-    keytype := o->>'key_type';
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
     info := @extschema@.rbr_policy_info(r.policy);
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
@@ -856,7 +1106,7 @@ BEGIN
                     ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
                     keycol, prompt_expr, compl_expr,
                     rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
-                    r.features_table, r.source, keytype, nulls_cond);
+                    r.outputs[1], r.source, keytype, nulls_cond);
     FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
         nrows := nrows + 1;
         keys := keys || rec.key;
@@ -869,7 +1119,22 @@ BEGIN
               FROM jsonb_array_elements_text(info->'response_types'->rec.rt->'graded_propositions') x;
         END IF;
         FOREACH p IN ARRAY needed LOOP
-            IF rec.cur->p = 'null'::jsonb AND rec.completion IS NOT NULL AND rec.prompt IS NOT NULL THEN
+            IF rec.cur->p <> 'null'::jsonb THEN
+                CONTINUE;
+            ELSIF rec.completion IS NULL OR rec.prompt IS NULL THEN
+                -- recorded as an error with the reason, never silently skipped
+                EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, error, attempts, cached, graded_at)'
+                               ' VALUES ($1::%s, $2, ''error'', $3, 0, false, clock_timestamp())'
+                               ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                               ' probability = NULL, error = EXCLUDED.error, graded_at = EXCLUDED.graded_at',
+                               r.outputs[2], keycol, keytype, keycol)
+                    USING rec.key, p,
+                          format('cannot grade: the %s is NULL (column %I of %s)',
+                                 CASE WHEN rec.prompt IS NULL THEN 'prompt' ELSE 'completion' END,
+                                 CASE WHEN rec.prompt IS NULL THEN o->>'prompt_column' ELSE o->>'completion_column' END,
+                                 r.source);
+                n_err := n_err + 1;
+            ELSE
                 q_idx := q_idx || nrows;
                 q_prop := q_prop || p;
                 q_prompt := q_prompt || rec.prompt;
@@ -894,7 +1159,7 @@ BEGIN
                        ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
                        ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
                        ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at',
-                       r.grades_table, keycol, keytype, keycol)
+                       r.outputs[2], keycol, keytype, keycol)
             USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
                   g.attempts, g.prompt_tokens, g.completion_tokens, g.cached;
         IF g.status = 'ok' THEN
@@ -914,7 +1179,7 @@ BEGIN
     SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
     FOR i IN 1 .. nrows LOOP
         EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
-                       r.features_table, upd_props, keycol, keytype)
+                       r.outputs[1], upd_props, keycol, keytype)
             INTO cur USING keys[i], vals[i];
         rt := rts[i];
         IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
@@ -925,36 +1190,21 @@ BEGIN
         IF COALESCE(array_length(needed, 1), 0) = (SELECT count(*) FROM jsonb_object_keys(COALESCE(probs, '{}')))
         THEN
             cp := @extschema@.rbr_class_probs(r.policy, rt, COALESCE(probs, '{}'), o->>'class_mode');
-            EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s', r.features_table, upd_classes, keycol, keytype)
+            EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s', r.outputs[1], upd_classes, keycol, keytype)
                 USING keys[i], cp;
         END IF;
     END LOOP;
 
-    UPDATE rbr.featurize_run f
-       SET done_values = f.done_values + n_ok, error_values = f.error_values + n_err,
-           cached_values = f.cached_values + n_cached, requests = f.requests + n_req,
-           prompt_tokens = f.prompt_tokens + n_pt, completion_tokens = f.completion_tokens + n_ct,
-           chunks = f.chunks + 1, last_key = keys[nrows], updated_at = clock_timestamp()
-     WHERE f.run_id = featurize_chunk.run_id
-     RETURNING * INTO r;
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, 0, 0, NULL, keys[nrows]);
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
-    rate := (r.done_values + r.error_values) / elapsed;
-    remaining := greatest(r.total_values - r.done_values - r.error_values, 0);
-    RAISE NOTICE 'rbr_featurize %: % of % values done (% errors, % cached), % values/s, ETA %',
-        r.source, r.done_values + r.error_values, r.total_values, r.error_values, r.cached_values,
+    rate := (r.done + r.errors) / elapsed;
+    remaining := greatest(r.total - r.done - r.errors, 0);
+    RAISE NOTICE 'rbr_featurize %: % of % values processed (done %, errors %, cached %), % values/s, ETA %',
+        r.source, r.done + r.errors, r.total, r.done, r.errors, r.cached,
         round(rate::numeric, 1),
         CASE WHEN rate > 0 THEN make_interval(secs => round(remaining / rate)) END;
     RETURN nrows;
 END
-$$;
-
--- Mark a run done.
-CREATE FUNCTION rbr.featurize_finish(run_id bigint) RETURNS void
-    LANGUAGE sql
-    SET search_path = pg_catalog, pg_temp
-    AS $$
-    UPDATE rbr.featurize_run f SET state = 'done', finished_at = clock_timestamp(), updated_at = clock_timestamp()
-     WHERE f.run_id = featurize_finish.run_id;
 $$;
 
 -- ERROR with a hint when rbr_featurize is called where it cannot commit
@@ -985,19 +1235,13 @@ BEGIN
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
     -- no SET search_path here (a procedure with one cannot COMMIT): every
-    -- name is qualified, the operator too
-    WHILE rbr.featurize_chunk(run) OPERATOR(pg_catalog.>) 0 LOOP
-        COMMIT;
-    END LOOP;
-    PERFORM rbr.featurize_finish(run);
-    COMMIT;
+    -- name is qualified
+    CALL rbr.run_drive(run);
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_featurize(regclass, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION rbr.featurize_chunk(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION rbr.featurize_finish(bigint) FROM PUBLIC;
-GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Synthetic comparison data: CALL rbr_synthesize(prompts, policy, options)
@@ -1011,15 +1255,8 @@ GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
 -- candidate and why it was kept or rejected to <prompts>_synth_attempts.
 -- Like rbr_featurize: chunks of slots claimed with FOR UPDATE SKIP LOCKED and
 -- committed one by one, so a run can be cancelled, crash and be resumed, and
--- several sessions can share one table. Grant (the whole list; doc/configuration.md):
---   GRANT EXECUTE ON FUNCTION rbr_generate_many(jsonb[], text[], int[]),
---         rbr_grade_many(text, text[], jsonb[], text[]) TO synth_role;
---   GRANT EXECUTE ON PROCEDURE rbr_synthesize(regclass, text, jsonb) TO synth_role;
---   GRANT EXECUTE ON FUNCTION rbr.synth_start(regclass, text, jsonb),
---         rbr.synth_chunk(bigint), rbr.synth_finish(bigint) TO synth_role;
---   GRANT SELECT, INSERT ON rbr.generation_cache, rbr.grade_cache TO synth_role;
---   GRANT SELECT, INSERT, UPDATE ON rbr.synth_run TO synth_role;
---   GRANT USAGE ON SEQUENCE rbr.synth_run_run_id_seq TO synth_role;
+-- several sessions can share one table. rbr_grant(role, 'synthesize')
+-- grants what it needs.
 
 -- Generated completions, keyed by the sha256 of everything that decides them
 -- (model, temperature, max tokens, messages, sample index). Errors are never
@@ -1064,55 +1301,32 @@ CREATE FUNCTION @extschema@.rbr_synth_plan(policy text, response_type text, idea
     AS 'MODULE_PATHNAME', 'rbr_synth_plan'
     LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
--- One row per rbr_synthesize call; updated after every chunk.
-CREATE TABLE rbr.synth_run (
-    run_id            bigserial   PRIMARY KEY,
-    source            regclass    NOT NULL,
-    synth_table       text        NOT NULL,
-    attempts_table    text        NOT NULL,
-    policy            text        NOT NULL,     -- name@version, fixed for the run
-    options           jsonb       NOT NULL,
-    pid               int         NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
-    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
-    total_slots       bigint      NOT NULL,     -- pending slots when the run started
-    accepted          bigint      NOT NULL DEFAULT 0,
-    gave_up           bigint      NOT NULL DEFAULT 0,    -- slots rejected max_attempts times
-    errors            bigint      NOT NULL DEFAULT 0,    -- slots ended by a generator or grader error
-    candidates        bigint      NOT NULL DEFAULT 0,    -- completions generated (cache hits included)
-    rejections        bigint      NOT NULL DEFAULT 0,    -- candidates whose graded class was not the intended one
-    generator_requests bigint     NOT NULL DEFAULT 0,
-    generator_cached  bigint      NOT NULL DEFAULT 0,
-    grader_requests   bigint      NOT NULL DEFAULT 0,
-    grader_cached     bigint      NOT NULL DEFAULT 0,
-    prompt_tokens     bigint      NOT NULL DEFAULT 0,
-    completion_tokens bigint      NOT NULL DEFAULT 0,
-    chunks            int         NOT NULL DEFAULT 0,
-    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    finished_at       timestamptz
-);
-COMMENT ON TABLE rbr.synth_run IS 'rbr_synthesize runs, updated per committed chunk';
-
--- Progress of every run; a run whose backend is gone shows as 'interrupted'
--- (CALL rbr_synthesize again to resume it).
+-- Progress of every rbr_synthesize run the role may see (rbr.run_progress);
+-- a run whose backend is gone shows as 'interrupted' (CALL rbr_synthesize
+-- again to resume it).
 CREATE VIEW rbr.synth_progress AS
-    SELECT r.run_id, r.source, r.policy,
-           CASE WHEN r.state = 'running' AND NOT EXISTS
-                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.pid)
-                THEN 'interrupted' ELSE r.state END AS state,
-           r.accepted, r.gave_up, r.errors, r.total_slots AS total,
-           pg_catalog.round(100.0 * (r.accepted + r.gave_up + r.errors) / GREATEST(r.total_slots, 1), 1) AS percent,
-           CASE WHEN r.state = 'done' THEN interval '0'
-                WHEN r.accepted + r.gave_up + r.errors = 0 THEN NULL
-                ELSE (r.updated_at - r.started_at) *
-                     ((r.total_slots - r.accepted - r.gave_up - r.errors)::float8 / (r.accepted + r.gave_up + r.errors))
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state,
+           p.done AS accepted, COALESCE((p.counters ->> 'gave_up')::bigint, 0) AS gave_up, p.errors,
+           p.total,
+           pg_catalog.round(100.0 * (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors)
+                            / GREATEST(p.total, 1), 1) AS percent,
+           CASE WHEN p.state = 'done' THEN interval '0'
+                WHEN p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
+                ELSE (p.updated_at - p.started_at) *
+                     ((p.total - p.done - COALESCE((p.counters ->> 'gave_up')::bigint, 0) - p.errors)::float8
+                      / (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors))
            END AS eta,
-           r.candidates, r.rejections, r.generator_requests, r.generator_cached,
-           r.grader_requests, r.grader_cached, r.prompt_tokens, r.completion_tokens,
-           r.chunks, r.started_at, r.updated_at, r.finished_at
-      FROM rbr.synth_run r
-     -- a role sees the runs over the tables it may read
-     WHERE pg_catalog.has_table_privilege(r.source::pg_catalog.oid, 'SELECT');
+           COALESCE((p.counters ->> 'candidates')::bigint, 0) AS candidates,
+           COALESCE((p.counters ->> 'rejections')::bigint, 0) AS rejections,
+           COALESCE((p.counters ->> 'generator_requests')::bigint, 0) AS generator_requests,
+           COALESCE((p.counters ->> 'generator_cached')::bigint, 0) AS generator_cached,
+           COALESCE((p.counters ->> 'grader_requests')::bigint, 0) AS grader_requests,
+           COALESCE((p.counters ->> 'grader_cached')::bigint, 0) AS grader_cached,
+           p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.reasoning_tokens,
+           p.chunks, p.started_at, p.updated_at, p.finished_at
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'synthesize';
+GRANT SELECT ON rbr.synth_progress TO PUBLIC;
 
 -- Set up a run: check the source and options, create the result tables, add
 -- the planned slots of every source row, make error slots pending again,
@@ -1152,31 +1366,15 @@ BEGIN
     IF source IS NULL OR policy IS NULL OR options IS NULL THEN
         RAISE EXCEPTION 'rbr_synthesize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    -- every privilege the run needs (doc/configuration.md), checked before anything is created,
-    -- so that a role with part of the grants gets one error naming what is missing instead of a
-    -- failure in the middle of the first chunk
-    SELECT string_agg(w.what, ', ' ORDER BY w.n) INTO bad
-      FROM (VALUES
-        (1, 'EXECUTE on function rbr_generate_many(jsonb[], text[], int[])',
-            has_function_privilege('@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE')),
-        (2, 'EXECUTE on function rbr_grade_many(text, text[], jsonb[], text[])',
-            has_function_privilege('@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE')),
-        (3, 'EXECUTE on functions rbr.synth_chunk(bigint) and rbr.synth_finish(bigint)',
-            has_function_privilege('rbr.synth_chunk(bigint)', 'EXECUTE')
-            AND has_function_privilege('rbr.synth_finish(bigint)', 'EXECUTE')),
-        (4, 'SELECT, INSERT on rbr.generation_cache', has_table_privilege('rbr.generation_cache', 'SELECT') AND has_table_privilege('rbr.generation_cache', 'INSERT')),
-        (5, 'SELECT, INSERT on rbr.grade_cache',
-            has_table_privilege('rbr.grade_cache', 'SELECT') AND has_table_privilege('rbr.grade_cache', 'INSERT')),
-        (6, 'SELECT, INSERT, UPDATE on rbr.synth_run',
-            has_table_privilege('rbr.synth_run', 'SELECT') AND has_table_privilege('rbr.synth_run', 'INSERT')
-            AND has_table_privilege('rbr.synth_run', 'UPDATE')),
-        (7, 'USAGE on sequence rbr.synth_run_run_id_seq', has_sequence_privilege('rbr.synth_run_run_id_seq', 'USAGE'))
-      ) w(n, what, ok)
-     WHERE NOT w.ok;
-    IF bad IS NOT NULL THEN
-        RAISE EXCEPTION 'permission denied to run rbr_synthesize: % lack(s) %', current_user, bad
+    -- every privilege the run needs, checked before anything is created, so that a role
+    -- without the capability gets one error saying how to get it
+    IF NOT (has_function_privilege('@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE')
+            AND has_function_privilege('@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE')
+            AND has_function_privilege('rbr.synth_chunk(bigint)', 'EXECUTE')
+            AND has_function_privilege('rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE')) THEN
+        RAISE EXCEPTION 'permission denied to run rbr_synthesize: role % lacks the synthesize capability', current_user
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'A superuser grants them as doc/configuration.md lists ("The generator (synthetic data)").';
+                  HINT = format('A superuser grants it with SELECT rbr_grant(%L, ''synthesize'');', current_user);
     END IF;
     IF jsonb_typeof(options) <> 'object' THEN
         RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
@@ -1231,6 +1429,8 @@ BEGIN
 
     -- one set-up at a time per source table
     PERFORM pg_advisory_xact_lock(hashtext('rbr.synthesize'), source::oid::int);
+    PERFORM rbr.check_own_table(stab, 'rbr_synthesize');
+    PERFORM rbr.check_own_table(atab, 'rbr_synthesize');
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
         %I %s NOT NULL,
         slot int NOT NULL,
@@ -1299,16 +1499,12 @@ BEGIN
     EXECUTE format('UPDATE %s SET status = ''pending'' WHERE status = ''error''', stab);
     EXECUTE format('SELECT count(*) FROM %s WHERE status = ''pending''', stab) INTO total;
 
-    INSERT INTO rbr.synth_run (source, synth_table, attempts_table, policy, options, total_slots)
-        VALUES (source, stab, atab, polref,
-                jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
-                                   'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
-                                   'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
-                                   'class_mode', mode, 'seed', seed, 'labels', labels,
-                                   'key_column', keycol, 'key_type', keytype),
-                total)
-        RETURNING run_id INTO run;
-    RETURN run;
+    RETURN rbr.run_begin('synthesize', source, ARRAY[stab::regclass, atab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
+                                            'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
+                                            'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
+                                            'class_mode', mode, 'seed', seed, 'labels', labels),
+                         total);
 END
 $$;
 
@@ -1351,7 +1547,7 @@ CREATE FUNCTION rbr.synth_chunk(run_id bigint) RETURNS int
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    r rbr.synth_run;
+    r rbr.run;
     info jsonb;
     o jsonb;
     keycol text;
@@ -1413,13 +1609,14 @@ DECLARE
     rate float8;
     done_ bigint;
 BEGIN
-    SELECT * INTO r FROM rbr.synth_run f WHERE f.run_id = synth_chunk.run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no rbr_synthesize run %', run_id USING ERRCODE = 'undefined_object';
-    END IF;
+    r := rbr.run_get(synth_chunk.run_id);
     o := r.options;
-    keycol := o->>'key_column';
-    keytype := o->>'key_type';
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
     max_att := (o->>'max_attempts')::int;
     seed := (o->>'seed')::int;
     info := @extschema@.rbr_policy_info(r.policy);
@@ -1434,7 +1631,7 @@ BEGIN
         ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
         ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
         ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
-        keycol, prompt_expr, r.synth_table, r.source, r.attempts_table)
+        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2])
         USING (o->>'chunk_slots')::int
     LOOP
         nslots := nslots + 1;
@@ -1484,11 +1681,11 @@ BEGIN
                 EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class,'
                                ' generator_attempts, generator_cached, created_at)'
                                ' VALUES ($1::%s, $2, $3, $4, ''generator_error'', $5, $6, $7, false, clock_timestamp())',
-                               r.attempts_table, keycol, keytype)
+                               r.outputs[2], keycol, keytype)
                     USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], g.error,
                           intended[i], g.attempts;
                 EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
-                               ' WHERE %I = $1::%s AND slot = $2', r.synth_table, keycol, keytype)
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
                     USING keys[i], slots[i];
                 open_[i] := false;
                 n_err := n_err + 1;
@@ -1570,7 +1767,7 @@ BEGIN
                            ' failed, completion, finish_reason, probs, generator_attempts, generator_cached,'
                            ' prompt_tokens, completion_tokens, created_at)'
                            ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, clock_timestamp())',
-                           r.attempts_table, keycol, keytype)
+                           r.outputs[2], keycol, keytype)
                 USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], outcome, reason,
                       intended[i], cls, failed, gen_text[i], gen_finish[i], probs[i], gen_att[i],
                       gen_cached[i], gen_pt[i], gen_ct[i];
@@ -1579,14 +1776,14 @@ BEGIN
                                ' probs = $6, class_probs = $7, features = @extschema@.rbr_features($8, response_type, $6, $9),'
                                ' candidates = candidates + 1, generator_model = $10, finish_reason = $11,'
                                ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
-                               r.synth_table, keycol, keytype)
+                               r.outputs[1], keycol, keytype)
                     USING keys[i], slots[i], gen_text[i], seed * 1000000 + slots[i] * 1000 + cands[i], cls, probs[i], cp,
                           r.policy, o->>'class_mode', gen_model[i], gen_finish[i];
                 open_[i] := false;
                 n_acc := n_acc + 1;
             ELSIF outcome = 'grader_error' THEN
                 EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
-                               ' WHERE %I = $1::%s AND slot = $2', r.synth_table, keycol, keytype)
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
                     USING keys[i], slots[i];
                 open_[i] := false;
                 n_err := n_err + 1;
@@ -1595,7 +1792,7 @@ BEGIN
                 cands[i] := cands[i] + 1;
                 EXECUTE format('UPDATE %s SET candidates = $3, status = CASE WHEN $3 >= $4 THEN ''rejected'' ELSE status END,'
                                ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
-                               r.synth_table, keycol, keytype)
+                               r.outputs[1], keycol, keytype)
                     USING keys[i], slots[i], cands[i], max_att;
                 IF cands[i] >= max_att THEN
                     open_[i] := false;
@@ -1605,32 +1802,20 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    UPDATE rbr.synth_run f
-       SET accepted = f.accepted + n_acc, gave_up = f.gave_up + n_gave, errors = f.errors + n_err,
-           candidates = f.candidates + n_cand, rejections = f.rejections + n_rej,
-           generator_requests = f.generator_requests + n_genreq, generator_cached = f.generator_cached + n_gencached,
-           grader_requests = f.grader_requests + n_grreq, grader_cached = f.grader_cached + n_grcached,
-           prompt_tokens = f.prompt_tokens + n_pt, completion_tokens = f.completion_tokens + n_ct,
-           chunks = f.chunks + 1, updated_at = clock_timestamp()
-     WHERE f.run_id = synth_chunk.run_id
-     RETURNING * INTO r;
-    done_ := r.accepted + r.gave_up + r.errors;
+    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, 0, 0,
+                         jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
+                                            'generator_requests', n_genreq, 'generator_cached', n_gencached,
+                                            'grader_requests', n_grreq, 'grader_cached', n_grcached),
+                         NULL);
+    done_ := r.done + (r.counters->>'gave_up')::bigint + r.errors;
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := done_ / elapsed;
-    RAISE NOTICE 'rbr_synthesize %: % of % slots done (% accepted, % gave up, % errors; % candidates, % rejected), ETA %',
-        r.source, done_, r.total_slots, r.accepted, r.gave_up, r.errors, r.candidates, r.rejections,
-        CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total_slots - done_, 0) / rate)) END;
+    RAISE NOTICE 'rbr_synthesize %: % of % slots processed (accepted %, gave up %, errors %; % candidates, % rejected), ETA %',
+        r.source, done_, r.total, r.done, r.counters->>'gave_up', r.errors, r.counters->>'candidates',
+        r.counters->>'rejections',
+        CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total - done_, 0) / rate)) END;
     RETURN nslots;
 END
-$$;
-
--- Mark a run done.
-CREATE FUNCTION rbr.synth_finish(run_id bigint) RETURNS void
-    LANGUAGE sql
-    SET search_path = pg_catalog, pg_temp
-    AS $$
-    UPDATE rbr.synth_run f SET state = 'done', finished_at = clock_timestamp(), updated_at = clock_timestamp()
-     WHERE f.run_id = synth_finish.run_id;
 $$;
 
 -- Generate, verify and store synthetic comparison completions for every
@@ -1652,18 +1837,14 @@ BEGIN
     PERFORM rbr.featurize_check_transaction('rbr_synthesize');
     run := rbr.synth_start(source, policy, options);
     COMMIT;
-    WHILE rbr.synth_chunk(run) > 0 LOOP
-        COMMIT;
-    END LOOP;
-    PERFORM rbr.synth_finish(run);
-    COMMIT;
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified
+    CALL rbr.run_drive(run);
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_synthesize(regclass, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION rbr.synth_start(regclass, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION rbr.synth_chunk(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION rbr.synth_finish(bigint) FROM PUBLIC;
-GRANT SELECT ON rbr.synth_progress TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Grader evaluation: grader probabilities against human (gold) labels
@@ -2305,4 +2486,129 @@ BEGIN
     END IF;
     RETURN result;
 END
+$$;
+
+-------------------------------------------------------------------------------
+-- Capabilities: rbr_grant(role, capability), rbr_revoke(role, capability)
+-------------------------------------------------------------------------------
+-- The one front door to rbr's privileges. A capability is every privilege
+-- one kind of work needs in this version, so that nobody copies grant lists
+-- that change between versions:
+--   grade       grade completions: rbr_grade, rbr_grade_many, CALL rbr_featurize
+--   synthesize  generate synthetic comparison data: CALL rbr_synthesize
+--   policies    load policies (rbr_policy_load); a role sees its own
+--   models      save, replace and delete models (rbr_model_save); a role sees its own
+-- No capability gives direct access to the caches or the run bookkeeping.
+
+-- Every privilege of every capability: (capability, object kind, object, privileges).
+CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OUT object text, OUT privileges text)
+    RETURNS SETOF record
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    VALUES
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade(text, text, jsonb, text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'PROCEDURE', '@extschema@.rbr_featurize(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_chunk(bigint)', 'EXECUTE'),
+        ('policies', 'TABLE', 'rbr.policy_version', 'INSERT'),
+        ('models', 'TABLE', 'rbr.model', 'INSERT, UPDATE, DELETE')
+    UNION ALL
+    SELECT c, k, o, p
+      FROM (VALUES ('grade'), ('synthesize')) AS c(c),
+           (VALUES ('FUNCTION', 'rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_get(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_advance(bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, jsonb, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_finish(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
+                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE')) AS r(k, o, p)
+$$;
+
+-- Whether a role holds every privilege of a capability.
+CREATE FUNCTION rbr.has_capability(role regrole, cap text) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT bool_and(CASE WHEN c.kind = 'TABLE'
+                         THEN has_table_privilege(role::oid, c.object, c.privileges)
+                         ELSE has_function_privilege(role::oid, c.object, 'EXECUTE') END)
+      FROM rbr.capability_privileges() c WHERE c.capability = cap
+$$;
+
+-- Check a capability's name; the known ones in the hint.
+CREATE FUNCTION rbr.check_capability(cap text) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF cap IS NULL OR NOT EXISTS (SELECT 1 FROM rbr.capability_privileges() c WHERE c.capability = cap) THEN
+        RAISE EXCEPTION 'unknown rbr capability %', COALESCE(quote_literal(cap), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Capabilities: grade, synthesize, policies, models.';
+    END IF;
+END
+$$;
+
+-- Grant a role every privilege one capability needs (run it as a superuser
+-- or the extension's owner).
+CREATE FUNCTION @extschema@.rbr_grant(role regrole, capability text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+BEGIN
+    PERFORM rbr.check_capability(capability);
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    FOR c IN SELECT * FROM rbr.capability_privileges() p WHERE p.capability = rbr_grant.capability LOOP
+        EXECUTE format('GRANT %s ON %s %s TO %s', c.privileges, c.kind, c.object, role);
+    END LOOP;
+END
+$$;
+
+-- Take a capability back: every privilege it gave that no other capability
+-- the role still holds needs.
+CREATE FUNCTION @extschema@.rbr_revoke(role regrole, capability text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+    kept text[];
+BEGIN
+    PERFORM rbr.check_capability(capability);
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT array_agg(DISTINCT o.capability) INTO kept
+      FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) o
+     WHERE o.capability <> rbr_revoke.capability AND rbr.has_capability(role, o.capability);
+    FOR c IN SELECT * FROM rbr.capability_privileges() p
+              WHERE p.capability = rbr_revoke.capability
+                AND NOT EXISTS (SELECT 1 FROM rbr.capability_privileges() q
+                                 WHERE q.capability = ANY (COALESCE(kept, '{}')) AND q.object = p.object) LOOP
+        EXECUTE format('REVOKE %s ON %s %s FROM %s', c.privileges, c.kind, c.object, role);
+    END LOOP;
+END
+$$;
+
+-- The capabilities a role holds (directly or through a role it is a member of).
+CREATE FUNCTION @extschema@.rbr_capabilities(role regrole DEFAULT NULL)
+    RETURNS TABLE (capability text, granted boolean)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT c.capability,
+           rbr.has_capability(COALESCE(role, to_regrole(quote_ident(current_user))), c.capability)
+      FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) c
+     ORDER BY array_position(ARRAY['grade', 'synthesize', 'policies', 'models'], c.capability)
 $$;

@@ -118,5 +118,5 @@ CALL rbr_synthesize('sp', 'synth_t');
 ROLLBACK;
 -- nothing was created by the failed calls
 SELECT count(*) FROM pg_class WHERE relname LIKE 'sp%synth%';
-SELECT count(*) FROM rbr.synth_run;
+SELECT count(*) FROM rbr.run WHERE kind = 'synthesize';
 DROP TABLE sp, sp_nokey, sp_badtype;

@@ -8,6 +8,10 @@
  * request parameters. Not in the key: the URL, the key, the token-limit
  * parameter's name (max_tokens and max_completion_tokens ask for the same
  * one token). Only successful answers are stored; errors never are.
+ *
+ * No role but the extension's owner may read or write the caches: every
+ * lookup and insert here runs as that owner (owner.c), so a role can neither
+ * plant answers that others receive as cached nor read what others graded.
  */
 #include "postgres.h"
 
@@ -22,6 +26,7 @@
 #include "utils/lsyscache.h"
 
 #include "grader.h"
+#include "owner.h"
 
 /* Version of the key layout; bump it when the request format changes. */
 #define RBR_CACHE_KEY_PREFIX "rbr-grade-cache-v1\n"
@@ -107,7 +112,7 @@ cache_lookup(RbrGradeJob *jobs, int njobs, const char *sql, const char *what, Ca
 	args[0] = PointerGetDatum(construct_array(keys, njobs, BYTEAOID, -1, false, TYPALIGN_INT));
 
 	SPI_connect();
-	ret = SPI_execute_with_args(sql, 1, argtypes, args, NULL, true, 0);
+	ret = rbr_spi_execute_as_owner(sql, 1, argtypes, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "rbr: %s lookup failed: %s", what, SPI_result_code_string(ret));
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -224,7 +229,7 @@ batch_insert(ColumnBatch *b, const char *sql, const char *what)
 					pfree(DatumGetPointer(b->v[c][r]));
 	}
 	SPI_connect();
-	ret = SPI_execute_with_args(sql, b->ncols, argtypes, args, NULL, false, 0);
+	ret = rbr_spi_execute_as_owner(sql, b->ncols, argtypes, args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "rbr: %s insert failed: %s", what, SPI_result_code_string(ret));
 	SPI_finish();
