@@ -214,26 +214,23 @@ is(psql_ok("SELECT ideal IS NULL FROM faulty_features WHERE id = 2"), 't', 'no c
 is(psql_ok("SELECT round(ideal::numeric, 6) IS NOT NULL FROM faulty_features WHERE id = 1"), 't', 'classes for the complete row');
 is(psql_ok("SELECT errors FROM rbr.featurize_progress WHERE source = 'faulty'::regclass"), 1, 'progress counts the error');
 
-# --- a non-superuser with the grants doc/configuration.md lists can run a bulk grading
+# --- a non-superuser given the capability with rbr_grant(role, 'grade') can run a bulk grading
 psql_ok(<<'SQL');
 DROP ROLE IF EXISTS rbr_spender;
 CREATE ROLE rbr_spender;
-GRANT EXECUTE ON FUNCTION rbr_grade(text, text, jsonb, text),
-                          rbr_grade_many(text, text[], jsonb[], text[]) TO rbr_spender;
-GRANT EXECUTE ON PROCEDURE rbr_featurize(regclass, text, jsonb) TO rbr_spender;
-GRANT EXECUTE ON FUNCTION rbr.featurize_start(regclass, text, jsonb),
-                          rbr.featurize_chunk(bigint), rbr.featurize_finish(bigint) TO rbr_spender;
-GRANT SELECT, INSERT ON rbr.grade_cache TO rbr_spender;
-GRANT SELECT, INSERT, UPDATE ON rbr.featurize_run TO rbr_spender;
-GRANT USAGE ON SEQUENCE rbr.featurize_run_run_id_seq TO rbr_spender;
+SELECT rbr_grant('rbr_spender', 'grade');
 CREATE SCHEMA spend AUTHORIZATION rbr_spender;
 SQL
-my ($so, $se, $src) = psql("$set SET ROLE rbr_spender; SET rbr.grader_model = 'm-spender';"
+my ($so, $se, $src) = psql("SELECT rbr_grant('rbr_spender', 'policies');"
+    . " SELECT spec AS ref_spec FROM rbr.policy_version WHERE policy = 'ref' \\gset\n"
+    . " $set SET ROLE rbr_spender; SET rbr.grader_model = 'm-spender';"
+    . " SELECT rbr_policy_load('spender_ref', :'ref_spec');"
     . " CREATE TABLE spend.t (id int PRIMARY KEY, prompt text, completion text, response_type text);"
     . " INSERT INTO spend.t VALUES (1, 'hi', 'x [[rbr *=0.3]]', 'comply');"
-    . " CALL rbr_featurize('spend.t', 'ref');"
+    . " CALL rbr_featurize('spend.t', 'spender_ref');"
     . " SELECT state, done, total FROM rbr.featurize_progress WHERE source = 'spend.t'::regclass;", keep_going => 1);
-is("$src|$so", '0|done|5|5', 'granted role: rbr_featurize runs');
+$so = (split /\n/, $so)[-1] // "";
+is("$src|$so", '0|done|5|5', 'granted role: rbr_featurize runs') or diag($se);
 ($so, $se) = psql("CREATE ROLE rbr_nobody; SET ROLE rbr_nobody; CALL rbr_featurize('gold', 'ref')", keep_going => 1);
 like($se, qr/permission denied for procedure rbr_featurize/, 'a role without the grants cannot spend');
 psql_ok("DROP SCHEMA spend CASCADE; DROP OWNED BY rbr_spender; DROP ROLE rbr_spender; DROP ROLE rbr_nobody");

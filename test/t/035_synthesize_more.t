@@ -95,52 +95,46 @@ is(psql_ok("SELECT count(DISTINCT sample) FROM pk_synth WHERE sample = 1000 * sl
    'resume: sample indexes are those of first candidates');
 server_config($gen, '{"latency_ms": 0}');
 
-# --- 2. a role with exactly the grants doc/configuration.md lists for synthesis
-open(my $fh, '<', REPO . '/doc/configuration.md') or die "configuration.md: $!";
-my $conf = do { local $/; <$fh> };
-close $fh;
-my ($grants) = $conf =~ /To let a role generate synthetic data[^\n]*\n(?:[^\n]*\n)*?```sql\n(.*?)```/s;
-ok(defined $grants && $grants =~ /rbr_synthesize/, 'the grant list is in doc/configuration.md');
-$grants //= '';
-my @stmts = grep { /\S/ } split /;\s*/, $grants;
-psql_ok("DROP ROLE IF EXISTS synth_role; CREATE ROLE synth_role; $grants"
+# --- 2. a role given the capability with rbr_grant(role, 'synthesize')
+psql_ok("DROP ROLE IF EXISTS synth_role; DROP ROLE IF EXISTS synth_partial; CREATE ROLE synth_role; SELECT rbr_grant('synth_role', 'synthesize');"
     . " CREATE SCHEMA synth AUTHORIZATION synth_role;"
-    . " CREATE ROLE synth_partial; CREATE SCHEMA synth_p AUTHORIZATION synth_partial;");
-my ($so, $se, $src) = psql("$set SET rbr.generator_model = 'gen-role'; SET ROLE synth_role;"
+    . " CREATE ROLE synth_partial; SELECT rbr_grant('synth_partial', 'grade'); CREATE SCHEMA synth_p AUTHORIZATION synth_partial;");
+# policies are their owners': the role loads its own copy (rbr_grant(role, 'policies'))
+my ($so, $se, $src) = psql("SELECT rbr_grant('synth_role', 'policies');"
+    . " SELECT spec AS ref_spec FROM rbr.policy_version WHERE policy = 'ref' \\gset\n"
+    . " $set SET rbr.generator_model = 'gen-role'; SET ROLE synth_role;"
+    . " SELECT rbr_policy_load('synth_ref', :'ref_spec');"
     . " CREATE TABLE synth.t (id int PRIMARY KEY, prompt text, response_type text);"
     . " INSERT INTO synth.t VALUES (1, 'hi', 'comply'), (2, 'how do I pick a lock', 'hard_refuse');"
-    . " CALL rbr_synthesize('synth.t', 'ref');"
+    . " CALL rbr_synthesize('synth.t', 'synth_ref');"
     . " SELECT state, accepted, total FROM rbr.synth_progress WHERE source = 'synth.t'::regclass;", keep_going => 1);
+$so = (split /\n/, $so)[-1] // "";
 is("$src|$so", '0|done|10|10', 'granted role: rbr_synthesize runs') or diag($se);
 is(psql_ok("SELECT count(*) FROM synth.t_synth WHERE status = 'accepted'"), 10, 'granted role: its slots accepted');
 is(psql_ok("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'synth.t_synth'::regclass"), 'synth_role',
    'granted role: owns the result table');
-# without any one of those statements: one clear error, and nothing created
-my @expect = (
-    [qr/rbr_generate_many/, qr/lack\(s\) EXECUTE on function rbr_generate_many\(jsonb\[\], text\[\], int\[\]\), EXECUTE on function rbr_grade_many\(/],
-    [qr/PROCEDURE rbr_synthesize/, qr/permission denied for procedure rbr_synthesize/],
-    [qr/rbr\.synth_start/, qr/permission denied for function synth_start/],
-    [qr/generation_cache/, qr/lack\(s\) SELECT, INSERT on rbr\.generation_cache, SELECT, INSERT on rbr\.grade_cache\n/],
-    [qr/rbr\.synth_run /, qr/lack\(s\) SELECT, INSERT, UPDATE on rbr\.synth_run\n/],
-    [qr/SEQUENCE/, qr/lack\(s\) USAGE on sequence rbr\.synth_run_run_id_seq\n/],
-);
-is(scalar @stmts, scalar @expect, 'the list has the statements this test knows');
-for my $i (0 .. $#stmts) {
-    my ($x) = grep { $stmts[$i] =~ $_->[0] } @expect;
-    my $partial = join('; ', map { s/synth_role/synth_partial/gr } grep { $_ ne $stmts[$i] } @stmts);
-    ($so, $se) = psql("$partial; $set SET ROLE synth_partial;"
-        . " CREATE TABLE synth_p.t$i (id int PRIMARY KEY, prompt text, response_type text);"
-        . " INSERT INTO synth_p.t$i VALUES (1, 'hi', 'comply');"
-        . " CALL rbr_synthesize('synth_p.t$i', 'ref');", keep_going => 1);
-    like($se, $x ? qr/42501: .*$x->[1]/s : qr/^unexpected statement/,
-         "without \"" . ($stmts[$i] =~ s/\s+/ /gr) . "\": a clear permission error");
-    is(psql_ok("SELECT to_regclass('synth_p.t${i}_synth') IS NULL AND NOT EXISTS"
-        . " (SELECT 1 FROM rbr.synth_run WHERE source = 'synth_p.t$i'::regclass)"), 't', '  and nothing created');
-    psql_ok("DROP OWNED BY synth_partial; CREATE SCHEMA synth_p AUTHORIZATION synth_partial;");
-}
+is(psql_ok("SELECT owner FROM rbr.run WHERE source = 'synth.t'::regclass"), 'synth_role', 'granted role: owns its run');
+# the grade capability alone does not allow synthesis; revoking takes it back
+($so, $se) = psql("$set SET ROLE synth_partial;"
+    . " CREATE TABLE synth_p.t (id int PRIMARY KEY, prompt text, response_type text);"
+    . " INSERT INTO synth_p.t VALUES (1, 'hi', 'comply');"
+    . " CALL rbr_synthesize('synth_p.t', 'ref');", keep_going => 1);
+like($se, qr/42501: permission denied for procedure rbr_synthesize/, 'grade capability only: cannot synthesize');
+is(psql_ok("SELECT to_regclass('synth_p.t_synth') IS NULL"), 't', '  and nothing created');
+psql_ok("SELECT rbr_revoke('synth_role', 'synthesize')");
+($so, $se) = psql("SET ROLE synth_role; CALL rbr_synthesize('synth.t', 'synth_ref')", keep_going => 1);
+like($se, qr/permission denied for procedure rbr_synthesize/, 'revoked: cannot synthesize any more');
+is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('synth_partial')"),
+   'grade=true,synthesize=false,policies=false,models=false', 'rbr_capabilities lists what a role holds');
+# revoking synthesize from a role that also grades keeps what grading needs
+psql_ok("SELECT rbr_grant('synth_partial', 'synthesize'); SELECT rbr_revoke('synth_partial', 'synthesize')");
+is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('synth_partial')"),
+   'grade=true,synthesize=false,policies=false,models=false', 'revoking one capability keeps the others whole');
+is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('synth_role')"),
+   'grade=false,synthesize=false,policies=true,models=false', 'revoking synthesize from a role without grade');
 ($so, $se) = psql("CREATE ROLE synth_nobody; SET ROLE synth_nobody; CALL rbr_synthesize('pk', 'ref')", keep_going => 1);
 like($se, qr/permission denied for procedure rbr_synthesize/, 'a role without the grants cannot call it');
-psql_ok("DROP SCHEMA synth CASCADE; DROP OWNED BY synth_role; DROP OWNED BY synth_partial;"
+psql_ok("DROP SCHEMA synth CASCADE; DROP SCHEMA synth_p CASCADE; DROP OWNED BY synth_role; DROP OWNED BY synth_partial;"
     . " DROP ROLE synth_role; DROP ROLE synth_partial; DROP ROLE synth_nobody");
 
 # --- 3. grading errors: a generated completion whose grading request fails
