@@ -8,6 +8,1480 @@
 -- Privileges, owners and the run mechanism
 -------------------------------------------------------------------------------
 
+-- Owners of policies and models; row security shows each role its own.
+ALTER TABLE rbr.policy_version
+    ADD COLUMN owner regrole NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER));
+ALTER TABLE rbr.model
+    ADD COLUMN owner regrole NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER));
+-- Row trigger of rbr.policy_version and rbr.model (TG_ARGV[0]: the name
+-- column): every row of one name has one owner, so no role adds a version
+-- to, or a response type under, a name another role owns. It runs as the
+-- extension's owner to see every row.
+CREATE OR REPLACE FUNCTION rbr.name_owner_guard() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    other regrole;
+    what text := CASE TG_TABLE_NAME WHEN 'policy_version' THEN 'policy' ELSE 'model' END;
+    nm text := to_jsonb(NEW) ->> TG_ARGV[0];
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.owner <> OLD.owner THEN
+        RAISE EXCEPTION 'the owner of % % cannot change', what, quote_literal(nm)
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    EXECUTE format('SELECT owner FROM %I.%I WHERE %I = $1 AND owner <> $2 LIMIT 1',
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0])
+        INTO other USING nm, NEW.owner;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION '% % belongs to another role', what, quote_literal(nm)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Choose another name, or ask a member of its owning role to %s it.',
+                                CASE what WHEN 'policy' THEN 'load' ELSE 'save' END);
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.name_owner_guard() FROM PUBLIC;
+ALTER TABLE rbr.policy_version ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON rbr.policy_version FOR SELECT
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_loads ON rbr.policy_version FOR INSERT
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE TRIGGER policy_version_owner
+    BEFORE INSERT ON rbr.policy_version
+    FOR EACH ROW EXECUTE FUNCTION rbr.name_owner_guard('policy');
+ALTER TABLE rbr.model ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON rbr.model FOR SELECT
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_saves ON rbr.model FOR INSERT
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_replaces ON rbr.model FOR UPDATE
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'))
+    WITH CHECK (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE POLICY owner_deletes ON rbr.model FOR DELETE
+    USING (pg_catalog.pg_has_role(owner::pg_catalog.oid, 'USAGE'));
+CREATE TRIGGER model_owner
+    BEFORE INSERT OR UPDATE ON rbr.model
+    FOR EACH ROW EXECUTE FUNCTION rbr.name_owner_guard('name');
+ALTER VIEW rbr.policies SET (security_invoker = true);
+-- Load (validate and store) a policy spec under a name; returns its version.
+-- Loading the same spec again returns the existing version. A different spec
+-- under an existing name needs replace => true and becomes version N+1.
+CREATE OR REPLACE FUNCTION @extschema@.rbr_policy_load(name text, spec jsonb, replace boolean DEFAULT false)
+    RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    latest rbr.policy_version;
+    new_version int;
+BEGIN
+    IF name IS NULL OR spec IS NULL OR replace IS NULL THEN
+        RAISE EXCEPTION 'rbr_policy_load() arguments must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid policy name %', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 63 letters, digits, ''_'', ''.'' or ''-''; ''name@N'' refers to version N.';
+    END IF;
+    PERFORM @extschema@.rbr_policy_validate(spec);
+
+    -- one loader at a time per name
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('rbr.policy_version'),
+                                             pg_catalog.hashtext(name));
+    SELECT * INTO latest FROM rbr.policy_version v
+        WHERE v.policy = name ORDER BY v.version DESC LIMIT 1;
+    IF FOUND THEN
+        IF latest.spec = spec THEN
+            RETURN latest.version;
+        END IF;
+        IF NOT replace THEN
+            RAISE EXCEPTION 'policy % already exists with a different spec', pg_catalog.quote_literal(name)
+                USING ERRCODE = 'duplicate_object',
+                      DETAIL = pg_catalog.format('Its latest version is %s.', latest.version),
+                      HINT = pg_catalog.format('Pass replace => true to store this spec as version %s; earlier versions stay available as ''%s@N''.',
+                                               latest.version + 1, name);
+        END IF;
+    END IF;
+    new_version := COALESCE(latest.version, 0) + 1;
+    -- a new version keeps the name's owner (the caller is a member: it sees the name)
+    INSERT INTO rbr.policy_version (policy, version, spec, owner)
+        VALUES (name, new_version, spec,
+                COALESCE(latest.owner, pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))));
+    RETURN new_version;
+END
+$$;
+
+-- Store (or replace) the weights of an rbr_fit() report as a model for one
+-- response type of a policy; returns the stored row.
+CREATE OR REPLACE FUNCTION @extschema@.rbr_model_save(model text, policy text, response_type text, fit jsonb)
+    RETURNS rbr.model
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    names text[];
+    w float8[];
+    info jsonb;
+    folded text;
+    saved rbr.model;
+BEGIN
+    IF model IS NULL OR policy IS NULL OR response_type IS NULL OR fit IS NULL THEN
+        RAISE EXCEPTION 'rbr_model_save() arguments must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF model !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid model name %', quote_literal(model)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 63 letters, digits, ''_'', ''.'' or ''-''.';
+    END IF;
+    info := @extschema@.rbr_policy_info(policy);
+    names := @extschema@.rbr_feature_names(policy, response_type);
+    folded := lower(regexp_replace(btrim(response_type), '[\s_-]+', '_', 'g'));
+    IF jsonb_typeof(fit -> 'weights') IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'fit report has no "weights" array'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the jsonb that rbr_fit() returned.';
+    END IF;
+    SELECT array_agg(value::float8 ORDER BY ord) INTO w
+      FROM jsonb_array_elements_text(fit -> 'weights') WITH ORDINALITY AS e(value, ord);
+    IF coalesce(cardinality(w), 0) <> cardinality(names) THEN
+        RAISE EXCEPTION 'fit has % weights but response type % of policy % has % features',
+                coalesce(cardinality(w), 0), quote_literal(folded), quote_literal(policy), cardinality(names)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fit on rbr_features() of the same policy and response type.';
+    END IF;
+    IF fit ? 'feature_names' AND (SELECT array_agg(v ORDER BY o) FROM jsonb_array_elements_text(fit -> 'feature_names') WITH ORDINALITY AS f(v, o)) IS DISTINCT FROM names THEN
+        RAISE EXCEPTION 'fit feature_names differ from the features of response type % of policy %', quote_literal(folded), quote_literal(policy)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- a model name keeps its owner (the caller is a member when it sees the name)
+    INSERT INTO rbr.model AS m (name, response_type, policy, policy_version, feature_names, weights, report, owner)
+    VALUES (model, folded, info ->> 'name', (info ->> 'version')::int, names, w, fit,
+            COALESCE((SELECT o.owner FROM rbr.model o WHERE o.name = model LIMIT 1),
+                     pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))))
+    ON CONFLICT ON CONSTRAINT model_pkey DO UPDATE
+       SET policy = EXCLUDED.policy, policy_version = EXCLUDED.policy_version,
+           feature_names = EXCLUDED.feature_names, weights = EXCLUDED.weights,
+           report = EXCLUDED.report, created_at = pg_catalog.now(), created_by = CURRENT_USER
+    RETURNING * INTO saved;
+    RETURN saved;
+END
+$$;
+
+-- The caches: the extension's owner alone reads and writes them.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT c.oid::pg_catalog.regclass AS tab, a.grantee
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.oid IN ('rbr.grade_cache'::pg_catalog.regclass, 'rbr.generation_cache'::pg_catalog.regclass)
+                AND a.grantee OPERATOR(pg_catalog.<>) c.relowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM %s', g.tab,
+                                  CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                                       ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
+    END LOOP;
+END
+$$;
+REVOKE ALL ON rbr.grade_cache FROM PUBLIC;
+REVOKE ALL ON rbr.generation_cache FROM PUBLIC;
+
+-- One run table for both bulk procedures; the runs of 0.1.0 move there,
+-- owned by the role that runs the update.
+-- One row per CALL of either procedure. No role may write it (nor read it:
+-- the progress views show each role its own runs); rbr.run_begin,
+-- rbr.run_get, rbr.run_advance and rbr.run_finish (C, src/runs.c) write it
+-- as the extension's owner after checking that the caller owns the run.
+CREATE TABLE rbr.run (
+    run_id            bigserial   PRIMARY KEY,
+    kind              text        NOT NULL CHECK (kind IN ('featurize', 'synthesize')),
+    owner             regrole     NOT NULL,
+    source            regclass    NOT NULL,
+    outputs           regclass[]  NOT NULL,     -- featurize: {features, grades}; synthesize: {synth, attempts}
+    policy            text        NOT NULL,     -- name@version, fixed for the run
+    options           jsonb       NOT NULL,
+    pid               int         NOT NULL,
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    total             bigint      NOT NULL,     -- work missing when the run started (values or slots)
+    done              bigint      NOT NULL DEFAULT 0,
+    errors            bigint      NOT NULL DEFAULT 0,
+    cached            bigint      NOT NULL DEFAULT 0,
+    requests          bigint      NOT NULL DEFAULT 0,
+    prompt_tokens     bigint      NOT NULL DEFAULT 0,
+    completion_tokens bigint      NOT NULL DEFAULT 0,
+    cached_tokens     bigint      NOT NULL DEFAULT 0,
+    reasoning_tokens  bigint      NOT NULL DEFAULT 0,
+    counters          jsonb       NOT NULL DEFAULT '{}',   -- counts of one kind of run (rbr_synthesize's)
+    chunks            int         NOT NULL DEFAULT 0,
+    last_key          text,
+    started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at       timestamptz
+);
+COMMENT ON TABLE rbr.run IS 'rbr_featurize and rbr_synthesize runs, updated per committed chunk';
+REVOKE ALL ON rbr.run FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.run_run_id_seq FROM PUBLIC;
+INSERT INTO rbr.run (kind, owner, source, outputs, policy, options, pid, state, total, done, errors, cached,
+                     requests, prompt_tokens, completion_tokens, chunks, last_key, started_at, updated_at, finished_at)
+SELECT 'featurize', pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)), f.source,
+       ARRAY(SELECT x FROM (VALUES (pg_catalog.to_regclass(f.features_table)), (pg_catalog.to_regclass(f.grades_table))) v(x)
+              WHERE x IS NOT NULL),
+       f.policy, f.options OPERATOR(pg_catalog.-) 'key_column' OPERATOR(pg_catalog.-) 'key_type', f.pid, f.state,
+       f.total_values, f.done_values, f.error_values, f.cached_values, f.requests, f.prompt_tokens,
+       f.completion_tokens, f.chunks, f.last_key, f.started_at, f.updated_at, f.finished_at
+  FROM rbr.featurize_run f ORDER BY f.run_id;
+INSERT INTO rbr.run (kind, owner, source, outputs, policy, options, pid, state, total, done, errors, cached,
+                     requests, prompt_tokens, completion_tokens, counters, chunks, started_at, updated_at, finished_at)
+SELECT 'synthesize', pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)), s.source,
+       ARRAY(SELECT x FROM (VALUES (pg_catalog.to_regclass(s.synth_table)), (pg_catalog.to_regclass(s.attempts_table))) v(x)
+              WHERE x IS NOT NULL),
+       s.policy, s.options OPERATOR(pg_catalog.-) 'key_column' OPERATOR(pg_catalog.-) 'key_type', s.pid, s.state,
+       s.total_slots, s.accepted, s.errors, s.generator_cached, s.generator_requests OPERATOR(pg_catalog.+) s.grader_requests,
+       s.prompt_tokens, s.completion_tokens,
+       pg_catalog.jsonb_build_object('gave_up', s.gave_up, 'candidates', s.candidates, 'rejections', s.rejections,
+                                     'generator_requests', s.generator_requests, 'generator_cached', s.generator_cached,
+                                     'grader_requests', s.grader_requests, 'grader_cached', s.grader_cached),
+       s.chunks, s.started_at, s.updated_at, s.finished_at
+  FROM rbr.synth_run s ORDER BY s.run_id;
+DROP VIEW rbr.featurize_progress;
+DROP VIEW rbr.synth_progress;
+DROP FUNCTION rbr.featurize_finish(bigint);
+DROP FUNCTION rbr.synth_finish(bigint);
+DROP TABLE rbr.featurize_run;
+DROP TABLE rbr.synth_run;
+-- Record a new run of the caller's; returns its id.
+CREATE OR REPLACE FUNCTION rbr.run_begin(kind text, source regclass, outputs regclass[], policy text, options jsonb,
+                              total bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'rbr_run_begin'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- The row of a run of the caller's.
+CREATE OR REPLACE FUNCTION rbr.run_get(run_id bigint) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_get'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- Add one committed chunk's counts to a run of the caller's; returns the row.
+CREATE OR REPLACE FUNCTION rbr.run_advance(run_id bigint, done bigint, errors bigint, cached bigint, requests bigint,
+                                prompt_tokens bigint, completion_tokens bigint, cached_tokens bigint,
+                                reasoning_tokens bigint, counters jsonb, last_key text) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_advance'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- Mark a run of the caller's done; returns the row.
+CREATE OR REPLACE FUNCTION rbr.run_finish(run_id bigint) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_finish'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint),
+                           rbr.run_get(bigint),
+                           rbr.run_advance(bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, jsonb, text),
+                           rbr.run_finish(bigint) FROM PUBLIC;
+-- Every run a role may see: its own, those of roles it is a member of (a
+-- superuser sees all). A run whose backend is gone (cancelled, crashed)
+-- shows as 'interrupted'; CALL the procedure again to resume it.
+CREATE VIEW rbr.run_progress AS
+    SELECT r.run_id, r.kind, r.owner, r.source, r.policy,
+           CASE WHEN r.state = 'running' AND NOT EXISTS
+                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) r.pid)
+                THEN 'interrupted' ELSE r.state END AS state,
+           r.done, r.errors, r.total,
+           pg_catalog.round(100.0 * (r.done + r.errors) / GREATEST(r.total, 1), 1) AS percent,
+           pg_catalog.round(((r.done + r.errors) /
+                 GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS per_second,
+           CASE WHEN r.state = 'done' THEN interval '0'
+                WHEN r.done + r.errors = 0 THEN NULL
+                ELSE (r.updated_at - r.started_at) *
+                     ((r.total - r.done - r.errors)::float8 / (r.done + r.errors))
+           END AS eta,
+           r.requests, r.cached, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,
+           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at
+      FROM rbr.run r
+     WHERE pg_catalog.pg_has_role(r.owner::pg_catalog.oid, 'USAGE');
+GRANT SELECT ON rbr.run_progress TO PUBLIC;
+-- The type of a table's single-column primary key, as rbr uses it in SQL it
+-- builds: a built-in type of pg_catalog (a domain stands for its base type,
+-- so that no CHECK function of another role's runs), from the catalog on
+-- every use. NULLs when there is no such key.
+CREATE OR REPLACE FUNCTION rbr.source_key(source regclass, OUT keycol name, OUT keytype text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    typ oid;
+    base oid;
+BEGIN
+    SELECT a.attname, a.atttypid INTO keycol, typ
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF keycol IS NULL THEN
+        RETURN;
+    END IF;
+    base := typ;
+    WHILE (SELECT t.typtype FROM pg_type t WHERE t.oid = base) = 'd' LOOP
+        SELECT t.typbasetype INTO base FROM pg_type t WHERE t.oid = base;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = base AND t.typnamespace = 'pg_catalog'::regnamespace
+                                              AND t.typtype = 'b' AND t.typcategory IN ('N', 'S', 'U', 'D')) THEN
+        RAISE EXCEPTION 'the primary key % of % has type %', quote_ident(keycol), source, format_type(typ, NULL)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'rbr keys its results by a primary key of a built-in number, text, uuid or date/time type.';
+    END IF;
+    keytype := format_type(base, NULL);
+END
+$$;
+
+-- A table that a bulk run writes into must be the caller's own: rbr never
+-- reuses another role's table (its triggers would run as the caller).
+CREATE OR REPLACE FUNCTION rbr.check_own_table(tab text, caller text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+BEGIN
+    SELECT k.oid, k.relkind, k.relowner INTO c FROM pg_class k WHERE k.oid = to_regclass(tab);
+    IF FOUND AND (c.relkind <> 'r' OR c.relowner <> (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)) THEN
+        RAISE EXCEPTION '% exists and is not a table of role %', tab, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('It is owned by %s.', pg_get_userbyid(c.relowner)),
+                  HINT = format('%s() writes only into tables of its caller: drop or rename it, or run as its owner.', caller);
+    END IF;
+END
+$$;
+
+-- Run the chunks of a run, committing after each, then mark it done and
+-- report: a NOTICE with the counts of rbr.run_progress, and a WARNING with
+-- the commonest reasons when the run ended with errors. Used by both bulk
+-- procedures; a procedure (it commits), every name qualified.
+CREATE OR REPLACE PROCEDURE rbr.run_drive(run bigint)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r rbr.run;
+    reasons text;
+BEGIN
+    r := rbr.run_get(run);
+    LOOP
+        IF r.kind OPERATOR(pg_catalog.=) 'featurize' THEN
+            EXIT WHEN rbr.featurize_chunk(run) OPERATOR(pg_catalog.=) 0;
+        ELSE
+            EXIT WHEN rbr.synth_chunk(run) OPERATOR(pg_catalog.=) 0;
+        END IF;
+        COMMIT;
+    END LOOP;
+    r := rbr.run_finish(run);
+    COMMIT;
+    reasons := rbr.run_error_reasons(run);
+    IF r.errors OPERATOR(pg_catalog.>) 0 THEN
+        RAISE WARNING '% %: % of % % ended with an error',
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END,
+                      r.source, r.errors, r.total,
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'values' ELSE 'slots' END
+            USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
+                  HINT = rbr.run_error_query(run);
+    END IF;
+END
+$$;
+
+-- The commonest error reasons of a run of the caller's, as one line.
+CREATE OR REPLACE FUNCTION rbr.run_error_reasons(run bigint) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+    result text;
+BEGIN
+    IF r.kind = 'featurize' THEN
+        EXECUTE format('SELECT string_agg(format(''%%s (%%s)'', e, n), ''; '' ORDER BY n DESC, e) FROM'
+                       ' (SELECT left(error, 200) AS e, count(*) AS n FROM %s WHERE status = ''error'''
+                       ' AND graded_at >= $1 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3) s', r.outputs[2])
+            INTO result USING r.started_at;
+    ELSE
+        EXECUTE format('SELECT string_agg(format(''%%s (%%s)'', e, n), ''; '' ORDER BY n DESC, e) FROM'
+                       ' (SELECT left(reason, 200) AS e, count(*) AS n FROM %s WHERE outcome IN'
+                       ' (''generator_error'', ''grader_error'') AND created_at >= $1 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3) s',
+                       r.outputs[2])
+            INTO result USING r.started_at;
+    END IF;
+    RETURN COALESCE(result, 'none recorded');
+END
+$$;
+
+-- The query that lists a run's errors, for the hint of its WARNING.
+CREATE OR REPLACE FUNCTION rbr.run_error_query(run bigint) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+BEGIN
+    IF r.kind = 'featurize' THEN
+        RETURN format('See them with: SELECT * FROM %s WHERE status = ''error''; CALL rbr_featurize again to retry them.',
+                      r.outputs[2]);
+    END IF;
+    RETURN format('See them with: SELECT * FROM %s WHERE outcome IN (''generator_error'', ''grader_error''); CALL rbr_synthesize again to retry them.',
+                  r.outputs[2]);
+END
+$$;
+REVOKE EXECUTE ON PROCEDURE rbr.run_drive(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION rbr.run_error_reasons(bigint), rbr.run_error_query(bigint) FROM PUBLIC;
+-- Check the source table of rbr_featurize / rbr_synthesize (caller): its
+-- single-column primary key, and the type of each named column: response_type
+-- text, the others (prompt, completion) text or jsonb messages. Returns the
+-- table's schema, name, key column and key type.
+CREATE OR REPLACE FUNCTION rbr.check_source(source regclass, caller text, rt_col text, message_cols text[],
+                                 columns_hint text, types_hint text,
+                                 OUT nsp name, OUT rel name, OUT keycol name, OUT keytype text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    col text;
+    t text;
+    kind "char";
+    rls boolean;
+    owner oid;
+BEGIN
+    SELECT n.nspname, c.relname, c.relkind, c.relrowsecurity, c.relowner INTO nsp, rel, kind, rls, owner
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    -- reading a view or a table with row security runs its owner's code as the caller
+    IF owner <> (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)
+       AND (kind NOT IN ('r', 'p') OR rls) THEN
+        RAISE EXCEPTION '% is a % of another role', source,
+                        CASE WHEN kind IN ('r', 'p') THEN 'table with row-level security' ELSE 'view or non-table' END
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Reading it would run code of role %s as role %s.', pg_get_userbyid(owner), current_user),
+                  HINT = format('%s() reads plain tables of other roles only; copy the rows into a table of your own.', caller);
+    END IF;
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = format('%s() keys its results by the source''s primary key; add one (e.g. a bigint identity column).', caller);
+    END IF;
+    FOREACH col IN ARRAY message_cols || rt_col LOOP
+        SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
+         WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF t IS NULL THEN
+            RAISE EXCEPTION 'table % has no column %', source, quote_ident(col)
+                USING ERRCODE = 'undefined_column', HINT = columns_hint;
+        END IF;
+        IF (col = rt_col AND t NOT IN ('text', 'character varying'))
+           OR (col <> rt_col AND t NOT IN ('text', 'character varying', 'jsonb', 'json')) THEN
+            RAISE EXCEPTION 'column % of % has type %', quote_ident(col), source, t
+                USING ERRCODE = 'datatype_mismatch', HINT = types_hint;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Set up a run: check the source and options, create or extend the feature
+-- and status tables, add a features row per source row, record the run.
+CREATE OR REPLACE FUNCTION rbr.featurize_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    chunk int;
+    mode text := COALESCE(options->>'class_mode', 'product');
+    which text := COALESCE(options->>'propositions', 'needed');
+    rt_expr text;
+    unknown_rt bigint;
+    ftab text;
+    gtab text;
+    cols text[];
+    col text;
+    bad text;
+    t text;
+    nulls_expr text;
+    total bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_featurize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions.';
+    END IF;
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
+    END IF;
+    BEGIN
+        chunk := COALESCE((options->>'chunk_rows')::int, 64);
+    EXCEPTION WHEN others THEN
+        chunk := 0;
+    END;
+    IF chunk NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'chunk_rows must be an integer between 1 and 100000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
+    IF length(rel) > 63 - length('_features') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_features', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    ftab := format('%I.%I', nsp, rel || '_features');
+    gtab := format('%I.%I', nsp, rel || '_grades');
+    SELECT array_agg(x ORDER BY o) INTO cols FROM (
+        SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
+        UNION ALL
+        SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
+    IF keycol = ANY (cols) THEN
+        RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
+            USING ERRCODE = 'duplicate_column';
+    END IF;
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+    PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY)', ftab, keycol, keytype);
+    FOREACH col IN ARRAY cols LOOP
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
+    END LOOP;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        proposition text NOT NULL,
+        status text NOT NULL CHECK (status IN (''ok'', ''error'')),
+        probability float8 CHECK ((status = ''ok'') = (probability IS NOT NULL)),
+        method text,
+        yes_no_mass float8,
+        model text,
+        error text,
+        attempts int NOT NULL,
+        prompt_tokens int,
+        completion_tokens int,
+        cached boolean NOT NULL,
+        graded_at timestamptz NOT NULL,
+        PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
+    EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
+                   ftab, keycol, keycol, source);
+
+    -- the needed values still missing, counted per row's response type
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    nulls_expr := rbr.featurize_need_sql(info, which, rt_expr, 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f JOIN %s s ON s.%I = f.%I',
+                   nulls_expr, ftab, source, keycol, keycol) INTO total;
+    IF which = 'needed' THEN
+        EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+            INTO unknown_rt USING info->'response_types';
+        IF unknown_rt > 0 THEN
+            RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
+                source, unknown_rt, polref
+                USING HINT = format('Its response types are %s. Fix column %I, or pass {"propositions": "all"} to grade every simple proposition of every row.',
+                                    (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k), rcol);
+        END IF;
+    END IF;
+    RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
+                                            'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
+                                            'propositions', which),
+                         total);
+END
+$$;
+
+-- Grade one chunk of a run: claim up to chunk_rows rows with missing values
+-- (SKIP LOCKED: rows another session holds are left to it), grade their
+-- missing values, write values, grades and class probabilities, and update
+-- the run. Returns the number of rows claimed (0: nothing left for us).
+CREATE OR REPLACE FUNCTION rbr.featurize_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    props text[];
+    classes text[];
+    nulls_cond text;
+    prompt_expr text;
+    compl_expr text;
+    ptype text;
+    ctype text;
+    claim text;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    rts text[] := '{}';
+    q_idx int[] := '{}';
+    q_prop text[] := '{}';
+    q_prompt jsonb[] := '{}';
+    q_compl text[] := '{}';
+    vals jsonb[] := '{}';
+    nrows int := 0;
+    i int;
+    p text;
+    n_ok bigint := 0;
+    n_err bigint := 0;
+    n_cached bigint := 0;
+    n_req bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    upd_props text;
+    upd_classes text;
+    rt text;
+    needed text[];
+    probs jsonb;
+    cp jsonb;
+    cur jsonb;
+    elapsed float8;
+    rate float8;
+    remaining bigint;
+BEGIN
+    r := rbr.run_get(featurize_chunk.run_id);
+    o := r.options;
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
+    SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
+    -- a row is claimed while one of its needed values is missing
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'),
+                                         rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+                                         'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
+
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'completion_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+    -- a jsonb completion: the content of its last message (or the string itself)
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END',
+                              o->>'completion_column')
+                       ELSE format('s.%I::text', o->>'completion_column') END;
+
+    claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur, %2$s AS prompt, %3$s AS completion,'
+                    ' %4$s AS rt FROM %5$s f JOIN %6$s s ON s.%1$I = f.%1$I'
+                    ' WHERE ($1 IS NULL OR f.%1$I > $1::%7$s) AND (%8$s)'
+                    ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
+                    keycol, prompt_expr, compl_expr,
+                    rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+                    r.outputs[1], r.source, keytype, nulls_cond);
+    FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
+        nrows := nrows + 1;
+        keys := keys || rec.key;
+        rts := rts || rec.rt;
+        vals := vals || '{}'::jsonb;
+        IF COALESCE(o->>'propositions', 'needed') = 'all' THEN
+            needed := props;
+        ELSE
+            SELECT COALESCE(array_agg(x), '{}') INTO needed
+              FROM jsonb_array_elements_text(info->'response_types'->rec.rt->'graded_propositions') x;
+        END IF;
+        FOREACH p IN ARRAY needed LOOP
+            IF rec.cur->p <> 'null'::jsonb THEN
+                CONTINUE;
+            ELSIF rec.completion IS NULL OR rec.prompt IS NULL THEN
+                -- recorded as an error with the reason, never silently skipped
+                EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, error, attempts, cached, graded_at)'
+                               ' VALUES ($1::%s, $2, ''error'', $3, 0, false, clock_timestamp())'
+                               ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                               ' probability = NULL, error = EXCLUDED.error, graded_at = EXCLUDED.graded_at',
+                               r.outputs[2], keycol, keytype, keycol)
+                    USING rec.key, p,
+                          format('cannot grade: the %s is NULL (column %I of %s)',
+                                 CASE WHEN rec.prompt IS NULL THEN 'prompt' ELSE 'completion' END,
+                                 CASE WHEN rec.prompt IS NULL THEN o->>'prompt_column' ELSE o->>'completion_column' END,
+                                 r.source);
+                n_err := n_err + 1;
+            ELSE
+                q_idx := q_idx || nrows;
+                q_prop := q_prop || p;
+                q_prompt := q_prompt || rec.prompt;
+                q_compl := q_compl || rec.completion;
+            END IF;
+        END LOOP;
+    END LOOP;
+    IF nrows = 0 THEN
+        RETURN 0;
+    END IF;
+
+    -- ask the grader (cache first), then record every answer or error
+    FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+        i := q_idx[g.ord];
+        EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, probability, method, yes_no_mass, model, error,'
+                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at)'
+                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp())'
+                       ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                       ' probability = EXCLUDED.probability, method = EXCLUDED.method,'
+                       ' yes_no_mass = EXCLUDED.yes_no_mass, model = EXCLUDED.model, error = EXCLUDED.error,'
+                       ' attempts = t.attempts + EXCLUDED.attempts,'
+                       ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
+                       ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
+                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at',
+                       r.outputs[2], keycol, keytype, keycol)
+            USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
+                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached;
+        IF g.status = 'ok' THEN
+            vals[i] := vals[i] || jsonb_build_object(g.proposition, g.probability);
+            n_ok := n_ok + 1;
+        ELSE
+            n_err := n_err + 1;
+        END IF;
+        n_cached := n_cached + (g.cached)::int;
+        n_req := n_req + g.attempts;
+        n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+        n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+    END LOOP;
+
+    -- values, then class probabilities of rows whose needed propositions are all graded
+    SELECT string_agg(format('%1$I = COALESCE(f.%1$I, ($2->>%2$L)::float8)', x, x), ', ') INTO upd_props FROM unnest(props) x;
+    SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
+    FOR i IN 1 .. nrows LOOP
+        EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+                       r.outputs[1], upd_props, keycol, keytype)
+            INTO cur USING keys[i], vals[i];
+        rt := rts[i];
+        IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
+            CONTINUE;
+        END IF;
+        SELECT array_agg(x) INTO needed FROM jsonb_array_elements_text(info->'response_types'->rt->'propositions') x;
+        SELECT jsonb_object_agg(x, cur->x) INTO probs FROM unnest(needed) x WHERE cur->x <> 'null'::jsonb;
+        IF COALESCE(array_length(needed, 1), 0) = (SELECT count(*) FROM jsonb_object_keys(COALESCE(probs, '{}')))
+        THEN
+            cp := @extschema@.rbr_class_probs(r.policy, rt, COALESCE(probs, '{}'), o->>'class_mode');
+            EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s', r.outputs[1], upd_classes, keycol, keytype)
+                USING keys[i], cp;
+        END IF;
+    END LOOP;
+
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, 0, 0, NULL, keys[nrows]);
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := (r.done + r.errors) / elapsed;
+    remaining := greatest(r.total - r.done - r.errors, 0);
+    RAISE NOTICE 'rbr_featurize %: % of % values processed (done %, errors %, cached %), % values/s, ETA %',
+        r.source, r.done + r.errors, r.total, r.done, r.errors, r.cached,
+        round(rate::numeric, 1),
+        CASE WHEN rate > 0 THEN make_interval(secs => round(remaining / rate)) END;
+    RETURN nrows;
+END
+$$;
+
+-- Grade every missing value of a source table, committing per chunk.
+-- CALL it outside an explicit transaction block (it commits). Safe to
+-- cancel, to kill, to rerun (only missing values are graded) and to run from
+-- several sessions at once on one table.
+-- options: prompt_column, completion_column, response_type_column (column
+-- names; default prompt, completion, response_type), chunk_rows (64),
+-- class_mode ('product' or 'exact'), propositions ('needed': what each row's
+-- response type needs, the default; 'all': every simple proposition).
+CREATE OR REPLACE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    PERFORM rbr.featurize_check_transaction();
+    run := rbr.featurize_start(source, policy, options);
+    COMMIT;
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified
+    CALL rbr.run_drive(run);
+END
+$$;
+
+-- Progress of every rbr_featurize run the role may see (rbr.run_progress):
+-- done, total, errors, rate and ETA. A run whose backend is gone
+-- (cancelled, crashed) shows as 'interrupted'; CALL rbr_featurize again to
+-- resume it. With several sessions on one table each run counts its own
+-- work against the values missing when it started.
+CREATE VIEW rbr.featurize_progress AS
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state, p.done, p.errors, p.total, p.percent,
+           p.per_second AS values_per_second, p.eta, p.requests, p.cached, p.prompt_tokens,
+           p.completion_tokens, p.cached_tokens, p.reasoning_tokens, p.chunks, p.started_at, p.updated_at,
+           p.finished_at
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'featurize';
+GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
+-- Progress of every rbr_synthesize run the role may see (rbr.run_progress);
+-- a run whose backend is gone shows as 'interrupted' (CALL rbr_synthesize
+-- again to resume it).
+CREATE VIEW rbr.synth_progress AS
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state,
+           p.done AS accepted, COALESCE((p.counters ->> 'gave_up')::bigint, 0) AS gave_up, p.errors,
+           p.total,
+           pg_catalog.round(100.0 * (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors)
+                            / GREATEST(p.total, 1), 1) AS percent,
+           CASE WHEN p.state = 'done' THEN interval '0'
+                WHEN p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
+                ELSE (p.updated_at - p.started_at) *
+                     ((p.total - p.done - COALESCE((p.counters ->> 'gave_up')::bigint, 0) - p.errors)::float8
+                      / (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors))
+           END AS eta,
+           COALESCE((p.counters ->> 'candidates')::bigint, 0) AS candidates,
+           COALESCE((p.counters ->> 'rejections')::bigint, 0) AS rejections,
+           COALESCE((p.counters ->> 'generator_requests')::bigint, 0) AS generator_requests,
+           COALESCE((p.counters ->> 'generator_cached')::bigint, 0) AS generator_cached,
+           COALESCE((p.counters ->> 'grader_requests')::bigint, 0) AS grader_requests,
+           COALESCE((p.counters ->> 'grader_cached')::bigint, 0) AS grader_cached,
+           p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.reasoning_tokens,
+           p.chunks, p.started_at, p.updated_at, p.finished_at
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'synthesize';
+
+-- Set up a run: check the source and options, create the result tables, add
+-- the planned slots of every source row, make error slots pending again,
+-- record the run.
+CREATE OR REPLACE FUNCTION rbr.synth_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    mode text := COALESCE(options->>'class_mode', 'product');
+    verify text := COALESCE(options->>'verify', 'argmax');
+    labels jsonb := COALESCE(options->'labels', '{}');
+    n_ideal int;
+    n_flawed int;
+    n_disallowed int;
+    max_att int;
+    chunk int;
+    seed int;
+    rt_expr text;
+    stab text;
+    atab text;
+    col text;
+    t text;
+    bad text;
+    unknown_rt bigint;
+    total bigint;
+    run bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_synthesize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- every privilege the run needs, checked before anything is created, so that a role
+    -- without the capability gets one error saying how to get it
+    IF NOT (has_function_privilege('@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE')
+            AND has_function_privilege('@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE')
+            AND has_function_privilege('rbr.synth_chunk(bigint)', 'EXECUTE')
+            AND has_function_privilege('rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE')) THEN
+        RAISE EXCEPTION 'permission denied to run rbr_synthesize: role % lacks the synthesize capability', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser grants it with SELECT rbr_grant(%L, ''synthesize'');', current_user);
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels.';
+    END IF;
+    n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
+    n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
+    n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
+    max_att := rbr.synth_int_option(options, 'max_attempts', 3, 1, 100);
+    chunk := rbr.synth_int_option(options, 'chunk_slots', 16, 1, 10000);
+    seed := rbr.synth_int_option(options, 'seed', 0, 0, 999);
+    IF n_ideal + n_flawed + n_disallowed = 0 THEN
+        RAISE EXCEPTION 'nothing to generate: ideal, flawed and disallowed are all 0' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF n_ideal + n_flawed + n_disallowed > 200 THEN
+        RAISE EXCEPTION 'at most 200 completions per prompt (ideal + flawed + disallowed)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF verify NOT IN ('argmax', 'hard') THEN
+        RAISE EXCEPTION 'verify must be ''argmax'' or ''hard''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''argmax'': the class of highest probability; ''hard'': the class of the labels P(yes) > 0.5.';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(labels) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_each(labels) e WHERE jsonb_typeof(e.value) <> 'string') THEN
+        RAISE EXCEPTION 'labels must be an object {"class": "label", ...}' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(labels) k WHERE NOT (info->'classes') ? k;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'labels names unknown class(es): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_synthesize', rcol, ARRAY[pcol],
+           'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; response_type: text.');
+    IF length(rel) > 63 - length('_synth_attempts') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_synth_attempts', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    stab := format('%I.%I', nsp, rel || '_synth');
+    atab := format('%I.%I', nsp, rel || '_synth_attempts');
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.synthesize'), source::oid::int);
+    PERFORM rbr.check_own_table(stab, 'rbr_synthesize');
+    PERFORM rbr.check_own_table(atab, 'rbr_synthesize');
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        kind text NOT NULL CHECK (kind IN (''ideal'', ''flawed'', ''disallowed'')),
+        flaw text,
+        response_type text NOT NULL,
+        intended_class text NOT NULL,
+        label text NOT NULL,
+        tier int NOT NULL,
+        traits jsonb NOT NULL,
+        instruction text NOT NULL,
+        status text NOT NULL DEFAULT ''pending'' CHECK (status IN (''pending'', ''accepted'', ''rejected'', ''error'')),
+        completion text,
+        sample int,
+        graded_class text,
+        probs jsonb,
+        class_probs jsonb,
+        features float8[],
+        candidates int NOT NULL DEFAULT 0,
+        generator_model text,
+        finish_reason text,
+        updated_at timestamptz,
+        PRIMARY KEY (%I, slot),
+        CHECK ((status = ''accepted'') = (completion IS NOT NULL)))', stab, keycol, keytype, keycol);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        attempt int NOT NULL,
+        sample int NOT NULL,
+        outcome text NOT NULL CHECK (outcome IN (''accepted'', ''rejected'', ''generator_error'', ''grader_error'')),
+        reason text,
+        intended_class text NOT NULL,
+        graded_class text,
+        failed jsonb,
+        completion text,
+        finish_reason text,
+        probs jsonb,
+        generator_attempts int,
+        generator_cached boolean,
+        prompt_tokens int,
+        completion_tokens int,
+        created_at timestamptz NOT NULL,
+        PRIMARY KEY (%I, slot, attempt))', atab, keycol, keytype, keycol);
+
+    -- the planned slots of every row whose response type the policy knows
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+        INTO unknown_rt USING info->'response_types';
+    IF unknown_rt > 0 THEN
+        RAISE WARNING 'rbr_synthesize %: % row(s) have no response type of policy %; nothing is generated for them',
+            source, unknown_rt, polref
+            USING HINT = format('Its response types are %s.',
+                                (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k));
+    END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$I, slot, kind, flaw, response_type, intended_class, label, tier, traits, instruction)
+        SELECT s.%2$I, p.slot, p.kind, p.flaw, s.rt, p.intended_class,
+               COALESCE($3->>p.intended_class, p.intended_class),
+               @extschema@.rbr_label_tier($2, s.rt, COALESCE($3->>p.intended_class, p.intended_class)),
+               p.traits, p.instruction
+          FROM (SELECT s.%2$I, %3$s AS rt FROM %4$s s) s,
+               LATERAL @extschema@.rbr_synth_plan($2, s.rt, $4, $5, $6, s.%2$I::text || '':'' || $7) p
+         WHERE $1 ? s.rt
+        ON CONFLICT DO NOTHING', stab, keycol, rt_expr, source)
+        USING info->'response_types', polref, labels, n_ideal, n_flawed, n_disallowed, seed::text;
+    -- slots a generator or grader error ended are tried again
+    EXECUTE format('UPDATE %s SET status = ''pending'' WHERE status = ''error''', stab);
+    EXECUTE format('SELECT count(*) FROM %s WHERE status = ''pending''', stab) INTO total;
+
+    RETURN rbr.run_begin('synthesize', source, ARRAY[stab::regclass, atab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
+                                            'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
+                                            'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
+                                            'class_mode', mode, 'seed', seed, 'labels', labels),
+                         total);
+END
+$$;
+
+-- Work through one chunk of a run: claim up to chunk_slots pending slots
+-- (SKIP LOCKED), then in rounds generate one candidate per open slot, grade
+-- it, keep it when its graded class is the intended one, and resample the
+-- others until max_attempts candidates were rejected. Every candidate is
+-- recorded with its outcome. Returns the number of slots claimed.
+CREATE OR REPLACE FUNCTION rbr.synth_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    prompt_expr text;
+    ptype text;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    slots int[] := '{}';
+    rts text[] := '{}';
+    prompts jsonb[] := '{}';
+    instrs text[] := '{}';
+    intended text[] := '{}';
+    traits jsonb[] := '{}';
+    cands int[] := '{}';
+    nattempt int[] := '{}';
+    open_ boolean[] := '{}';
+    nslots int := 0;
+    max_att int;
+    seed int;
+    -- one round
+    idx int[];
+    gen_ok int[];
+    gen_text text[];
+    gen_finish text[];
+    gen_model text[];
+    gen_att int[];
+    gen_cached boolean[];
+    gen_pt int[];
+    gen_ct int[];
+    q_cand int[];
+    q_prop text[];
+    q_prompt jsonb[];
+    q_compl text[];
+    probs jsonb[];
+    grade_err text[];
+    i int;
+    k int;
+    p text;
+    props text[];
+    cls text;
+    cp jsonb;
+    failed jsonb;
+    outcome text;
+    reason text;
+    n_acc bigint := 0;
+    n_gave bigint := 0;
+    n_err bigint := 0;
+    n_cand bigint := 0;
+    n_rej bigint := 0;
+    n_genreq bigint := 0;
+    n_gencached bigint := 0;
+    n_grreq bigint := 0;
+    n_grcached bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    elapsed float8;
+    rate float8;
+    done_ bigint;
+BEGIN
+    r := rbr.run_get(synth_chunk.run_id);
+    o := r.options;
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
+    max_att := (o->>'max_attempts')::int;
+    seed := (o->>'seed')::int;
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+
+    FOR rec IN EXECUTE format(
+        'SELECT t.%1$I::text AS key, t.slot, t.response_type, t.intended_class, t.traits, t.instruction,'
+        ' t.candidates, %2$s AS prompt,'
+        ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
+        ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
+        ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
+        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2])
+        USING (o->>'chunk_slots')::int
+    LOOP
+        nslots := nslots + 1;
+        keys := keys || rec.key;
+        slots := slots || rec.slot;
+        rts := rts || rec.response_type;
+        prompts := prompts || rec.prompt;
+        instrs := instrs || rec.instruction;
+        intended := intended || rec.intended_class;
+        traits := traits || rec.traits;
+        cands := cands || rec.candidates;
+        nattempt := nattempt || rec.nattempt;
+        open_ := open_ || (rec.prompt IS NOT NULL);
+    END LOOP;
+    IF nslots = 0 THEN
+        RETURN 0;
+    END IF;
+
+    LOOP
+        -- generate one candidate per open slot; sample = seed, slot, candidate number
+        SELECT COALESCE(array_agg(s ORDER BY s), '{}') INTO idx FROM generate_subscripts(keys, 1) s WHERE open_[s];
+        EXIT WHEN cardinality(idx) = 0;
+        gen_text := array_fill(NULL::text, ARRAY[nslots]);
+        gen_finish := array_fill(NULL::text, ARRAY[nslots]);
+        gen_model := array_fill(NULL::text, ARRAY[nslots]);
+        gen_att := array_fill(NULL::int, ARRAY[nslots]);
+        gen_cached := array_fill(NULL::boolean, ARRAY[nslots]);
+        gen_pt := array_fill(NULL::int, ARRAY[nslots]);
+        gen_ct := array_fill(NULL::int, ARRAY[nslots]);
+        probs := array_fill(NULL::jsonb, ARRAY[nslots]);
+        grade_err := array_fill(NULL::text, ARRAY[nslots]);
+        q_cand := '{}'; q_prop := '{}'; q_prompt := '{}'; q_compl := '{}';
+        FOR g IN SELECT * FROM @extschema@.rbr_generate_many(
+                    (SELECT array_agg(prompts[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(instrs[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(seed * 1000000 + slots[s] * 1000 + cands[s] ORDER BY n)
+                       FROM unnest(idx) WITH ORDINALITY u(s, n)))
+        LOOP
+            i := idx[g.ord];
+            n_cand := n_cand + 1;
+            n_genreq := n_genreq + g.attempts;
+            n_gencached := n_gencached + g.cached::int;
+            n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+            n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+            nattempt[i] := nattempt[i] + 1;
+            IF g.status <> 'ok' THEN
+                EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class,'
+                               ' generator_attempts, generator_cached, created_at)'
+                               ' VALUES ($1::%s, $2, $3, $4, ''generator_error'', $5, $6, $7, false, clock_timestamp())',
+                               r.outputs[2], keycol, keytype)
+                    USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], g.error,
+                          intended[i], g.attempts;
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+                CONTINUE;
+            END IF;
+            gen_text[i] := g.completion;
+            gen_finish[i] := g.finish_reason;
+            gen_model[i] := g.model;
+            gen_att[i] := g.attempts;
+            gen_cached[i] := g.cached;
+            gen_pt[i] := g.prompt_tokens;
+            gen_ct[i] := g.completion_tokens;
+            IF g.finish_reason IS NULL OR g.finish_reason = 'stop' THEN
+                SELECT array_agg(x) INTO props
+                  FROM jsonb_array_elements_text(info->'response_types'->rts[i]->'graded_propositions') x;
+                FOREACH p IN ARRAY props LOOP
+                    q_cand := q_cand || i;
+                    q_prop := q_prop || p;
+                    q_prompt := q_prompt || prompts[i];
+                    q_compl := q_compl || g.completion;
+                END LOOP;
+                probs[i] := '{}';
+            END IF;
+        END LOOP;
+
+        -- grade every candidate that ended normally
+        IF cardinality(q_cand) > 0 THEN
+            FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+                i := q_cand[g.ord];
+                n_grreq := n_grreq + g.attempts;
+                n_grcached := n_grcached + g.cached::int;
+                n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+                n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+                IF g.status = 'ok' THEN
+                    probs[i] := probs[i] || jsonb_build_object(g.proposition, g.probability);
+                ELSIF grade_err[i] IS NULL THEN
+                    grade_err[i] := format('grading %s: %s', g.proposition, g.error);
+                END IF;
+            END LOOP;
+        END IF;
+
+        -- decide per candidate
+        FOREACH i IN ARRAY idx LOOP
+            CONTINUE WHEN NOT open_[i];
+            cls := NULL; cp := NULL; failed := NULL; reason := NULL;
+            IF gen_finish[i] IS NOT NULL AND gen_finish[i] <> 'stop' THEN
+                outcome := 'rejected';
+                reason := format('finish_reason %s', gen_finish[i]);
+            ELSIF grade_err[i] IS NOT NULL THEN
+                outcome := 'grader_error';
+                reason := grade_err[i];
+            ELSE
+                cp := @extschema@.rbr_class_probs(r.policy, rts[i], probs[i], o->>'class_mode');
+                IF o->>'verify' = 'hard' THEN
+                    BEGIN
+                        cls := @extschema@.rbr_classify(r.policy, rts[i], @extschema@.rbr_binarize(probs[i]));
+                    EXCEPTION WHEN invalid_parameter_value OR data_exception THEN
+                        cls := NULL;
+                    END;
+                ELSE
+                    SELECT e.key INTO cls FROM jsonb_each(cp) e
+                      JOIN jsonb_array_elements_text(info->'classes') WITH ORDINALITY c(name, n) ON c.name = e.key
+                     ORDER BY e.value::text::float8 DESC, c.n LIMIT 1;
+                END IF;
+                SELECT jsonb_object_agg(t.key, jsonb_build_object('wanted', t.value, 'p', probs[i]->t.key)) INTO failed
+                  FROM jsonb_each(traits[i]) t
+                 WHERE ((probs[i]->>t.key)::float8 > 0.5) <> t.value::boolean;
+                IF cls IS NOT DISTINCT FROM intended[i] THEN
+                    outcome := 'accepted';
+                ELSE
+                    outcome := 'rejected';
+                    reason := format('intended %s, graded %s%s', intended[i], COALESCE(cls, '(no single class)'),
+                                     CASE WHEN failed IS NOT NULL THEN '; traits missed: ' ||
+                                          (SELECT string_agg(k2, ', ' ORDER BY k2) FROM jsonb_object_keys(failed) k2)
+                                          ELSE '' END);
+                END IF;
+            END IF;
+            EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class, graded_class,'
+                           ' failed, completion, finish_reason, probs, generator_attempts, generator_cached,'
+                           ' prompt_tokens, completion_tokens, created_at)'
+                           ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, clock_timestamp())',
+                           r.outputs[2], keycol, keytype)
+                USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], outcome, reason,
+                      intended[i], cls, failed, gen_text[i], gen_finish[i], probs[i], gen_att[i],
+                      gen_cached[i], gen_pt[i], gen_ct[i];
+            IF outcome = 'accepted' THEN
+                EXECUTE format('UPDATE %s SET status = ''accepted'', completion = $3, sample = $4, graded_class = $5,'
+                               ' probs = $6, class_probs = $7, features = @extschema@.rbr_features($8, response_type, $6, $9),'
+                               ' candidates = candidates + 1, generator_model = $10, finish_reason = $11,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i], gen_text[i], seed * 1000000 + slots[i] * 1000 + cands[i], cls, probs[i], cp,
+                          r.policy, o->>'class_mode', gen_model[i], gen_finish[i];
+                open_[i] := false;
+                n_acc := n_acc + 1;
+            ELSIF outcome = 'grader_error' THEN
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+            ELSE
+                n_rej := n_rej + 1;
+                cands[i] := cands[i] + 1;
+                EXECUTE format('UPDATE %s SET candidates = $3, status = CASE WHEN $3 >= $4 THEN ''rejected'' ELSE status END,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i], cands[i], max_att;
+                IF cands[i] >= max_att THEN
+                    open_[i] := false;
+                    n_gave := n_gave + 1;
+                END IF;
+            END IF;
+        END LOOP;
+    END LOOP;
+
+    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, 0, 0,
+                         jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
+                                            'generator_requests', n_genreq, 'generator_cached', n_gencached,
+                                            'grader_requests', n_grreq, 'grader_cached', n_grcached),
+                         NULL);
+    done_ := r.done + (r.counters->>'gave_up')::bigint + r.errors;
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := done_ / elapsed;
+    RAISE NOTICE 'rbr_synthesize %: % of % slots processed (accepted %, gave up %, errors %; % candidates, % rejected), ETA %',
+        r.source, done_, r.total, r.done, r.counters->>'gave_up', r.errors, r.counters->>'candidates',
+        r.counters->>'rejections',
+        CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total - done_, 0) / rate)) END;
+    RETURN nslots;
+END
+$$;
+
+-- Generate, verify and store synthetic comparison completions for every
+-- prompt of a table, committing per chunk. CALL it outside an explicit
+-- transaction block. Safe to cancel, to kill, to rerun (only pending and
+-- errored slots are worked on) and to run from several sessions at once.
+-- options: prompt_column, response_type_column (default prompt,
+-- response_type), ideal (1), flawed (3), disallowed (1) completions per
+-- prompt, max_attempts (3: candidates per slot before giving up),
+-- chunk_slots (16), verify ('argmax' or 'hard'), class_mode ('product' or
+-- 'exact'), seed (0..999), labels ({"class": "label"}: label names for the
+-- tiers, default the class names).
+CREATE OR REPLACE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    PERFORM rbr.featurize_check_transaction('rbr_synthesize');
+    run := rbr.synth_start(source, policy, options);
+    COMMIT;
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified
+    CALL rbr.run_drive(run);
+END
+$$;
+GRANT SELECT ON rbr.synth_progress TO PUBLIC;
+
+-- Capabilities
+-- Every privilege of every capability: (capability, object kind, object, privileges).
+CREATE OR REPLACE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OUT object text, OUT privileges text)
+    RETURNS SETOF record
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    VALUES
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade(text, text, jsonb, text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'PROCEDURE', '@extschema@.rbr_featurize(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_chunk(bigint)', 'EXECUTE'),
+        ('policies', 'TABLE', 'rbr.policy_version', 'INSERT'),
+        ('models', 'TABLE', 'rbr.model', 'INSERT, UPDATE, DELETE')
+    UNION ALL
+    SELECT c, k, o, p
+      FROM (VALUES ('grade'), ('synthesize')) AS c(c),
+           (VALUES ('FUNCTION', 'rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_get(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_advance(bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, jsonb, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_finish(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
+                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE')) AS r(k, o, p)
+$$;
+
+-- Whether a role holds every privilege of a capability.
+CREATE OR REPLACE FUNCTION rbr.has_capability(role regrole, cap text) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT bool_and(CASE WHEN c.kind = 'TABLE'
+                         THEN has_table_privilege(role::oid, c.object, c.privileges)
+                         ELSE has_function_privilege(role::oid, c.object, 'EXECUTE') END)
+      FROM rbr.capability_privileges() c WHERE c.capability = cap
+$$;
+
+-- Check a capability's name; the known ones in the hint.
+CREATE OR REPLACE FUNCTION rbr.check_capability(cap text) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF cap IS NULL OR NOT EXISTS (SELECT 1 FROM rbr.capability_privileges() c WHERE c.capability = cap) THEN
+        RAISE EXCEPTION 'unknown rbr capability %', COALESCE(quote_literal(cap), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Capabilities: grade, synthesize, policies, models.';
+    END IF;
+END
+$$;
+
+-- Grant a role every privilege one capability needs (run it as a superuser
+-- or the extension's owner).
+CREATE OR REPLACE FUNCTION @extschema@.rbr_grant(role regrole, capability text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+BEGIN
+    PERFORM rbr.check_capability(capability);
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    FOR c IN SELECT * FROM rbr.capability_privileges() p WHERE p.capability = rbr_grant.capability LOOP
+        EXECUTE format('GRANT %s ON %s %s TO %s', c.privileges, c.kind, c.object, role);
+    END LOOP;
+END
+$$;
+
+-- Take a capability back: every privilege it gave that no other capability
+-- the role still holds needs.
+CREATE OR REPLACE FUNCTION @extschema@.rbr_revoke(role regrole, capability text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    c record;
+    kept text[];
+BEGIN
+    PERFORM rbr.check_capability(capability);
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT array_agg(DISTINCT o.capability) INTO kept
+      FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) o
+     WHERE o.capability <> rbr_revoke.capability AND rbr.has_capability(role, o.capability);
+    FOR c IN SELECT * FROM rbr.capability_privileges() p
+              WHERE p.capability = rbr_revoke.capability
+                AND NOT EXISTS (SELECT 1 FROM rbr.capability_privileges() q
+                                 WHERE q.capability = ANY (COALESCE(kept, '{}')) AND q.object = p.object) LOOP
+        EXECUTE format('REVOKE %s ON %s %s FROM %s', c.privileges, c.kind, c.object, role);
+    END LOOP;
+END
+$$;
+
+-- The capabilities a role holds (directly or through a role it is a member of).
+CREATE OR REPLACE FUNCTION @extschema@.rbr_capabilities(role regrole DEFAULT NULL)
+    RETURNS TABLE (capability text, granted boolean)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT c.capability,
+           rbr.has_capability(COALESCE(role, to_regrole(quote_ident(current_user))), c.capability)
+      FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) c
+     ORDER BY array_position(ARRAY['grade', 'synthesize', 'policies', 'models'], c.capability)
+$$;
+
+-- Roles that 0.1.0's grant lists let grade, synthesize, load policies or
+-- save models get that capability (and so the new functions it needs).
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole AS role
+               FROM (VALUES ('grade', '@extschema@.rbr_featurize(regclass, text, jsonb)'::pg_catalog.regprocedure),
+                            ('synthesize', '@extschema@.rbr_synthesize(regclass, text, jsonb)'::pg_catalog.regprocedure)) c(cap, fn)
+               JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) c.fn,
+                    pg_catalog.aclexplode(p.proacl) a
+              WHERE a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+             UNION
+             SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole
+               FROM (VALUES ('policies', 'rbr.policy_version'::pg_catalog.regclass),
+                            ('models', 'rbr.model'::pg_catalog.regclass)) c(cap, tab)
+               JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) c.tab,
+                    pg_catalog.aclexplode(k.relacl) a
+              WHERE a.privilege_type OPERATOR(pg_catalog.=) 'INSERT' AND a.grantee OPERATOR(pg_catalog.<>) 0
+                AND a.grantee OPERATOR(pg_catalog.<>) k.relowner LOOP
+        PERFORM @extschema@.rbr_grant(g.role, g.cap);
+    END LOOP;
+END
+$$;
+
 -- (end of privileges, owners and the run mechanism)
 
 -------------------------------------------------------------------------------

@@ -742,6 +742,7 @@ CREATE TABLE rbr.grade_cache (
 );
 COMMENT ON TABLE rbr.grade_cache IS
     'grader answers by sha256 of the request; only successful answers';
+REVOKE ALL ON rbr.grade_cache FROM PUBLIC;
 
 -- P(yes) of one simple proposition for one completion, through the cache.
 -- ERROR with the reason when the grader fails (after retries).
@@ -1272,6 +1273,7 @@ CREATE TABLE rbr.generation_cache (
 );
 COMMENT ON TABLE rbr.generation_cache IS
     'generated completions by sha256 of the request (sample index included); only successful ones';
+REVOKE ALL ON rbr.generation_cache FROM PUBLIC;
 
 -- Many completions at once (concurrently, through the cache): one row per
 -- (conversation, instruction, sample index), ord = position in the arrays;
