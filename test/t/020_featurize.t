@@ -214,6 +214,22 @@ is(psql_ok("SELECT ideal IS NULL FROM faulty_features WHERE id = 2"), 't', 'no c
 is(psql_ok("SELECT round(ideal::numeric, 6) IS NOT NULL FROM faulty_features WHERE id = 1"), 't', 'classes for the complete row');
 is(psql_ok("SELECT errors FROM rbr.featurize_progress WHERE source = 'faulty'::regclass"), 1, 'progress counts the error');
 
+# --- rows that cannot be graded are errors with the reason; the run ends with a WARNING
+my ($wo, $we, $wrc) = psql("$set SET client_min_messages = notice; CREATE TABLE holes (id int PRIMARY KEY, prompt text, completion text, response_type text);"
+    . " INSERT INTO holes VALUES (1, 'hi', NULL, 'comply'), (2, NULL, 'x', 'comply'), (3, 'hi', 'y [[rbr *=0.5]]', 'comply');"
+    . " CALL rbr_featurize('holes', 'ref');"
+    . " SELECT done, errors, total FROM rbr.featurize_progress WHERE source = 'holes'::regclass;", keep_going => 1);
+my $ncomply_props = psql_ok("SELECT jsonb_array_length(rbr_policy_info('ref')->'response_types'->'comply'->'graded_propositions')");
+is("$wrc|$wo", "0|$ncomply_props|" . (2 * $ncomply_props) . "|" . (3 * $ncomply_props),
+   'NULL prompt or completion: recorded as errors, counted in the progress view');
+is(psql_ok("SELECT count(DISTINCT error) FROM holes_grades WHERE status = 'error'"), 2, '  with their reasons');
+like($we, qr/WARNING:  01000: rbr_featurize holes: @{[2 * $ncomply_props]} of @{[3 * $ncomply_props]} values ended with an error/,
+     '  and the run ends with a WARNING');
+like($we, qr/DETAIL:  Commonest reasons: cannot grade: the (completion|prompt) is NULL/, '  naming the commonest reasons');
+like($we, qr/HINT:  See them with: SELECT \* FROM (public\.)?holes_grades WHERE status = 'error'/, '  and the query to see them');
+like($we, qr/NOTICE:  00000: rbr_featurize (public\.)?holes: @{[3 * $ncomply_props]} of @{[3 * $ncomply_props]} values processed \(done $ncomply_props, errors @{[2 * $ncomply_props]}/,
+     '  the NOTICE agrees with the progress view');
+
 # --- a non-superuser given the capability with rbr_grant(role, 'grade') can run a bulk grading
 psql_ok(<<'SQL');
 DROP ROLE IF EXISTS rbr_spender;
