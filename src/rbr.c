@@ -10,6 +10,7 @@
 #include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -48,6 +49,7 @@ static const char *const watched_tables[] = {"policy_version", "model"};
 static Oid	watched_oids[NWATCHED];
 static uint64 tables_generation = 1;
 static bool callback_registered = false;
+static Oid	generation_user = InvalidOid;	/* the role the cached rows were read as */
 
 /* Relcache callback: a change to a watched table makes the caches stale. */
 static void
@@ -64,10 +66,20 @@ tables_relcache_callback(Datum arg pg_attribute_unused(), Oid relid)
 	}
 }
 
-/* The current generation of rbr's tables; cached data of older ones is stale. */
+/*
+ * The current generation of rbr's tables; cached data of older ones is stale.
+ * Policies and models are read under row-level security, so what a backend
+ * cached for one role is stale for another: a change of the current user
+ * (SET ROLE, a SECURITY DEFINER function) starts a new generation too.
+ */
 uint64
 rbr_tables_generation(void)
 {
+	if (GetUserId() != generation_user)
+	{
+		generation_user = GetUserId();
+		tables_generation++;
+	}
 	if (!callback_registered)
 	{
 		CacheRegisterRelcacheCallback(tables_relcache_callback, (Datum) 0);

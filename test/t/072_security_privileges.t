@@ -178,6 +178,14 @@ as_mallory("SELECT rbr_policy_load('m_p', \$p\$$spec\$p\$::jsonb)");
 ($o, $e) = as_mallory("SELECT rbr_model_save('alice_m', 'm_p', 'hard_refuse',"
     . " jsonb_build_object('weights', (SELECT jsonb_agg(1) FROM unnest(rbr_feature_names('m_p', 'hard_refuse')))))");
 like($e, qr/model 'alice_m' belongs to another role/, "mallory cannot save a response type under alice's model name");
+# what one role's session cached is not served to another role in the same backend
+($o, $e) = psql("SET ROLE alice; SELECT (rbr_policy_info('alice_p')->>'version') || ' ' ||"
+    . " rbr_reward('alice_m', 'comply', array_fill(1::float8, ARRAY[cardinality(rbr_feature_names('alice_p', 'comply'))]), 0);"
+    . " RESET ROLE; SET ROLE mallory; SELECT rbr_policy_info('alice_p');", keep_going => 1);
+like($e, qr/policy "alice_p" does not exist/, "a backend's policy cache does not outlive SET ROLE");
+($o, $e) = psql("SET ROLE alice; SELECT rbr_reward('alice_m', 'comply', array_fill(1::float8, ARRAY[cardinality(rbr_feature_names('alice_p', 'comply'))]), 0);"
+    . " RESET ROLE; SET ROLE mallory; SELECT rbr_reward('alice_m', 'comply', array_fill(1::float8, ARRAY[10]), 0);", keep_going => 1);
+like($e, qr/model "alice_m"|does not exist|no model/, "  nor its model cache");
 # a member of the owning role shares it
 psql_ok("GRANT alice TO mallory");
 is((as_mallory("SELECT count(*) FROM rbr.policy_version WHERE policy = 'alice_p'"))[0], 1, 'a member of the owner sees the policy');
