@@ -113,10 +113,14 @@ SELECT rbr_policy_validate(spec || '{"behavior_policy": []}') FROM ref;
 SELECT rbr_policy_load('broken', spec - 'completion_classes') FROM ref;
 SELECT count(*) FROM rbr.policy_version WHERE policy = 'broken';
 
--- a non-superuser can read policies but not change them
+-- a non-superuser sees only the policies it owns (none here, even those this
+-- backend has cached for another role) and cannot load any without the
+-- policies capability
+SELECT array_length(rbr_feature_names('released', 'hard_refuse'), 1) AS hard_refuse_features;
 CREATE ROLE rbr_reader;
 SET ROLE rbr_reader;
 SELECT array_length(rbr_feature_names('released', 'hard_refuse'), 1) AS hard_refuse_features;
+SELECT count(*) AS visible_versions FROM rbr.policy_version;
 SELECT rbr_policy_load('mine', '{}');
 SELECT rbr_policy_load('mine', :'spec');
 DELETE FROM rbr.policy_version;
