@@ -31,7 +31,9 @@
 
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "storage/fd.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/guc_tables.h"
@@ -54,9 +56,11 @@ typedef struct EndpointSettings
 	const char *name;			/* "grader" or "generator" */
 	const char *env;			/* environment variable of the key */
 	char	   *url;
-	char	   *api_key;
+	char	   *api_key_guc;	/* the setting: "********" when set */
+	char	   *api_key;		/* the key given to the setting (its extra) */
 	char	   *api_key_file;
-	char	   *extra_headers;
+	char	   *extra_headers_guc;	/* the setting: "********" when set */
+	char	   *extra_headers;	/* the headers given to the setting (its extra) */
 	char	   *ca_file;
 	char	  **azure;			/* &rbr_*_azure_api_version */
 	/* the key file as last read (TopMemoryContext) */
@@ -127,12 +131,68 @@ refuse_stored_secret(const char *value, GucSource source, const char *what)
 				 errhint("Put the key in a file named by the matching rbr.*_api_key_file setting.")));
 }
 
-/* rbr.*_api_key: see refuse_stored_secret(). */
+/*
+ * A secret setting keeps "********" as its value and the secret in its
+ * extra: PostgreSQL logs the old and new values of a setting that a reload
+ * changes, and reads values without the show hook in places (the value
+ * stays "********" there, the secret never reaches the log).
+ * PostgreSQL 15 frees setting strings and extras with free().
+ */
 static bool
-check_api_key(char **newval, void **extra pg_attribute_unused(), GucSource source)
+mask_secret(char **newval, void **extra)
+{
+	char	   *copy;
+	char	   *mask;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	copy = malloc(strlen(*newval) + 1);
+	mask = strdup("********");
+	if (copy == NULL || mask == NULL)
+	{
+		free(copy);
+		free(mask);
+		return false;
+	}
+	strcpy(copy, *newval);
+	memset(*newval, 0, strlen(*newval));
+	free(*newval);
+	*newval = mask;
+	*extra = copy;
+	return true;
+}
+
+/* rbr.*_api_key: see refuse_stored_secret() and mask_secret(). */
+static bool
+check_api_key(char **newval, void **extra, GucSource source)
 {
 	refuse_stored_secret(*newval, source, "an rbr API key");
-	return true;
+	return mask_secret(newval, extra);
+}
+
+/* Assign hooks: the secret of the setting is its extra. */
+static void
+assign_grader_key(const char *newval pg_attribute_unused(), void *extra)
+{
+	settings[0].api_key = (char *) extra;
+}
+
+static void
+assign_generator_key(const char *newval pg_attribute_unused(), void *extra)
+{
+	settings[1].api_key = (char *) extra;
+}
+
+static void
+assign_grader_headers(const char *newval pg_attribute_unused(), void *extra)
+{
+	settings[0].extra_headers = (char *) extra;
+}
+
+static void
+assign_generator_headers(const char *newval pg_attribute_unused(), void *extra)
+{
+	settings[1].extra_headers = (char *) extra;
 }
 
 /* Is s "Name: value; Name2: value" without line breaks? */
@@ -167,7 +227,7 @@ headers_well_formed(const char *s)
  * SYSTEM would log a refused statement, headers included).
  */
 static bool
-check_headers(char **newval, void **extra pg_attribute_unused(), GucSource source)
+check_headers(char **newval, void **extra, GucSource source)
 {
 	refuse_stored_secret(*newval, source, "rbr extra headers");
 	if (*newval != NULL && source != PGC_S_FILE && !headers_well_formed(*newval))
@@ -176,7 +236,7 @@ check_headers(char **newval, void **extra pg_attribute_unused(), GucSource sourc
 		GUC_check_errhint("The value is not shown.");
 		return false;
 	}
-	return true;
+	return mask_secret(newval, extra);
 }
 
 /* Define the settings of one endpoint. */
@@ -195,9 +255,9 @@ define_endpoint_settings(EndpointSettings *s, const char *url_help)
 	desc = psprintf("API key of the %s endpoint; never shown. Honoured only when rbr is in shared_preload_libraries.", s->name);
 	DefineCustomStringVariable(pstrdup(name), desc,
 							   "Prefer the key file setting; never set it with ALTER ROLE/DATABASE.",
-							   &s->api_key, "",
+							   &s->api_key_guc, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   check_api_key, NULL, show_secret);
+							   check_api_key, s == &settings[0] ? assign_grader_key : assign_generator_key, show_secret);
 	snprintf(name, sizeof(name), "rbr.%s_api_key_file", s->name);
 	DefineCustomStringVariable(pstrdup(name),
 							   psprintf("File the server reads the %s's API key from (trimmed); re-read when it changes.", s->name),
@@ -207,9 +267,9 @@ define_endpoint_settings(EndpointSettings *s, const char *url_help)
 	snprintf(name, sizeof(name), "rbr.%s_extra_headers", s->name);
 	DefineCustomStringVariable(pstrdup(name),
 							   psprintf("Extra HTTP headers for the %s: \"Name: value; Name2: value\"; never shown. Honoured only under preload.", s->name),
-							   NULL, &s->extra_headers, "",
+							   NULL, &s->extra_headers_guc, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   check_headers, NULL, show_secret);
+							   check_headers, s == &settings[0] ? assign_grader_headers : assign_generator_headers, show_secret);
 	snprintf(name, sizeof(name), "rbr.%s_azure_api_version", s->name);
 	DefineCustomStringVariable(pstrdup(name),
 							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
@@ -223,10 +283,77 @@ define_endpoint_settings(EndpointSettings *s, const char *url_help)
 							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 }
 
+static ProcessUtility_hook_type prev_utility_hook = NULL;
+
+/* Is this the name of a setting that holds a secret? */
+static bool
+is_secret_setting(const char *name)
+{
+	return name != NULL &&
+		(pg_strcasecmp(name, "rbr.grader_api_key") == 0 ||
+		 pg_strcasecmp(name, "rbr.generator_api_key") == 0 ||
+		 pg_strcasecmp(name, "rbr.grader_extra_headers") == 0 ||
+		 pg_strcasecmp(name, "rbr.generator_extra_headers") == 0);
+}
+
+/*
+ * ALTER SYSTEM SET of a secret: trailing white space and line breaks are
+ * trimmed before PostgreSQL sees the value (it refuses line breaks, and a
+ * refused statement is written to the server log, secret included); a line
+ * break inside the value is refused here without logging the statement.
+ */
+static void
+secrets_utility_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+					 ProcessUtilityContext context, ParamListInfo params,
+					 QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *parsetree = pstmt->utilityStmt;
+
+	if (IsA(parsetree, AlterSystemStmt))
+	{
+		VariableSetStmt *v = ((AlterSystemStmt *) parsetree)->setstmt;
+
+		if (v->kind == VAR_SET_VALUE && is_secret_setting(v->name) &&
+			list_length(v->args) == 1 && IsA(linitial(v->args), A_Const))
+		{
+			A_Const    *c = linitial_node(A_Const, v->args);
+
+			if (!c->isnull && IsA(&c->val, String))
+			{
+				const char *val = strVal(&c->val);
+				int			len = strlen(val);
+
+				while (len > 0 && isspace((unsigned char) val[len - 1]))
+					len--;
+				if (memchr(val, '\n', len) != NULL || memchr(val, '\r', len) != NULL)
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errhidestmt(true),
+							 errmsg("the value of %s must not contain a line break", v->name),
+							 errdetail("The value is not shown.")));
+				if (len < (int) strlen(val))
+				{
+					pstmt = copyObject(pstmt);
+					v = ((AlterSystemStmt *) pstmt->utilityStmt)->setstmt;
+					c = linitial_node(A_Const, v->args);
+					c->val.sval.sval = pnstrdup(val, len);
+					readOnlyTree = false;
+				}
+			}
+		}
+	}
+	if (prev_utility_hook)
+		prev_utility_hook(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+}
+
 /* Define the settings. Called from _PG_init. */
 void
 rbr_secrets_init_settings(bool preloading)
 {
+	prev_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = secrets_utility_hook;
 	rbr_preloaded = preloading;
 	settings[0].azure = &rbr_grader_azure_api_version;
 	settings[1].azure = &rbr_generator_azure_api_version;
@@ -466,6 +593,19 @@ void
 rbr_secrets_endpoint(RbrEndpoint *ep)
 {
 	EndpointSettings *s = settings_of(ep->kind);
+
+	ep->url = NULL;
+	ep->api_key = NULL;
+	ep->extra_headers = NULL;
+	ep->azure_api_version = *s->azure != NULL ? *s->azure : "";
+	ep->ca_file = s->ca_file != NULL ? s->ca_file : "";
+}
+
+/* See secrets.h. */
+void
+rbr_secrets_resolve(RbrEndpoint *ep)
+{
+	EndpointSettings *s = settings_of(ep->kind);
 	const char *source;
 
 	if (s->url == NULL || s->url[0] == '\0')
@@ -565,7 +705,7 @@ rbr_check_setup(PG_FUNCTION_ARGS)
 								   s->name, s->env));
 			(void) resolve_headers(s);
 			setup_row(rsinfo, psprintf("%s extra headers", s->name), true,
-					  s->extra_headers[0] ? "set and usable" : "none");
+					  s->extra_headers && s->extra_headers[0] ? "set and usable" : "none");
 		}
 		PG_CATCH();
 		{

@@ -24,11 +24,19 @@ extern void rbr_secrets_init_settings(bool preloading);
 struct RbrEndpoint;
 
 /*
- * Fill url, api_key, azure_api_version, extra_headers and ca_file of the
- * endpoint of ep->kind; ERROR (never echoing a secret) when the URL is not
- * configured or the key or headers come from a place rbr refuses.
+ * Start an endpoint of ep->kind: azure_api_version and ca_file from the
+ * settings; url, api_key and extra_headers NULL until rbr_secrets_resolve(),
+ * which the engine calls before its first request (a batch answered from
+ * the cache needs no endpoint).
  */
 extern void rbr_secrets_endpoint(struct RbrEndpoint *ep);
+
+/*
+ * Fill url, api_key, azure_api_version, extra_headers and ca_file; ERROR
+ * (never echoing a secret) when the URL is not configured or the key or
+ * headers come from a place rbr refuses.
+ */
+extern void rbr_secrets_resolve(struct RbrEndpoint *ep);
 
 /* Add every key known in this backend to out[] (for scrubbing messages). */
 extern int	rbr_secrets_known(const char **out, int max);
