@@ -1499,6 +1499,16 @@ $$;
 -------------------------------------------------------------------------------
 -- Keys and endpoint settings
 -------------------------------------------------------------------------------
+-- Where requests go (rbr.grader_url, rbr.generator_url) and with which key
+-- (a key file, the inline setting with rbr preloaded, or the server's
+-- environment): doc/configuration.md. The settings are superuser-only.
+
+-- What grading and generating still need, in plain words: preload, URLs,
+-- where each key is found. Reveals no key, no file content, no URL.
+CREATE OR REPLACE FUNCTION @extschema@.rbr_check_setup(OUT item text, OUT ok boolean, OUT detail text)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_check_setup'
+    LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
 -- (end of keys)
 

@@ -33,12 +33,7 @@
 
 #include "grader.h"
 
-char	   *rbr_generator_url = NULL;
 char	   *rbr_generator_model = NULL;
-char	   *rbr_generator_api_key = NULL;
-char	   *rbr_generator_extra_headers = NULL;
-char	   *rbr_generator_ca_file = NULL;
-char	   *rbr_generator_azure_api_version = NULL;
 double		rbr_generator_temperature = 1.0;
 int			rbr_generator_max_tokens = 1024;
 int			rbr_generator_timeout_ms = 120000;
@@ -47,35 +42,10 @@ int			rbr_generator_timeout_ms = 120000;
 void
 rbr_generator_init_settings(void)
 {
-	DefineCustomStringVariable("rbr.generator_url",
-							   "Base URL of the OpenAI-compatible API that generates synthetic completions (ending in /v1).",
-							   NULL, &rbr_generator_url, "https://api.openai.com/v1",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY,
-							   rbr_check_http_url, NULL, NULL);
 	DefineCustomStringVariable("rbr.generator_model",
 							   "Model that generates synthetic completions (a helpful-only model).",
 							   NULL, &rbr_generator_model, "gpt-4o-mini",
 							   PGC_USERSET, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("rbr.generator_api_key",
-							   "API key of the generator endpoint; never shown.",
-							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
-							   &rbr_generator_api_key, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   rbr_check_api_key, NULL, rbr_show_api_key);
-	DefineCustomStringVariable("rbr.generator_extra_headers",
-							   "Extra HTTP headers for the generator: \"Name: value; Name2: value\".",
-							   NULL, &rbr_generator_extra_headers, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   rbr_check_headers, NULL, NULL);
-	DefineCustomStringVariable("rbr.generator_azure_api_version",
-							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
-							   NULL, &rbr_generator_azure_api_version, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-	DefineCustomStringVariable("rbr.generator_ca_file",
-							   "File of CA certificates that verify the generator's TLS certificate (empty: the system's).",
-							   "For self-hosted servers with a private CA; verification is never switched off.",
-							   &rbr_generator_ca_file, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomRealVariable("rbr.generator_temperature",
 							 "Sampling temperature of generation requests.",
 							 NULL, &rbr_generator_temperature, 1.0, 0.0, 2.0,
@@ -95,11 +65,7 @@ void
 rbr_generator_endpoint(RbrEndpoint *ep)
 {
 	ep->kind = RBR_JOB_GENERATE;
-	ep->url = rbr_generator_url;
-	ep->api_key = rbr_generator_api_key;
-	ep->azure_api_version = rbr_generator_azure_api_version ? rbr_generator_azure_api_version : "";
-	ep->extra_headers = rbr_generator_extra_headers;
-	ep->ca_file = rbr_generator_ca_file;
+	rbr_secrets_endpoint(ep);
 	ep->model = rbr_generator_model;
 	ep->timeout_ms = rbr_generator_timeout_ms;
 }

@@ -49,12 +49,7 @@
 
 #include "grader.h"
 
-char	   *rbr_grader_url = NULL;
 char	   *rbr_grader_model = NULL;
-char	   *rbr_grader_api_key = NULL;
-char	   *rbr_grader_azure_api_version = NULL;
-char	   *rbr_grader_extra_headers = NULL;
-char	   *rbr_grader_ca_file = NULL;
 int			rbr_grader_timeout_ms = 60000;
 int			rbr_grader_max_in_flight = 64;
 int			rbr_grader_max_retries = 5;
@@ -76,124 +71,14 @@ static const struct config_enum_entry token_parameter_options[] = {
  * Settings
  * ------------------------------------------------------------------------- */
 
-/* SHOW, current_setting() and pg_settings print this instead of the key. */
-const char *
-rbr_show_api_key(void)
-{
-	return "********";
-}
-
-/* rbr.grader_url (and rbr.generator_url) must be an http or https URL. */
-bool
-rbr_check_http_url(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
-{
-	if (*newval == NULL)
-		return true;
-	if (pg_strncasecmp(*newval, "http://", 7) != 0 && pg_strncasecmp(*newval, "https://", 8) != 0)
-	{
-		GUC_check_errdetail("The URL must start with http:// or https://.");
-		return false;
-	}
-	if (strpbrk(*newval, " \r\n\t") != NULL)
-	{
-		GUC_check_errdetail("The URL must not contain white space.");
-		return false;
-	}
-	return true;
-}
-
-/*
- * rbr.grader_api_key (and the generator's): no control characters, which
- * would inject request headers. The message never echoes the value.
- */
-bool
-rbr_check_api_key(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
-{
-	if (*newval == NULL)
-		return true;
-	for (const char *p = *newval; *p; p++)
-		if ((unsigned char) *p < 0x20 || (unsigned char) *p == 0x7f)
-		{
-			GUC_check_errmsg("the API key must not contain control characters or line breaks");
-			GUC_check_errhint("The value is not shown.");
-			return false;
-		}
-	return true;
-}
-
-/* rbr.grader_extra_headers (and generator's): "Name: value; Name2: value", no line breaks. */
-bool
-rbr_check_headers(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
-{
-	const char *s = *newval;
-
-	if (s == NULL)
-		return true;
-	/* the value may carry credentials: never repeat it in the message */
-	if (strpbrk(s, "\r\n") != NULL)
-	{
-		GUC_check_errmsg("extra headers must not contain line breaks");
-		GUC_check_errhint("The value is not shown.");
-		return false;
-	}
-	while (*s)
-	{
-		const char *start;
-
-		while (*s == ' ' || *s == ';' || *s == '\t')
-			s++;
-		if (!*s)
-			break;
-		start = s;
-		while (*s && *s != ':' && *s != ';' &&
-			   (isalnum((unsigned char) *s) || strchr("!#$%&'*+-.^_`|~", *s)))
-			s++;
-		if (s == start || *s != ':')
-		{
-			GUC_check_errmsg("extra headers must be given as \"Name: value; Name2: value\"");
-			GUC_check_errhint("The value is not shown.");
-			return false;
-		}
-		while (*s && *s != ';')
-			s++;
-	}
-	return true;
-}
-
 /* Define the grader's settings. Called from _PG_init. */
 void
 rbr_grader_init_settings(void)
 {
-	DefineCustomStringVariable("rbr.grader_url",
-							   "Base URL of the OpenAI-compatible grader API (ending in /v1).",
-							   "For Azure OpenAI (rbr.grader_azure_api_version set): the resource URL.",
-							   &rbr_grader_url, "https://api.openai.com/v1",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY,
-							   rbr_check_http_url, NULL, NULL);
 	DefineCustomStringVariable("rbr.grader_model",
 							   "Model (or Azure deployment) that grades propositions.",
 							   NULL, &rbr_grader_model, "gpt-4o-mini",
 							   PGC_USERSET, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("rbr.grader_api_key",
-							   "API key of the grader endpoint; never shown.",
-							   "Set it in postgresql.conf or with ALTER SYSTEM, not with ALTER ROLE/DATABASE (pg_roles and pg_db_role_setting show those).",
-							   &rbr_grader_api_key, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   rbr_check_api_key, NULL, rbr_show_api_key);
-	DefineCustomStringVariable("rbr.grader_azure_api_version",
-							   "When set, talk to Azure OpenAI: api-key header, api-version parameter, deployment URL.",
-							   NULL, &rbr_grader_azure_api_version, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-	DefineCustomStringVariable("rbr.grader_extra_headers",
-							   "Extra HTTP headers for the grader: \"Name: value; Name2: value\".",
-							   NULL, &rbr_grader_extra_headers, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   rbr_check_headers, NULL, NULL);
-	DefineCustomStringVariable("rbr.grader_ca_file",
-							   "File of CA certificates that verify the grader's TLS certificate (empty: the system's).",
-							   "For self-hosted servers with a private CA; verification is never switched off.",
-							   &rbr_grader_ca_file, "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("rbr.grader_timeout_ms",
 							"Timeout of one grader request attempt.",
 							NULL, &rbr_grader_timeout_ms, 60000, 100, 600000,
@@ -230,11 +115,7 @@ void
 rbr_grader_endpoint(RbrEndpoint *ep)
 {
 	ep->kind = RBR_JOB_GRADE;
-	ep->url = rbr_grader_url;
-	ep->api_key = rbr_grader_api_key;
-	ep->azure_api_version = rbr_grader_azure_api_version;
-	ep->extra_headers = rbr_grader_extra_headers;
-	ep->ca_file = rbr_grader_ca_file;
+	rbr_secrets_endpoint(ep);
 	ep->model = rbr_grader_model;
 	ep->timeout_ms = rbr_grader_timeout_ms;
 }
@@ -310,12 +191,9 @@ rbr_grader_scrub(const char *msg)
 
 	if (msg == NULL)
 		return NULL;
-	if (rbr_grader_api_key != NULL)
-		secrets[nsecrets++] = rbr_grader_api_key;
-	if (rbr_generator_api_key != NULL)
-		secrets[nsecrets++] = rbr_generator_api_key;
-	nsecrets = header_values(rbr_grader_extra_headers, secrets, nsecrets, 34);
-	nsecrets = header_values(rbr_generator_extra_headers, secrets, nsecrets, 66);
+	nsecrets = rbr_secrets_known((const char **) secrets, 6);
+	nsecrets = header_values(rbr_secrets_headers(RBR_JOB_GRADE), secrets, nsecrets, 36);
+	nsecrets = header_values(rbr_secrets_headers(RBR_JOB_GENERATE), secrets, nsecrets, 66);
 
 	initStringInfo(&out);
 	/* stop at a character boundary once 500 bytes are out */

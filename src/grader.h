@@ -18,14 +18,10 @@
 #include "utils/guc.h"
 
 #include "policy.h"
+#include "secrets.h"
 
 /* Settings (defined in rbr_grader_init_settings). */
-extern char *rbr_grader_url;
 extern char *rbr_grader_model;
-extern char *rbr_grader_api_key;
-extern char *rbr_grader_azure_api_version;
-extern char *rbr_grader_extra_headers;
-extern char *rbr_grader_ca_file;
 extern int	rbr_grader_timeout_ms;
 extern int	rbr_grader_max_in_flight;
 extern int	rbr_grader_max_retries;
@@ -111,10 +107,6 @@ typedef struct RbrGradeJob
 
 /* grader.c */
 extern void rbr_grader_init_settings(void);
-extern bool rbr_check_http_url(char **newval, void **extra, GucSource source);
-extern bool rbr_check_headers(char **newval, void **extra, GucSource source);
-extern bool rbr_check_api_key(char **newval, void **extra, GucSource source);
-extern const char *rbr_show_api_key(void);
 extern char *rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt,
 									  const char *completion);
 extern char *rbr_grader_body(RbrGradeJob *job, int token_param);
@@ -158,10 +150,7 @@ extern void rbr_gen_cache_lookup(RbrGradeJob *jobs, int njobs);
 extern void rbr_gen_cache_store(RbrGradeJob *jobs, int njobs);
 
 /* generator.c: the generator of synthetic completions */
-extern char *rbr_generator_url;
 extern char *rbr_generator_model;
-extern char *rbr_generator_api_key;
-extern char *rbr_generator_extra_headers;
 extern double rbr_generator_temperature;
 extern int	rbr_generator_max_tokens;
 extern int	rbr_generator_timeout_ms;

@@ -388,12 +388,33 @@ easy_new(RbrHttpBatch *b)
 	return h;
 }
 
+/*
+ * Before the batch's first request: where it goes and with which key
+ * (secrets.c; ERROR when not configured), the URL and the headers.
+ */
+static void
+batch_connect(RbrHttpBatch *b, MemoryContext bcxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(bcxt);
+	RbrEndpoint *ep = palloc(sizeof(RbrEndpoint));
+
+	*ep = *b->ep;
+	rbr_secrets_resolve(ep);
+	b->ep = ep;
+	b->url = endpoint_url(ep);
+	build_headers(b);
+	MemoryContextSwitchTo(old);
+}
+
 /* Start one attempt of a job: ok, or the job ends with an error. */
 static void
 job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 {
 	CURL	   *h;
 	int			param = rbr_grader_token_param();
+
+	if (b->url == NULL)
+		batch_connect(b, bcxt);
 
 	if (job->body == NULL || job->body_param != param)
 	{
@@ -730,7 +751,6 @@ void
 rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpFeed *feed)
 {
 	MemoryContext cxt;
-	MemoryContext old;
 	MemoryContextCallback *cb;
 	RbrHttpBatch *b;
 	int			max_in_flight = rbr_grader_max_in_flight;
@@ -758,11 +778,6 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	MemoryContextRegisterResetCallback(cxt, cb);
 	rbr_active_batch = b;
 	stat_batches++;
-
-	old = MemoryContextSwitchTo(cxt);
-	b->url = endpoint_url(ep);
-	build_headers(b);
-	MemoryContextSwitchTo(old);
 
 	/*
 	 * An ERROR anywhere in the loop (cancel, statement_timeout, out of

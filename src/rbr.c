@@ -19,6 +19,7 @@
 #include "rbr.h"
 #include "grader.h"
 #include "rowset.h"
+#include "secrets.h"
 
 PG_MODULE_MAGIC;
 
@@ -28,6 +29,7 @@ void		_PG_init(void);
 void
 _PG_init(void)
 {
+	rbr_secrets_init_settings(process_shared_preload_libraries_in_progress);
 	rbr_rowset_init_settings();
 	rbr_grader_init_settings();
 	rbr_generator_init_settings();

@@ -36,6 +36,8 @@ shared_buffers = 256MB
 work_mem = 64MB
 log_min_messages = warning
 log_line_prefix = '%m [%p] '
+# the recommended set-up (doc/configuration.md): rbr preloaded
+shared_preload_libraries = 'rbr'
 CONF
     cluster_as "$RBR_PGBIN/pg_ctl" -D "$RBR_CLUSTER_DIR/data" -l "$RBR_CLUSTER_DIR/server.log" \
         -w -t 60 start >/dev/null || { cat "$RBR_CLUSTER_DIR/server.log" >&2; return 1; }
