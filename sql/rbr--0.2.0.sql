@@ -2130,7 +2130,7 @@ BEGIN
                 END LOOP;
                 px := round((x0 + (cls.mean - lo) / (hi - lo) * panel_w)::numeric, 1);
                 body := body || format('<path d="M%s %s l-4 -6 h8 z" fill="black"><title>mean %s</title></path>',
-                                       px, py, round(cls.mean::numeric, 3))
+                                       px, py, trim_scale(round(cls.mean::numeric, 3)))
                              || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="#bbb"/>', x0, py, x0 + panel_w, py);
             END LOOP;
         END LOOP;
