@@ -364,6 +364,90 @@ BEGIN
 END
 $$;
 
+-- The same histogram as an SVG picture: per label a step line over a
+-- translucent fill of the share of the label's values per bin, a dashed line
+-- at 0, round ticks on both axes, and a legend in the order the labels first
+-- appear in the input (aggregate with ORDER BY tier for quality order):
+--   psql -XAtc "SELECT rbr_histogram_svg(array_agg(label ORDER BY tier), array_agg(x ORDER BY tier)) FROM ..." -o rewards.svg
+-- For the paper's figure (three reward signals, classes in rows) see
+-- rbr_reward_figure_svg.
+CREATE OR REPLACE FUNCTION @extschema@.rbr_histogram_svg(labels text[], vals float8[], bins int DEFAULT 40,
+                                              title text DEFAULT 'reward minus the prompt''s mean tier-0 reward')
+    RETURNS text
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    w int;  h constant int := 400;  right_m int;  pw int;  ph int;  base float8;  xt numeric[];  yt numeric[];  t numeric;
+    left_m constant int := 70;  top_m constant int := 44;  bottom_m constant int := 56;  lx float8;  ly float8;
+    colors constant text[] := ARRAY['#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d', '#666666'];
+    lo float8;  hi float8;  top float8;  col text;
+    svg text;  pts text;  lab record;  i int := 0;  x float8;  y float8;  px float8;
+BEGIN
+    IF bins IS NULL OR bins < 1 OR bins > 1000 THEN
+        RAISE EXCEPTION 'bins must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT min(low), max(high), max(share), max(length(label)) INTO lo, hi, top, right_m
+      FROM @extschema@.rbr_histogram(labels, vals, bins);
+    IF lo IS NULL THEN
+        RAISE EXCEPTION 'no values to draw' USING ERRCODE = 'no_data_found';
+    END IF;
+    -- room for the legend: its longest label and count
+    right_m := greatest(160, 90 + 8 * right_m);
+    w := 600 + right_m;
+    pw := w - left_m - right_m;
+    ph := h - top_m - bottom_m;
+    base := h - bottom_m;
+    xt := ARRAY(SELECT v FROM unnest(rbr.svg_ticks(lo, hi, 7)) v WHERE v >= lo - 1e-9 AND v <= hi + 1e-9);
+    yt := ARRAY(SELECT v FROM unnest(rbr.svg_ticks(0, top, 5)) v WHERE v <= top + 1e-9);
+    svg := format('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %s %s" width="%s" height="%s" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
+                  w, h, w, h)
+        || format('<rect width="%s" height="%s" fill="white"/>', w, h)
+        || format('<text x="%s" y="24" font-size="15" font-weight="bold">%s</text>', left_m, rbr.svg_escape(title))
+        || format('<text x="%s" y="%s" text-anchor="middle">value (bins of width %s)</text>', left_m + pw / 2, h - 12,
+                  trim_scale(round(((hi - lo) / bins)::numeric, 4)))
+        || format('<text x="16" y="%s" transform="rotate(-90 16 %s)" text-anchor="middle">share of the label''s values in the bin</text>',
+                  top_m + ph / 2, top_m + ph / 2);
+    FOREACH t IN ARRAY xt LOOP
+        px := round((left_m + (t - lo) / (hi - lo) * pw)::numeric, 1);
+        svg := svg || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="%s"%s/>', px, top_m, px, base,
+                             CASE WHEN t = 0 THEN '#555' ELSE '#e5e5e5' END, CASE WHEN t = 0 THEN ' stroke-dasharray="4 3"' ELSE '' END)
+                   || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', px, base, px, base + 5)
+                   || format('<text x="%s" y="%s" text-anchor="middle">%s</text>', px, base + 18, t);
+    END LOOP;
+    FOREACH t IN ARRAY yt LOOP
+        y := round((base - t / top * ph)::numeric, 1);
+        svg := svg || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="%s"/>', left_m, y, left_m + pw, y, '#e5e5e5')
+                   || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', left_m - 5, y, left_m, y)
+                   || format('<text x="%s" y="%s" text-anchor="end">%s</text>', left_m - 8, y + 4, t);
+    END LOOP;
+    svg := svg || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', left_m, base, left_m + pw, base)
+               || format('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="black"/>', left_m, top_m, left_m, base);
+    -- labels in the order of their first appearance in the input
+    FOR lab IN SELECT hh.label, sum(hh.count) AS n
+                 FROM @extschema@.rbr_histogram(labels, vals, bins) hh
+                 LEFT JOIN (SELECT coalesce(u.l, '(none)') AS l, min(u.o) AS first
+                              FROM unnest(labels, vals) WITH ORDINALITY AS u(l, x, o) WHERE u.x IS NOT NULL GROUP BY 1) f
+                   ON f.l = hh.label
+                GROUP BY hh.label, f.first ORDER BY f.first, hh.label LOOP
+        i := i + 1;
+        col := colors[1 + (i - 1) % 8];
+        pts := format('%s,%s ', left_m, base);
+        FOR x, y, px IN SELECT low, share, high FROM @extschema@.rbr_histogram(labels, vals, bins) hh WHERE hh.label = lab.label ORDER BY bin LOOP
+            lx := round((left_m + (x - lo) / (hi - lo) * pw)::numeric, 1);
+            ly := round((base - y / top * ph)::numeric, 1);
+            pts := pts || format('%s,%s %s,%s ', lx, ly, round((left_m + (px - lo) / (hi - lo) * pw)::numeric, 1), ly);
+        END LOOP;
+        pts := pts || format('%s,%s', left_m + pw, base);
+        svg := svg || format('<polyline fill="%s" fill-opacity="0.18" stroke-width="2" stroke="%s" points="%s"/>', col, col, pts)
+                   || format('<rect x="%s" y="%s" width="12" height="12" fill="%s"/>', w - right_m + 16, top_m + (i - 1) * 20, col)
+                   || format('<text x="%s" y="%s">%s (%s)</text>', w - right_m + 34, top_m + (i - 1) * 20 + 11,
+                             rbr.svg_escape(lab.label), lab.n);
+    END LOOP;
+    RETURN svg || '</svg>';
+END
+$$;
+
 -- (end of pictures)
 
 -------------------------------------------------------------------------------
