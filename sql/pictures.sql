@@ -83,3 +83,10 @@ SELECT rbr_reliability_svg('{"a": 1}');
 SELECT rbr_reliability_svg(r, ARRAY['no_such']) FROM cal_report;
 SELECT rbr_reliability_svg(r, ARRAY[NULL]) FROM cal_report;
 SELECT rbr_reliability_svg(r, NULL, 0) FROM cal_report;
+
+-- rbr_histogram_svg: legend in the order labels first appear (here the
+-- reverse of alphabetical), a viewBox, an x-axis label and round ticks
+SELECT position('z_first' IN svg) < position('a_second' IN svg) AS input_order,
+       svg LIKE '%viewBox="0 0 %' AS viewbox, svg LIKE '%>value (bins of width 0.25)<%' AS x_label,
+       svg LIKE '%>0.5</text>%' AS tick
+  FROM (SELECT rbr_histogram_svg(ARRAY['z_first', 'a_second', 'z_first'], ARRAY[0, 1, 0.2]::float8[], 4) AS svg) s;
