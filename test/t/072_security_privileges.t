@@ -77,11 +77,11 @@ like($e, qr/permission denied for table grade_cache/, 'no role reads the grader 
 ($o, $e) = as_mallory("SELECT count(*) FROM rbr.generation_cache");
 like($e, qr/permission denied for table generation_cache/, 'no role reads the generation cache');
 # and yet a granted role's grading fills and uses the cache (rbr writes it as the extension's owner)
-my ($mo, $me, $mrc) = as_mallory("$set SELECT rbr_policy_load('m_ref', \$p\$$spec\$p\$::jsonb);"
+my ($mo, $me, $mrc) = psql("$set SET ROLE mallory; SELECT rbr_policy_load('m_ref', \$p\$$spec\$p\$::jsonb);"
     . " CREATE TABLE shared.m (id int PRIMARY KEY, prompt text, completion text, response_type text);"
     . " INSERT INTO shared.m VALUES (1, 'hi', 'x [[rbr *=0.25]]', 'comply');"
     . " CALL rbr_featurize('shared.m', 'm_ref'); CALL rbr_featurize('shared.m', 'm_ref', '{\"propositions\": \"all\"}');"
-    . " SELECT count(*) FILTER (WHERE cached), count(*) FROM shared.m_grades;");
+    . " SELECT count(*) FILTER (WHERE cached), count(*) FROM shared.m_grades WHERE status = 'ok';", keep_going => 1);
 is($mrc, 0, 'a granted role grades') or diag($me);
 like((split /\n/, $mo)[-1] // '', qr/^\d+\|([1-9]\d*)$/, '  and its values are recorded');
 
