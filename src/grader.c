@@ -48,6 +48,7 @@
 #include <json-c/json.h>
 
 #include "grader.h"
+#include "jsonutil.h"
 
 char	   *rbr_grader_url = NULL;
 char	   *rbr_grader_model = NULL;
@@ -318,8 +319,8 @@ rbr_grader_scrub(const char *msg)
 	nsecrets = header_values(rbr_generator_extra_headers, secrets, nsecrets, 66);
 
 	initStringInfo(&out);
-	/* stop at a character boundary once 500 bytes are out */
-	while (*p && (out.len < 500 || ((unsigned char) *p & 0xC0) == 0x80))
+	/* 500 bytes at most, then back to a character boundary */
+	while (*p && out.len < 500)
 	{
 		size_t		klen = 0;
 
@@ -339,7 +340,11 @@ rbr_grader_scrub(const char *msg)
 		}
 	}
 	if (*p)
+	{
+		out.len = rbr_clip_len(out.data, out.len, 500);
+		out.data[out.len] = '\0';
 		appendStringInfoString(&out, "...");
+	}
 	return out.data;
 }
 

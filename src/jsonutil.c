@@ -3,6 +3,8 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
+
 #include "jsonutil.h"
 
 /* Human name of a jsonb value's type, for error messages. */
@@ -100,3 +102,16 @@ rbr_obj_get(JsonbContainer *c, const char *key)
 	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
 }
 
+
+/*
+ * The longest prefix of s (len bytes) of at most limit bytes that ends at a
+ * character boundary of the database encoding; a character cut by len itself
+ * is left out too.
+ */
+int
+rbr_clip_len(const char *s, int len, int limit)
+{
+	if (len <= 0 || limit <= 0)
+		return 0;
+	return pg_mbcliplen(s, len, Min(len, limit));
+}
