@@ -295,34 +295,47 @@ typedef enum
 	VISIT_NEW, VISIT_ACTIVE, VISIT_DONE
 } VisitState;
 
+/* ERROR: derived propositions nest deeper than RBR_MAX_DEPTH, from p down. */
+static void
+depth_error(RbrPolicy *pol, int p, const int *below)
+{
+	StringInfoData chain;
+	int			n = 0;
+
+	initStringInfo(&chain);
+	for (int q = p; q >= 0 && n <= RBR_MAX_DEPTH + 1; q = below[q], n++)
+	{
+		if (n < 3 || below[q] < 0)
+			appendStringInfo(&chain, "%s%s", n ? " -> " : "", pol->props[q].name);
+		else if (n == 3)
+			appendStringInfoString(&chain, " -> ...");
+	}
+	policy_error(psprintf("derived_propositions.%s", pol->props[p].name),
+				 psprintf("Derived propositions nest at most %d deep; flatten the chain.", RBR_MAX_DEPTH),
+				 "derived propositions nested more than %d deep: %s", RBR_MAX_DEPTH, chain.data);
+}
+
 /*
  * Detect cycles among derived propositions, reporting the cycle's path, and
- * bound how deeply they nest. One depth-first search over all of them, each
- * visited once (colors), so linear in the number of literals; the recursion
- * is at most RBR_MAX_DEPTH + 1 deep, as a longer chain is refused first.
+ * bound how deeply they nest: returns p's height (1 for a derived proposition
+ * over simple ones only, 0 for a simple one). One depth-first search over all
+ * of them, each visited once (colors, memoised heights), so linear in the
+ * number of literals; the recursion is at most RBR_MAX_DEPTH + 1 deep, as a
+ * longer chain is refused first. below[p] is the child on p's deepest chain.
  */
-static void
-check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth)
+static int
+check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth,
+			 int *height, int *below)
 {
 	RbrProp    *prop = &pol->props[p];
+	int			h = 0;
 
 	check_stack_depth();
 	CHECK_FOR_INTERRUPTS();
-	if (state[p] == VISIT_DONE || !prop->derived)
-		return;
-	if (state[p] != VISIT_ACTIVE && depth >= RBR_MAX_DEPTH)
-	{
-		StringInfoData chain;
-
-		initStringInfo(&chain);
-		appendStringInfo(&chain, "%s -> ", pol->props[stack[0]].name);
-		if (depth > 2)
-			appendStringInfo(&chain, "... (%d more) -> ", depth - 2);
-		appendStringInfo(&chain, "%s -> %s", pol->props[stack[depth - 1]].name, prop->name);
-		policy_error(psprintf("derived_propositions.%s", pol->props[stack[0]].name),
-					 psprintf("Derived propositions nest at most %d deep; flatten the chain.", RBR_MAX_DEPTH),
-					 "derived propositions nested more than %d deep: %s", RBR_MAX_DEPTH, chain.data);
-	}
+	if (!prop->derived)
+		return 0;
+	if (state[p] == VISIT_DONE)
+		return height[p];
 	if (state[p] == VISIT_ACTIVE)
 	{
 		StringInfoData cyc;
@@ -338,11 +351,33 @@ check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth)
 					 "A derived proposition may not depend on itself, directly or through others.",
 					 "cycle among derived propositions: %s", cyc.data);
 	}
+	if (depth >= RBR_MAX_DEPTH)
+	{
+		/* the chain on the stack is already too deep: report it */
+		for (int i = 0; i < depth; i++)
+			below[stack[i]] = i + 1 < depth ? stack[i + 1] : p;
+		below[p] = -1;
+		depth_error(pol, stack[0], below);
+	}
 	state[p] = VISIT_ACTIVE;
 	stack[depth] = p;
+	below[p] = -1;
 	for (int i = 0; i < prop->nlits; i++)
-		check_cycles(pol, prop->lits[i].prop, state, stack, depth + 1);
+	{
+		int			c = prop->lits[i].prop;
+		int			hc = check_cycles(pol, c, state, stack, depth + 1, height, below);
+
+		if (hc + 1 > h)
+		{
+			h = hc + 1;
+			below[p] = pol->props[c].derived ? c : -1;
+		}
+	}
+	if (h > RBR_MAX_DEPTH)
+		depth_error(pol, p, below);
 	state[p] = VISIT_DONE;
+	height[p] = h;
+	return h;
 }
 
 /*
@@ -458,6 +493,8 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 				nd = 0;
 	VisitState *state;
 	int		   *stack;
+	int		   *height;
+	int		   *below;
 
 	sitems = rbr_obj_items(simple, &ns);
 	if (ns == 0)
@@ -520,10 +557,14 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 
 	state = palloc0(sizeof(VisitState) * pol->nprops);
 	stack = palloc(sizeof(int) * (pol->nprops + 1));
+	height = palloc0(sizeof(int) * pol->nprops);
+	below = palloc(sizeof(int) * pol->nprops);
 	for (int i = ns; i < pol->nprops; i++)
-		check_cycles(pol, i, state, stack, 0);
+		check_cycles(pol, i, state, stack, 0, height, below);
 	pfree(state);
 	pfree(stack);
+	pfree(height);
+	pfree(below);
 	pol->memo = palloc0(sizeof(double) * pol->nprops);
 	pol->memo_stamp = palloc0(sizeof(uint32) * pol->nprops);
 	pol->memo_gen = 0;
