@@ -148,11 +148,13 @@ SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}',
 SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}', '{"d1": {"d2": true}, "d2": {"d3": true}, "d3": {"d1": false}}', 'd1'));
 -- a diamond (each level refers twice to the level below) validates and evaluates at once
 SELECT rbr_policy_load('lim_diamond', lim_spec('{"s": {"prompt": "p"}, "t": {"prompt": "q"}}',
-  (SELECT jsonb_object_agg(x || i, CASE WHEN i = 1 THEN jsonb_build_object('s', true, 't', x = 'a')
+  (SELECT jsonb_object_agg(x || i, CASE WHEN i = 1 THEN jsonb_build_object(CASE WHEN x = 'a' THEN 's' ELSE 't' END, true)
                                         ELSE jsonb_build_object('a' || (i - 1), true, 'b' || (i - 1), true) END)
      FROM generate_series(1, 60) i, unnest(ARRAY['a', 'b']) x), 'a60'));
 SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 1, "t": 1}');
-SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 0.5, "t": 1}', 'exact');
+SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 1, "t": 0}');
+-- a60 is s AND t, reached 2^59 times each: exact mode gives P(s) P(t)
+SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 0.5, "t": 0.5}', 'exact');
 SELECT rbr_policy_info('lim_diamond')->'response_types'->'comply'->'propositions';
 -- at most 1000 literals in a conjunction, 256 classes, 256 response types
 SELECT rbr_policy_validate(lim_spec((SELECT jsonb_object_agg('s' || i, '{"prompt": "p"}'::jsonb) FROM generate_series(1, 1001) i),
