@@ -4,6 +4,7 @@
 #include "postgres.h"
 
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 
 #include "jsonutil.h"
 
@@ -63,6 +64,7 @@ rbr_obj_items(JsonbContainer *c, int *n)
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
+		CHECK_FOR_INTERRUPTS();
 		if (tok == WJB_KEY)
 			key = rbr_jbv_cstring(&v);
 		else if (tok == WJB_VALUE)
@@ -88,6 +90,7 @@ rbr_arr_items(JsonbContainer *c, int *n)
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
+		CHECK_FOR_INTERRUPTS();
 		if (tok == WJB_ELEM)
 			items[count++] = v;
 	}
