@@ -170,6 +170,37 @@ my $msg = $err;
 ok(eval { Encode::decode('UTF-8', $msg, Encode::FB_CROAK); 1 }, 'psql received valid UTF-8');
 like(Encode::decode('UTF-8', $err), qr/contains "\x{e9}"/, 'the whole character is quoted');
 
+# --- a grader's error message cut to 500 bytes ends at a character boundary
+{
+    require JSON::PP;
+    require File::Temp;
+    require IPC::Run;
+    my $dir = File::Temp::tempdir(CLEANUP => 1);
+    chmod 0755, $dir;
+    open my $fh, '>', "$dir/responses.json" or die;
+    # 'HTTP 400: ' + 'a' + 2-byte characters: byte 500 falls inside one
+    print $fh JSON::PP->new->utf8->encode({ longerr => { status => 400,
+        json => { error => { message => 'a' . ("\x{e9}" x 400) } } } });
+    close $fh;
+    my ($cout, $cerr) = ('', '');
+    my $ch = IPC::Run::start(['node', REPO . '/test/grader-server/canned.js', '--port', '0', '--responses',
+                              "$dir/responses.json"], '>', \$cout, '2>', \$cerr, IPC::Run::timeout(30));
+    IPC::Run::pump($ch) until $cout =~ /listening on 127\.0\.0\.1:(\d+)/;
+    $ch->{timeout} = undef;
+    my $url = "http://127.0.0.1:$1/v1";
+    ($out, $err, $rc) = psql("SET rbr.grader_url = '$url'; SET rbr.grader_max_retries = 0;"
+        . " SELECT error, octet_length(error) FROM rbr_grade_many('ref', ARRAY['apology'], ARRAY['\"q\"'::jsonb],"
+        . " ARRAY['x [[canned longerr]]'])");
+    $ch->signal('TERM');
+    eval { $ch->finish };
+    is($rc, 0, 'long error message: graded with an error row') or diag($err);
+    my $copy = $out;
+    ok(eval { Encode::decode('UTF-8', $copy, Encode::FB_CROAK); 1 }, 'long error message: valid UTF-8');
+    like($out, qr/^HTTP 400: a(?:\xc3\xa9)+\.{3,}\|(\d+)$/, 'long error message: whole characters, then "..."');
+    my ($len) = $out =~ /\|(\d+)$/;
+    ok(defined $len && $len <= 503, 'long error message: at most 500 bytes and "..."');
+}
+
 drop_db();
 system('psql', '-X', '-q', '-d', 'postgres', '-c', 'DROP OWNED BY rbr_hostile CASCADE');
 system('psql', '-X', '-q', '-d', 'postgres', '-c', 'DROP ROLE IF EXISTS rbr_hostile');
