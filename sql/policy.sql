@@ -130,3 +130,52 @@ DROP ROLE rbr_reader;
 -- deleting versions invalidates the cache too
 DELETE FROM rbr.policy_version WHERE policy = 'extras';
 SELECT rbr_feature_names('extras', 'hard_refuse');
+
+-- limits of a spec (doc/reference.md, "Limits"): small specs built here
+CREATE FUNCTION lim_spec(simple jsonb, derived jsonb, top text) RETURNS jsonb LANGUAGE sql AS $$
+SELECT jsonb_build_object('prompt_template', 'Q {question} R {response}',
+  'completion_class_order', jsonb_build_array('good', 'bad'),
+  'completion_classes', jsonb_build_object('good', jsonb_build_object('comply', jsonb_build_object(top, true)),
+                                           'bad', jsonb_build_object('comply', jsonb_build_object(top, false))),
+  'simple_propositions', simple, 'derived_propositions', derived) $$;
+-- at most 10000 propositions
+SELECT rbr_policy_validate(lim_spec((SELECT jsonb_object_agg('s' || i, '{"prompt": "p"}'::jsonb) FROM generate_series(1, 10000) i), '{}', 's1'));
+SELECT rbr_policy_validate(lim_spec((SELECT jsonb_object_agg('s' || i, '{"prompt": "p"}'::jsonb) FROM generate_series(1, 10001) i), '{}', 's1'));
+SELECT rbr_policy_validate(lim_spec((SELECT jsonb_object_agg('s' || i, '{"prompt": "p"}'::jsonb) FROM generate_series(1, 5000) i),
+                                    (SELECT jsonb_object_agg('d' || i, '{"s1": true}'::jsonb) FROM generate_series(1, 5001) i), 's1'));
+-- derived propositions nest at most 64 deep
+SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}',
+  (SELECT jsonb_object_agg('d' || i, jsonb_build_object(CASE WHEN i = 1 THEN 's' ELSE 'd' || (i - 1) END, true)) FROM generate_series(1, 64) i), 'd64'));
+SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}',
+  (SELECT jsonb_object_agg('d' || i, jsonb_build_object(CASE WHEN i = 1 THEN 's' ELSE 'd' || (i - 1) END, true)) FROM generate_series(1, 65) i), 'd65'));
+-- a cycle is still named as a cycle
+SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}', '{"d1": {"d2": true}, "d2": {"d3": true}, "d3": {"d1": false}}', 'd1'));
+-- a diamond (each level refers twice to the level below) validates and evaluates at once
+SELECT rbr_policy_load('lim_diamond', lim_spec('{"s": {"prompt": "p"}, "t": {"prompt": "q"}}',
+  (SELECT jsonb_object_agg(x || i, CASE WHEN i = 1 THEN jsonb_build_object(CASE WHEN x = 'a' THEN 's' ELSE 't' END, true)
+                                        ELSE jsonb_build_object('a' || (i - 1), true, 'b' || (i - 1), true) END)
+     FROM generate_series(1, 60) i, unnest(ARRAY['a', 'b']) x), 'a60'));
+SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 1, "t": 1}');
+SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 1, "t": 0}');
+-- a60 is s AND t, reached 2^59 times each: exact mode gives P(s) P(t)
+SELECT rbr_class_probs('lim_diamond', 'comply', '{"s": 0.5, "t": 0.5}', 'exact');
+SELECT rbr_policy_info('lim_diamond')->'response_types'->'comply'->'propositions';
+-- at most 1000 literals in a conjunction, 256 classes, 256 response types
+SELECT rbr_policy_validate(lim_spec((SELECT jsonb_object_agg('s' || i, '{"prompt": "p"}'::jsonb) FROM generate_series(1, 1001) i),
+                                    jsonb_build_object('d', (SELECT jsonb_object_agg('s' || i, true) FROM generate_series(1, 1001) i)), 'd'));
+SELECT rbr_policy_validate(jsonb_set(lim_spec('{"s": {"prompt": "p"}}', '{}', 's'), '{completion_class_order}',
+                                     (SELECT jsonb_agg('c' || i) FROM generate_series(1, 257) i)));
+SELECT rbr_policy_validate(jsonb_set(lim_spec('{"s": {"prompt": "p"}}', '{}', 's'), '{completion_classes,good}',
+                                     (SELECT jsonb_object_agg('rt' || i, '{"s": true}'::jsonb) FROM generate_series(1, 257) i)));
+-- at most 5 MB of jsonb
+SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}', '{}', 's')
+                           || jsonb_build_object('description', repeat(md5('x'), 170000)));
+-- names that are system columns of the features table are refused
+SELECT rbr_policy_validate(lim_spec('{"xmin": {"prompt": "p"}}', '{}', 'xmin'));
+SELECT rbr_policy_validate(lim_spec('{"s": {"prompt": "p"}}', '{"ctid": {"s": true}}', 'ctid'));
+SELECT rbr_policy_validate(jsonb_set(lim_spec('{"s": {"prompt": "p"}}', '{}', 's'), '{completion_class_order,0}', '"tableoid"'));
+SELECT rbr_policy_validate(lim_spec('{"XMIN": {"prompt": "p"}, "oid_": {"prompt": "p"}}', '{}', 'XMIN'));
+-- a name with a character that is not allowed names the whole character
+SELECT rbr_policy_validate(lim_spec('{"café": {"prompt": "p"}}', '{}', 'café'));
+SELECT rbr_policy_validate(lim_spec('{"a€b": {"prompt": "p"}}', '{}', 'a€b'));
+DROP FUNCTION lim_spec(jsonb, jsonb, text);

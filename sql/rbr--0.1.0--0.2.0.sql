@@ -157,6 +157,14 @@ BEGIN
         RAISE EXCEPTION 'fit feature_names differ from the features of response type % of policy %', quote_literal(folded), quote_literal(policy)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- finite weights only: a NULL would shift the vector, NaN poisons every reward
+    FOR i IN 1 .. cardinality(w) LOOP
+        IF w[i] IS NULL OR w[i] IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8) THEN
+            RAISE EXCEPTION 'weight % of the fit report is %, not a finite number', i, (fit -> 'weights' -> (i - 1))::text
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Weights must be finite numbers, one per feature; refit if rbr_fit() did not converge.';
+        END IF;
+    END LOOP;
     -- a model name keeps its owner (the caller is a member when it sees the name)
     INSERT INTO rbr.model AS m (name, response_type, policy, policy_version, feature_names, weights, report, owner)
     VALUES (model, folded, info ->> 'name', (info ->> 'version')::int, names, w, fit,
@@ -1487,6 +1495,13 @@ $$;
 -------------------------------------------------------------------------------
 -- Policies and models: hostile input
 -------------------------------------------------------------------------------
+
+-- Policy limits, reserved names and the stack-depth and interrupt checks of
+-- validation are in the C library (src/policy.c, src/classes.c): nothing to
+-- change in the catalog for them.
+
+-- rbr_model_save (every weight must be a finite number) is replaced in the
+-- privileges section above, together with its owner.
 
 -- (end of policies and models)
 

@@ -171,7 +171,7 @@ rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attri
 {
 	cache_lookup(jobs, njobs,
 				 "SELECT key, probability, method, yes_no_mass, model "
-				 "FROM rbr.grade_cache WHERE key = ANY ($1)", "cache", fill_grade);
+				 "FROM rbr.grade_cache WHERE key OPERATOR(pg_catalog.=) ANY ($1)", "cache", fill_grade);
 }
 
 /* Rows for one INSERT, gathered column by column; see batch_insert(). */
@@ -340,7 +340,7 @@ rbr_gen_cache_lookup(RbrGradeJob *jobs, int njobs)
 {
 	cache_lookup(jobs, njobs,
 				 "SELECT key, completion, finish_reason, model "
-				 "FROM rbr.generation_cache WHERE key = ANY ($1)", "generation cache", fill_generation);
+				 "FROM rbr.generation_cache WHERE key OPERATOR(pg_catalog.=) ANY ($1)", "generation cache", fill_generation);
 }
 
 /* Store the new successful generations of jobs[0 .. njobs-1]: one INSERT. */

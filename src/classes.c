@@ -24,6 +24,7 @@
 
 #include "catalog/pg_type.h"
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -46,22 +47,51 @@ rbr_class_mode(const char *name)
 	return RBR_CLASS_PRODUCT;
 }
 
-/* Probability of one literal: p or 1-p, recursing into derived ones. */
-double
-rbr_literal_prob(RbrPolicy *pol, const RbrLiteral *lit, const double *p)
+/* Start an evaluation: forget the derived probabilities memoised so far. */
+static inline void
+memo_begin(RbrPolicy *pol)
+{
+	if (++pol->memo_gen == 0)
+	{
+		memset(pol->memo_stamp, 0, sizeof(uint32) * pol->nprops);
+		pol->memo_gen = 1;
+	}
+}
+
+/*
+ * Probability of one literal within the current evaluation: p or 1-p, a
+ * derived proposition's product computed once and memoised (a policy whose
+ * derived propositions share sub-propositions costs linear, not exponential,
+ * time). Nesting is at most the policy's derivation depth limit.
+ */
+static double
+literal_prob_memo(RbrPolicy *pol, const RbrLiteral *lit, const double *p)
 {
 	RbrProp    *prop = &pol->props[lit->prop];
 	double		q;
 
 	if (!prop->derived)
 		q = p[lit->prop];
+	else if (pol->memo_stamp[lit->prop] == pol->memo_gen)
+		q = pol->memo[lit->prop];
 	else
 	{
+		check_stack_depth();
 		q = 1.0;
 		for (int i = 0; i < prop->nlits; i++)
-			q *= rbr_literal_prob(pol, &prop->lits[i], p);
+			q *= literal_prob_memo(pol, &prop->lits[i], p);
+		pol->memo[lit->prop] = q;
+		pol->memo_stamp[lit->prop] = pol->memo_gen;
 	}
 	return lit->value ? q : 1.0 - q;
+}
+
+/* Probability of one literal: p or 1-p, recursing into derived ones. */
+double
+rbr_literal_prob(RbrPolicy *pol, const RbrLiteral *lit, const double *p)
+{
+	memo_begin(pol);
+	return literal_prob_memo(pol, lit, p);
 }
 
 /* Product of a conjunction's literal probabilities. */
@@ -70,8 +100,9 @@ conjunction_prob(RbrPolicy *pol, const RbrLiteral *lits, int nlits, const double
 {
 	double		q = 1.0;
 
+	memo_begin(pol);
 	for (int i = 0; i < nlits; i++)
-		q *= rbr_literal_prob(pol, &lits[i], p);
+		q *= literal_prob_memo(pol, &lits[i], p);
 	return q;
 }
 
@@ -93,6 +124,7 @@ class_exact_prob(RbrPolicy *pol, RbrClassDef *def, const double *p)
 	{
 		double		weight = 1.0;
 
+		CHECK_FOR_INTERRUPTS();
 		for (int k = 0; k < def->nrepeated; k++)
 		{
 			int			v = def->repeated[k];
@@ -278,6 +310,7 @@ parse_values(RbrPolicy *pol, Jsonb *jb, bool hard_only)
 	it = JsonbIteratorInit(&jb->root);
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
+		CHECK_FOR_INTERRUPTS();
 		if (tok == WJB_KEY)
 		{
 			idx = find_simple(pol, v.val.string.val, v.val.string.len);

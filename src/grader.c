@@ -48,6 +48,7 @@
 #include <json-c/json.h>
 
 #include "grader.h"
+#include "jsonutil.h"
 
 char	   *rbr_grader_model = NULL;
 int			rbr_grader_timeout_ms = 60000;
@@ -196,8 +197,8 @@ rbr_grader_scrub(const char *msg)
 	nsecrets = header_values(rbr_secrets_headers(RBR_JOB_GENERATE), secrets, nsecrets, 66);
 
 	initStringInfo(&out);
-	/* stop at a character boundary once 500 bytes are out */
-	while (*p && (out.len < 500 || ((unsigned char) *p & 0xC0) == 0x80))
+	/* 500 bytes at most, then back to a character boundary */
+	while (*p && out.len < 500)
 	{
 		size_t		klen = 0;
 
@@ -217,7 +218,11 @@ rbr_grader_scrub(const char *msg)
 		}
 	}
 	if (*p)
+	{
+		out.len = rbr_clip_len(out.data, out.len, 500);
+		out.data[out.len] = '\0';
 		appendStringInfoString(&out, "...");
+	}
 	return out.data;
 }
 

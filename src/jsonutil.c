@@ -3,6 +3,9 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+
 #include "jsonutil.h"
 
 /* Human name of a jsonb value's type, for error messages. */
@@ -61,6 +64,7 @@ rbr_obj_items(JsonbContainer *c, int *n)
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
+		CHECK_FOR_INTERRUPTS();
 		if (tok == WJB_KEY)
 			key = rbr_jbv_cstring(&v);
 		else if (tok == WJB_VALUE)
@@ -86,6 +90,7 @@ rbr_arr_items(JsonbContainer *c, int *n)
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
+		CHECK_FOR_INTERRUPTS();
 		if (tok == WJB_ELEM)
 			items[count++] = v;
 	}
@@ -100,3 +105,16 @@ rbr_obj_get(JsonbContainer *c, const char *key)
 	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
 }
 
+
+/*
+ * The longest prefix of s (len bytes) of at most limit bytes that ends at a
+ * character boundary of the database encoding; a character cut by len itself
+ * is left out too.
+ */
+int
+rbr_clip_len(const char *s, int len, int limit)
+{
+	if (len <= 0 || limit <= 0)
+		return 0;
+	return pg_mbcliplen(s, len, Min(len, limit));
+}

@@ -34,4 +34,10 @@ extern JsonbValue *rbr_arr_items(JsonbContainer *c, int *n);
 /* The value of key in an object container, or NULL. */
 extern JsonbValue *rbr_obj_get(JsonbContainer *c, const char *key);
 
+/*
+ * The longest prefix of s (len bytes) of at most limit bytes that ends at a
+ * character boundary of the database encoding: where to cut text for a message.
+ */
+extern int	rbr_clip_len(const char *s, int len, int limit);
+
 #endif							/* RBR_JSONUTIL_H */

@@ -31,6 +31,18 @@ typedef struct ModelCacheEntry
 
 static HTAB *model_cache = NULL;
 
+static void model_row_error(const char *model, const char *rt, const char *why) pg_attribute_noreturn();
+
+/* ERROR: a stored model row cannot be scored with. */
+static void
+model_row_error(const char *model, const char *rt, const char *why)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_DATA_CORRUPTED),
+			 errmsg("model \"%s\" has unusable weights for response type \"%s\": %s", model, rt, why),
+			 errhint("Store the model again with rbr_model_save(); weights must be finite numbers, one per feature.")));
+}
+
 /* Read a model's weights for a response type from rbr.model. */
 static void
 load_model(ModelCacheEntry *entry, const char *model, const char *rt)
@@ -40,7 +52,8 @@ load_model(ModelCacheEntry *entry, const char *model, const char *rt)
 	int			ret;
 
 	SPI_connect();
-	ret = SPI_execute_with_args("SELECT weights FROM rbr.model WHERE name = $1 AND response_type = $2",
+	ret = SPI_execute_with_args("SELECT weights FROM rbr.model "
+								"WHERE name OPERATOR(pg_catalog.=) $1 AND response_type OPERATOR(pg_catalog.=) $2",
 								2, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "rbr: reading rbr.model failed: %s", SPI_result_code_string(ret));
@@ -55,13 +68,31 @@ load_model(ModelCacheEntry *entry, const char *model, const char *rt)
 	else
 	{
 		bool		isnull;
-		ArrayType  *w = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		int			d = ARR_NDIM(w) == 0 ? 0 : ARR_DIMS(w)[0];
+		Datum		wd = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		ArrayType  *w;
+		int			d;
+		const double *wv;
+
+		/* a stored row is data: check it before reading a weight of it */
+		if (isnull)
+			model_row_error(model, rt, "its weights are NULL");
+		w = DatumGetArrayTypeP(wd);
+		if (ARR_ELEMTYPE(w) != FLOAT8OID || ARR_NDIM(w) > 1)
+			model_row_error(model, rt, "its weights are not a one-dimensional float8 array");
+		if (ARR_HASNULL(w))
+			model_row_error(model, rt, "a weight is NULL");
+		d = ARR_NDIM(w) == 0 ? 0 : ARR_DIMS(w)[0];
+		if (d < 0 || ARR_SIZE(w) < ARR_DATA_OFFSET(w) + (Size) d * sizeof(double))
+			model_row_error(model, rt, "its weights array is shorter than its dimension");
+		wv = (const double *) ARR_DATA_PTR(w);
+		for (int i = 0; i < d; i++)
+			if (isnan(wv[i]) || isinf(wv[i]))
+				model_row_error(model, rt, psprintf("weight %d is %g", i + 1, wv[i]));
 
 		if (entry->weights)
 			pfree(entry->weights);
 		entry->weights = MemoryContextAlloc(CacheMemoryContext, sizeof(double) * Max(d, 1));
-		memcpy(entry->weights, ARR_DATA_PTR(w), sizeof(double) * d);
+		memcpy(entry->weights, wv, sizeof(double) * d);
 		entry->d = d;
 	}
 	SPI_finish();

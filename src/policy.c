@@ -15,6 +15,8 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
@@ -27,6 +29,25 @@
 
 /* Most simple propositions one class may repeat before exact mode refuses. */
 #define RBR_MAX_REPEATED 20
+
+/*
+ * Limits of a spec (doc/reference.md, "Limits"). They are far above any
+ * policy of the paper's size (23 simple and 6 derived propositions, 5
+ * classes, 4 response types) and keep validating a hostile spec cheap:
+ * every pass over it is linear in its size, and these bound what follows.
+ */
+#define RBR_MAX_SPEC_BYTES (5 * 1024 * 1024)	/* jsonb size of a spec */
+#define RBR_MAX_PROPS 10000		/* simple + derived propositions */
+#define RBR_MAX_DEPTH 64		/* derived propositions nested in each other */
+#define RBR_MAX_CLASSES 256		/* completion classes (each response type has all) */
+#define RBR_MAX_RESPTYPES 256	/* response types */
+#define RBR_MAX_LITERALS 1000	/* literals of one conjunction */
+#define RBR_MAX_ENTRIES 10000	/* features, label tiers, behavior categories */
+
+/* Column names a proposition or class may not take (system columns). */
+static const char *const reserved_names[] = {
+	"xmin", "xmax", "cmin", "cmax", "ctid", "tableoid", "oid", NULL
+};
 
 /* Top-level keys a spec may carry. */
 static const char *const spec_keys[] = {
@@ -95,21 +116,49 @@ check_name(const char *name, const char *path, const char *what)
 		bool		ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
 			*p == '_' || (p != name && *p >= '0' && *p <= '9');
 
+		/* name the whole character, never a byte of a multi-byte one */
 		if (!ok)
 			policy_error(path,
 						 "Names become column names: use letters, digits and underscores, not starting with a digit.",
-						 "%s name \"%s\" contains \"%c\"", what, name, *p);
+						 "%s name \"%s\" contains \"%.*s\"", what, name,
+						 pg_mbcliplen(p, strlen(p), pg_mblen(p)), p);
 	}
+	for (int i = 0; reserved_names[i]; i++)
+		if (strcmp(name, reserved_names[i]) == 0)
+			policy_error(path,
+						 psprintf("Names become columns of the features table, where \"%s\" is a system column; rename it, e.g. to \"%s_\" or \"is_%s\".",
+								  name, name, name),
+						 "%s name \"%s\" is reserved", what, name);
+}
+
+/* Index of a proposition by name within props[lo .. hi-1] (sorted), or -1. */
+static int
+find_prop_in(RbrPolicy *policy, int lo, int hi, const char *name)
+{
+	hi--;
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+		int			cmp = strcmp(policy->props[mid].name, name);
+
+		if (cmp == 0)
+			return mid;
+		if (cmp < 0)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return -1;
 }
 
 /* Index of a proposition by name, or -1. */
 int
 rbr_policy_prop_index(RbrPolicy *policy, const char *name)
 {
-	for (int i = 0; i < policy->nprops; i++)
-		if (strcmp(policy->props[i].name, name) == 0)
-			return i;
-	return -1;
+	/* two sorted runs: simple propositions, then derived ones */
+	int			i = find_prop_in(policy, 0, policy->nsimple, name);
+
+	return i >= 0 ? i : find_prop_in(policy, policy->nsimple, policy->nprops, name);
 }
 
 /* Index of a class by name, or -1. */
@@ -217,17 +266,20 @@ parse_literals(RbrPolicy *pol, JsonbValue *v, const char *path, int *nlits)
 	items = rbr_obj_items(v->val.binary.data, &n);
 	if (n == 0)
 		policy_error(path, "List at least one literal.", "empty conjunction");
+	if (n > RBR_MAX_LITERALS)
+		policy_error(path, "Split the conjunction into derived propositions.",
+					 "conjunction has %d literals (at most %d)", n, RBR_MAX_LITERALS);
 	lits = palloc(sizeof(RbrLiteral) * n);
 	for (int i = 0; i < n; i++)
 	{
-		char	   *lpath = psprintf("%s.%s", path, items[i].key);
 		int			idx = rbr_policy_prop_index(pol, items[i].key);
 
+		CHECK_FOR_INTERRUPTS();
 		if (idx < 0)
-			policy_error(lpath, "Every literal must name a simple or derived proposition of the policy.",
+			policy_error(psprintf("%s.%s", path, items[i].key), "Every literal must name a simple or derived proposition of the policy.",
 						 "unknown proposition \"%s\"", items[i].key);
 		if (items[i].value.type != jbvBool)
-			policy_error(lpath, "Use true or false (JSON booleans), not strings or numbers.",
+			policy_error(psprintf("%s.%s", path, items[i].key), "Use true or false (JSON booleans), not strings or numbers.",
 						 "literal \"%s\" must be a boolean, not %s", items[i].key,
 						 rbr_jbv_type_name(&items[i].value));
 		lits[i].prop = idx;
@@ -243,14 +295,47 @@ typedef enum
 	VISIT_NEW, VISIT_ACTIVE, VISIT_DONE
 } VisitState;
 
-/* Detect cycles among derived propositions, reporting the cycle's path. */
+/* ERROR: derived propositions nest deeper than RBR_MAX_DEPTH, from p down. */
 static void
-check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth)
+depth_error(RbrPolicy *pol, int p, const int *below)
+{
+	StringInfoData chain;
+	int			n = 0;
+
+	initStringInfo(&chain);
+	for (int q = p; q >= 0 && n <= RBR_MAX_DEPTH + 1; q = below[q], n++)
+	{
+		if (n < 3 || below[q] < 0)
+			appendStringInfo(&chain, "%s%s", n ? " -> " : "", pol->props[q].name);
+		else if (n == 3)
+			appendStringInfoString(&chain, " -> ...");
+	}
+	policy_error(psprintf("derived_propositions.%s", pol->props[p].name),
+				 psprintf("Derived propositions nest at most %d deep; flatten the chain.", RBR_MAX_DEPTH),
+				 "derived propositions nested more than %d deep: %s", RBR_MAX_DEPTH, chain.data);
+}
+
+/*
+ * Detect cycles among derived propositions, reporting the cycle's path, and
+ * bound how deeply they nest: returns p's height (1 for a derived proposition
+ * over simple ones only, 0 for a simple one). One depth-first search over all
+ * of them, each visited once (colors, memoised heights), so linear in the
+ * number of literals; the recursion is at most RBR_MAX_DEPTH + 1 deep, as a
+ * longer chain is refused first. below[p] is the child on p's deepest chain.
+ */
+static int
+check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth,
+			 int *height, int *below)
 {
 	RbrProp    *prop = &pol->props[p];
+	int			h = 0;
 
-	if (state[p] == VISIT_DONE || !prop->derived)
-		return;
+	check_stack_depth();
+	CHECK_FOR_INTERRUPTS();
+	if (!prop->derived)
+		return 0;
+	if (state[p] == VISIT_DONE)
+		return height[p];
 	if (state[p] == VISIT_ACTIVE)
 	{
 		StringInfoData cyc;
@@ -266,25 +351,133 @@ check_cycles(RbrPolicy *pol, int p, VisitState *state, int *stack, int depth)
 					 "A derived proposition may not depend on itself, directly or through others.",
 					 "cycle among derived propositions: %s", cyc.data);
 	}
+	if (depth >= RBR_MAX_DEPTH)
+	{
+		/* the chain on the stack is already too deep: report it */
+		for (int i = 0; i < depth; i++)
+			below[stack[i]] = i + 1 < depth ? stack[i + 1] : p;
+		below[p] = -1;
+		depth_error(pol, stack[0], below);
+	}
 	state[p] = VISIT_ACTIVE;
 	stack[depth] = p;
+	below[p] = -1;
 	for (int i = 0; i < prop->nlits; i++)
-		check_cycles(pol, prop->lits[i].prop, state, stack, depth + 1);
+	{
+		int			c = prop->lits[i].prop;
+		int			hc = check_cycles(pol, c, state, stack, depth + 1, height, below);
+
+		if (hc + 1 > h)
+		{
+			h = hc + 1;
+			below[p] = pol->props[c].derived ? c : -1;
+		}
+	}
+	if (h > RBR_MAX_DEPTH)
+		depth_error(pol, p, below);
 	state[p] = VISIT_DONE;
+	height[p] = h;
+	return h;
 }
 
-/* Count how often each simple proposition is reached from a conjunction. */
+/*
+ * Scratch of count_reach(), reused for every conjunction of one policy: per
+ * proposition a visit stamp and the number of paths reaching it (saturated at
+ * 2: only "never", "once" and "more than once" matter).
+ */
+typedef struct ReachScratch
+{
+	int		   *stamp;
+	int		   *paths;
+	int			gen;
+	int		   *order;			/* reached derived propositions, post-order */
+	int			norder;
+} ReachScratch;
+
+/* The scratch of the policy being compiled (emptied when compiling starts). */
+static ReachScratch reach_scratch;
+
+/* Mark what a proposition reaches; derived ones go to s->order in post-order. */
+static void
+reach_visit(RbrPolicy *pol, ReachScratch *s, int p)
+{
+	RbrProp    *prop = &pol->props[p];
+
+	if (s->stamp[p] == s->gen)
+		return;
+	s->stamp[p] = s->gen;
+	s->paths[p] = 0;
+	if (!prop->derived)
+		return;
+	/* nesting is at most RBR_MAX_DEPTH deep (check_cycles) */
+	check_stack_depth();
+	CHECK_FOR_INTERRUPTS();
+	for (int i = 0; i < prop->nlits; i++)
+		reach_visit(pol, s, prop->lits[i].prop);
+	s->order[s->norder++] = p;
+}
+
+/*
+ * Count how often each simple proposition is reached from a conjunction
+ * (through derived propositions, counting every path), adding to counts[]
+ * values saturated at 2. Linear in the size of what the conjunction reaches,
+ * however often derived propositions share sub-propositions.
+ */
 static void
 count_reach(RbrPolicy *pol, RbrLiteral *lits, int nlits, int *counts)
 {
+	ReachScratch *s = &reach_scratch;
+
+	if (s->stamp == NULL)
+	{
+		s->stamp = palloc0(sizeof(int) * pol->nprops);
+		s->paths = palloc0(sizeof(int) * pol->nprops);
+		s->order = palloc(sizeof(int) * Max(pol->nprops, 1));
+		s->gen = 0;
+	}
+	s->gen++;
+	s->norder = 0;
+	for (int i = 0; i < nlits; i++)
+		reach_visit(pol, s, lits[i].prop);
+	for (int i = 0; i < nlits; i++)
+		s->paths[lits[i].prop] = Min(s->paths[lits[i].prop] + 1, 2);
+	/* reverse post-order: a derived proposition before what it refers to */
+	for (int k = s->norder - 1; k >= 0; k--)
+	{
+		RbrProp    *prop = &pol->props[s->order[k]];
+		int			n = s->paths[s->order[k]];
+
+		CHECK_FOR_INTERRUPTS();
+		if (n == 0)
+			continue;
+		for (int i = 0; i < prop->nlits; i++)
+			s->paths[prop->lits[i].prop] = Min(s->paths[prop->lits[i].prop] + n, 2);
+	}
 	for (int i = 0; i < nlits; i++)
 	{
-		RbrProp    *prop = &pol->props[lits[i].prop];
+		int			q = lits[i].prop;
 
-		if (prop->derived)
-			count_reach(pol, prop->lits, prop->nlits, counts);
-		else
-			counts[lits[i].prop]++;
+		if (!pol->props[q].derived && s->stamp[q] == s->gen)
+		{
+			counts[q] = Min(counts[q] + s->paths[q], 2);
+			s->stamp[q] = -1;
+		}
+	}
+	for (int k = 0; k < s->norder; k++)
+	{
+		RbrProp    *prop = &pol->props[s->order[k]];
+
+		for (int i = 0; i < prop->nlits; i++)
+		{
+			int			q = prop->lits[i].prop;
+
+			/* each simple proposition once: its stamp moves on when counted */
+			if (!pol->props[q].derived && s->stamp[q] == s->gen)
+			{
+				counts[q] = Min(counts[q] + s->paths[q], 2);
+				s->stamp[q] = -1;
+			}
+		}
 	}
 }
 
@@ -300,6 +493,8 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 				nd = 0;
 	VisitState *state;
 	int		   *stack;
+	int		   *height;
+	int		   *below;
 
 	sitems = rbr_obj_items(simple, &ns);
 	if (ns == 0)
@@ -307,6 +502,10 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 					 "no simple propositions");
 	if (derived)
 		ditems = rbr_obj_items(derived, &nd);
+	if ((int64) ns + nd > RBR_MAX_PROPS)
+		policy_error(nd > 0 ? "derived_propositions" : "simple_propositions",
+					 "Split the policy, or merge propositions that ask the same question.",
+					 "%d simple and %d derived propositions (at most %d in all)", ns, nd, RBR_MAX_PROPS);
 	qsort(sitems, ns, sizeof(RbrJsonItem), cmp_item);
 	if (nd > 0)
 		qsort(ditems, nd, sizeof(RbrJsonItem), cmp_item);
@@ -320,6 +519,7 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 		char	   *path = psprintf("simple_propositions.%s", sitems[i].key);
 		JsonbValue *prompt;
 
+		CHECK_FOR_INTERRUPTS();
 		check_name(sitems[i].key, path, "proposition");
 		if (!rbr_jbv_is_object(&sitems[i].value))
 			policy_error(path, "Write each simple proposition as {\"prompt\": \"...\"}.",
@@ -336,13 +536,14 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 	{
 		char	   *path = psprintf("derived_propositions.%s", ditems[i].key);
 
+		CHECK_FOR_INTERRUPTS();
 		check_name(ditems[i].key, path, "proposition");
-		for (int j = 0; j < ns; j++)
-			if (strcmp(pol->props[j].name, ditems[i].key) == 0)
-				policy_error(path, "Rename one of them: a name is either simple or derived.",
+		if (find_prop_in(pol, 0, ns, ditems[i].key) >= 0)
+			policy_error(path, "Rename one of them: a name is either simple or derived.",
 							 "\"%s\" is both a simple and a derived proposition", ditems[i].key);
 		pol->props[ns + i].name = pstrdup(ditems[i].key);
 		pol->props[ns + i].derived = true;
+		pfree(path);
 	}
 	/* literals only after every name is known */
 	for (int i = 0; i < nd; i++)
@@ -356,8 +557,17 @@ compile_propositions(RbrPolicy *pol, JsonbContainer *root)
 
 	state = palloc0(sizeof(VisitState) * pol->nprops);
 	stack = palloc(sizeof(int) * (pol->nprops + 1));
+	height = palloc0(sizeof(int) * pol->nprops);
+	below = palloc(sizeof(int) * pol->nprops);
 	for (int i = ns; i < pol->nprops; i++)
-		check_cycles(pol, i, state, stack, 0);
+		check_cycles(pol, i, state, stack, 0, height, below);
+	pfree(state);
+	pfree(stack);
+	pfree(height);
+	pfree(below);
+	pol->memo = palloc0(sizeof(double) * pol->nprops);
+	pol->memo_stamp = palloc0(sizeof(uint32) * pol->nprops);
+	pol->memo_gen = 0;
 }
 
 /* Parse completion_class_order and completion_classes into response types. */
@@ -371,6 +581,9 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	int			ncitems;
 	char	  **rtnames = NULL;
 	int			nrt = 0;
+	int		   *counts;
+	int		   *any;
+	int		   *repeated;
 
 	if (order == NULL)
 		policy_error("completion_class_order", "List the classes from best to worst.",
@@ -382,6 +595,9 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	if (pol->nclasses == 0)
 		policy_error("completion_class_order", "List the classes from best to worst.",
 					 "no completion classes");
+	if (pol->nclasses > RBR_MAX_CLASSES)
+		policy_error("completion_class_order", "Merge classes that share a tier.",
+					 "%d completion classes (at most %d)", pol->nclasses, RBR_MAX_CLASSES);
 	pol->classes = palloc(sizeof(char *) * pol->nclasses);
 	for (int i = 0; i < pol->nclasses; i++)
 	{
@@ -424,6 +640,9 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 		if (n == 0)
 			policy_error(cpath, "Define the class for every response type.",
 						 "class \"%s\" defines no response type", pol->classes[c]);
+		if (n > RBR_MAX_RESPTYPES)
+			policy_error(cpath, "Split the policy: one per group of response types.",
+						 "class \"%s\" defines %d response types (at most %d)", pol->classes[c], n, RBR_MAX_RESPTYPES);
 		if (c == 0)
 		{
 			rtnames = palloc(sizeof(char *) * n);
@@ -478,24 +697,28 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 	}
 
 	/* needed propositions and exact-mode repeated variables per response type */
+	counts = palloc(sizeof(int) * pol->nprops);
+	any = palloc0(sizeof(int) * pol->nprops);
+	repeated = palloc(sizeof(int) * pol->nsimple);
 	for (int r = 0; r < nrt; r++)
 	{
 		RbrRespType *rt = &pol->resptypes[r];
-		int		   *any = palloc0(sizeof(int) * pol->nprops);
 
 		for (int c = 0; c < pol->nclasses; c++)
 		{
 			RbrClassDef *def = &rt->classes[c];
-			int		   *counts = palloc0(sizeof(int) * pol->nprops);
 
+			CHECK_FOR_INTERRUPTS();
+			memset(counts, 0, sizeof(int) * pol->nprops);
 			count_reach(pol, def->lits, def->nlits, counts);
-			def->repeated = palloc(sizeof(int) * pol->nsimple);
 			for (int p = 0; p < pol->nsimple; p++)
 			{
 				if (counts[p] > 1)
-					def->repeated[def->nrepeated++] = p;
-				any[p] += counts[p];
+					repeated[def->nrepeated++] = p;
+				any[p] = Min(any[p] + counts[p], 2);
 			}
+			def->repeated = palloc(sizeof(int) * Max(def->nrepeated, 1));
+			memcpy(def->repeated, repeated, sizeof(int) * def->nrepeated);
 			if (def->nrepeated > RBR_MAX_REPEATED)
 				policy_error(psprintf("completion_classes.%s.%s", pol->classes[c], rt->name),
 							 "Exact class probabilities enumerate repeated propositions; simplify the class.",
@@ -506,7 +729,11 @@ compile_classes(RbrPolicy *pol, JsonbContainer *root)
 		for (int p = 0; p < pol->nsimple; p++)
 			if (any[p] > 0)
 				rt->needed[rt->nneeded++] = p;
+		memset(any, 0, sizeof(int) * pol->nprops);
 	}
+	pfree(counts);
+	pfree(any);
+	pfree(repeated);
 }
 
 /*
@@ -556,6 +783,7 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 			char	   *folded = rbr_fold_name(items[i].key);
 			JsonbValue *elems;
 			int			ne;
+			bool	   *seen;
 
 			for (int j = 0; j < pol->nresptypes; j++)
 				if (strcmp(pol->resptypes[j].name, folded) == 0)
@@ -573,12 +801,18 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 			if (ne == 0)
 				policy_error(path, "List at least one feature, or leave the response type out for the default list.",
 							 "empty feature list");
+			if (ne > RBR_MAX_ENTRIES)
+				policy_error(path, "List each proposition and class at most once.",
+							 "%d features (at most %d)", ne, RBR_MAX_ENTRIES);
 			rt->features = palloc(sizeof(RbrFeature) * ne);
+			seen = palloc0(sizeof(bool) * (pol->nprops + pol->nclasses));
 			for (int k = 0; k < ne; k++)
 			{
 				char	   *epath = psprintf("%s[%d]", path, k);
 				char	   *fname;
 				int			idx;
+
+				CHECK_FOR_INTERRUPTS();
 
 				if (elems[k].type != jbvString)
 					policy_error(epath, NULL, "feature names must be strings, not %s", rbr_jbv_type_name(&elems[k]));
@@ -596,11 +830,14 @@ compile_features(RbrPolicy *pol, JsonbContainer *root)
 				else
 					policy_error(epath, "A feature is a simple or derived proposition, or a class of the policy.",
 								 "unknown feature \"%s\"", fname);
-				for (int j = 0; j < k; j++)
-					if (rt->features[j].kind == rt->features[k].kind &&
-						rt->features[j].index == rt->features[k].index)
-						policy_error(epath, "List each feature once.", "duplicate feature \"%s\"", fname);
+				idx = rt->features[k].index + (rt->features[k].kind == RBR_FEATURE_CLASS ? pol->nprops : 0);
+				if (seen[idx])
+					policy_error(epath, "List each feature once.", "duplicate feature \"%s\"", fname);
+				seen[idx] = true;
+				pfree(epath);
+				pfree(fname);
 			}
+			pfree(seen);
 			rt->nfeatures = ne;
 			rt->features_explicit = true;
 		}
@@ -668,6 +905,9 @@ compile_tiers(RbrPolicy *pol, JsonbContainer *root)
 			labels = rbr_obj_items(items[i].value.val.binary.data, &nl);
 			if (nl == 0)
 				policy_error(path, "Map at least one label to a tier.", "no label tiers");
+			if (nl > RBR_MAX_ENTRIES)
+				policy_error(path, "Keep one label per kind of completion.",
+							 "%d label tiers (at most %d)", nl, RBR_MAX_ENTRIES);
 			rt->tiers = palloc(sizeof(RbrTier) * nl);
 			for (int k = 0; k < nl; k++)
 			{
@@ -675,6 +915,7 @@ compile_tiers(RbrPolicy *pol, JsonbContainer *root)
 				JsonbValue *v = &labels[k].value;
 				int32		tier;
 
+				CHECK_FOR_INTERRUPTS();
 				if (labels[k].key[0] == '\0')
 					policy_error(lpath, "Give every label a non-empty name.", "empty label name");
 				if (v->type != jbvNumeric)
@@ -719,6 +960,9 @@ compile_behavior(RbrPolicy *pol, JsonbContainer *root)
 	if (beh == NULL)
 		return;
 	items = rbr_obj_items(beh, &n);
+	if (n > RBR_MAX_ENTRIES)
+		policy_error("behavior_policy", "Group content categories.",
+					 "%d content categories (at most %d)", n, RBR_MAX_ENTRIES);
 	pol->behavior = palloc(sizeof(RbrBehavior) * (n + 1));
 	for (int i = 0; i < n; i++)
 	{
@@ -732,6 +976,7 @@ compile_behavior(RbrPolicy *pol, JsonbContainer *root)
 			policy_error(path, "Map each content category to a response type name.",
 						 "response type of category \"%s\" must be a string, not %s",
 						 items[i].key, rbr_jbv_type_name(&items[i].value));
+		CHECK_FOR_INTERRUPTS();
 		folded = rbr_fold_name(rbr_jbv_cstring(&items[i].value));
 		for (int j = 0; j < pol->nresptypes; j++)
 			if (strcmp(pol->resptypes[j].name, folded) == 0)
@@ -760,6 +1005,10 @@ rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext par
 	if (!JsonContainerIsObject(root) || JsonContainerIsScalar(root))
 		policy_error("the top level", "Pass the policy document as a JSON object, as in policy.json.",
 					 "a policy must be a JSON object");
+	if (VARSIZE(spec) > RBR_MAX_SPEC_BYTES)
+		policy_error("the top level", "Split the policy; doc/reference.md lists the limits of a spec.",
+					 "spec is %zu bytes as jsonb (at most %d)", (size_t) VARSIZE(spec), RBR_MAX_SPEC_BYTES);
+	memset(&reach_scratch, 0, sizeof(reach_scratch));
 
 	items = rbr_obj_items(root, &n);
 	for (int i = 0; i < n; i++)
@@ -797,6 +1046,13 @@ rbr_policy_compile(Jsonb *spec, const char *name, int version, MemoryContext par
 	compile_tiers(pol, root);
 	compile_behavior(pol, root);
 
+	if (reach_scratch.stamp != NULL)
+	{
+		pfree(reach_scratch.stamp);
+		pfree(reach_scratch.paths);
+		pfree(reach_scratch.order);
+	}
+	memset(&reach_scratch, 0, sizeof(reach_scratch));
 	MemoryContextSwitchTo(old);
 	return pol;
 }
@@ -859,7 +1115,8 @@ load_policy(const char *ref)
 
 	SPI_connect();
 	ret = SPI_execute_with_args("SELECT version, spec FROM rbr.policy_version "
-								"WHERE policy = $1 AND ($2 = 0 OR version = $2) "
+								"WHERE policy OPERATOR(pg_catalog.=) $1 AND ($2 OPERATOR(pg_catalog.=) 0 "
+								"OR version OPERATOR(pg_catalog.=) $2) "
 								"ORDER BY version DESC LIMIT 1",
 								2, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)

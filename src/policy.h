@@ -109,6 +109,14 @@ typedef struct RbrPolicy
 	RbrRespType *resptypes;		/* sorted by name */
 	int			nbehavior;
 	RbrBehavior *behavior;
+	/*
+	 * Evaluation scratch (classes.c): the probability of each derived
+	 * proposition, valid where memo_stamp equals memo_gen, so that a
+	 * derived proposition shared by others is computed once per evaluation.
+	 */
+	double	   *memo;
+	uint32	   *memo_stamp;
+	uint32		memo_gen;
 } RbrPolicy;
 
 /* Parse and validate a spec; ERROR naming the problem if it is invalid. */

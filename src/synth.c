@@ -42,6 +42,7 @@
 #include "utils/jsonb.h"
 
 #include "classes.h"
+#include "jsonutil.h"
 #include "policy.h"
 
 #define RBR_GENERATE_MARKER "rbr-generate/1"
@@ -203,10 +204,8 @@ first_line(const char *prompt)
 	}
 	if (out.len > 300)
 	{
-		int			len = 300;
+		int			len = rbr_clip_len(out.data, out.len, 300);
 
-		while (len > 0 && ((unsigned char) out.data[len] & 0xC0) == 0x80)
-			len--;
 		out.data[len] = '\0';
 		out.len = len;
 		appendStringInfoString(&out, "...");
