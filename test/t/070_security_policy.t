@@ -127,7 +127,7 @@ BEGIN INSERT INTO public.evil_log VALUES ('int'); RAISE NOTICE 'evil int operato
 CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.text_eq);
 CREATE OPERATOR evil.= (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.int_eq);});
 my $features = psql_ok(q{SELECT array_to_string(array_fill(0.5::float8, ARRAY[cardinality(rbr_feature_names('ref', 'comply'))]), ',')});
-($out, $err, $rc) = psql(qq{SET ROLE rbr_hostile; SET search_path = evil, pg_catalog, public;
+($out, $err, $rc) = psql(qq{SET search_path = evil, pg_catalog, public;  -- the victim: a superuser whose search_path starts with a schema another role writes
 SELECT 'x'::text = 'x'::text AS hijack_works;
 SELECT rbr_policy_info('ref')->>'version';
 SELECT rbr_policy_info('ref\@1')->>'version';
