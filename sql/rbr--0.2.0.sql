@@ -2871,12 +2871,62 @@ END
 $$;
 
 -------------------------------------------------------------------------------
+-- Scoring inside ETL: rbr_score(model, response_type, prompt, completion, base_reward)
+-------------------------------------------------------------------------------
+
+-- The total reward of one new completion with a stored model: grades the
+-- propositions its response type needs (through the cache, concurrently),
+-- builds its features with the model's policy version and returns
+-- base_reward + w . features. For INSERT ... SELECT and triggers; a grader
+-- failure is an ERROR naming the proposition (never a made-up reward).
+CREATE FUNCTION @extschema@.rbr_score(model text, response_type text, prompt jsonb, completion text,
+                                      base_reward float8 DEFAULT 0)
+    RETURNS float8
+    LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    m record;
+    polref text;
+    rt text := lower(btrim(regexp_replace(response_type, '[ \t_-]+', '_', 'g'), '_'));
+    props text[];
+    probs jsonb := '{}';
+    g record;
+BEGIN
+    IF model IS NULL OR response_type IS NULL OR prompt IS NULL OR completion IS NULL OR base_reward IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT x.policy, x.policy_version INTO m FROM rbr.model x WHERE x.name = model AND x.response_type = rt;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no model % for response type %', quote_literal(model), quote_literal(rt)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Models are stored by rbr_model_save(); rbr.model lists those you may use.';
+    END IF;
+    polref := m.policy || '@' || m.policy_version;
+    SELECT COALESCE(array_agg(x), '{}') INTO props
+      FROM jsonb_array_elements_text(@extschema@.rbr_policy_info(polref)->'response_types'->rt->'graded_propositions') x;
+    FOR g IN SELECT * FROM @extschema@.rbr_grade_many(polref, props,
+                                                     array_fill(prompt, ARRAY[cardinality(props)]),
+                                                     array_fill(completion, ARRAY[cardinality(props)])) LOOP
+        IF g.status <> 'ok' THEN
+            RAISE EXCEPTION 'rbr_score: grading % failed: %', g.proposition, g.error
+                USING ERRCODE = 'external_routine_exception',
+                      HINT = 'The grader''s answer is not in the cache; check the endpoint with rbr_check_setup().';
+        END IF;
+        probs := probs || jsonb_build_object(g.proposition, g.probability);
+    END LOOP;
+    RETURN @extschema@.rbr_reward(model, rt, @extschema@.rbr_features(polref, rt, probs), base_reward);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_score(text, text, jsonb, text, float8) FROM PUBLIC;
+
+-------------------------------------------------------------------------------
 -- Capabilities: rbr_grant(role, capability), rbr_revoke(role, capability)
 -------------------------------------------------------------------------------
 -- The one front door to rbr's privileges. A capability is every privilege
 -- one kind of work needs in this version, so that nobody copies grant lists
 -- that change between versions:
---   grade       grade completions: rbr_grade, rbr_grade_many, CALL rbr_featurize
+--   grade       grade completions: rbr_grade, rbr_grade_many, CALL rbr_featurize, rbr_score
 --   synthesize  generate synthetic comparison data: CALL rbr_synthesize
 --   policies    load policies (rbr_policy_load); a role sees its own
 --   models      save, replace and delete models (rbr_model_save); a role sees its own
@@ -2894,6 +2944,7 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'PROCEDURE', '@extschema@.rbr_featurize(regclass, text, jsonb)', 'EXECUTE'),
         ('grade', 'FUNCTION', 'rbr.featurize_start(regclass, text, jsonb)', 'EXECUTE'),
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
