@@ -458,11 +458,12 @@ CREATE TABLE rbr.grade_cache (
     model             text        NOT NULL,
     proposition       text        NOT NULL,
     probability       float8      NOT NULL CHECK (probability >= 0 AND probability <= 1),
-    method            text        NOT NULL CHECK (method IN ('logprobs', 'text')),
+    method            text        NOT NULL CHECK (method IN ('logprobs', 'sampled', 'text')),
     yes_no_mass       float8,
     prompt_tokens     int,
     completion_tokens int,
-    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    samples           int         CHECK (samples > 0)
 );
 COMMENT ON TABLE rbr.grade_cache IS
     'grader answers by sha256 of the request; only successful answers';
@@ -477,11 +478,15 @@ REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade(text, text, jsonb, text) FROM P
 
 -- Many questions at once (concurrently, through the cache): one row per
 -- question, ord = position in the arrays; failures are rows with status
--- 'error' and the reason, never a probability.
+-- 'error' and the reason, never a probability. method is 'logprobs' or
+-- 'sampled' (samples = answers counted); after a final failure (bad key, no
+-- quota, unknown model, rejected request) the questions not sent are error
+-- rows with that reason.
 CREATE FUNCTION @extschema@.rbr_grade_many(policy text, propositions text[], prompts jsonb[], completions text[],
     OUT ord int, OUT proposition text, OUT status text, OUT probability float8, OUT method text,
     OUT yes_no_mass float8, OUT model text, OUT error text, OUT attempts int,
-    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean)
+    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean,
+    OUT samples int, OUT cached_tokens int, OUT reasoning_tokens int)
     RETURNS SETOF record
     AS 'MODULE_PATHNAME', 'rbr_grade_many'
     LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;

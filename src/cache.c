@@ -142,7 +142,7 @@ cache_lookup(RbrGradeJob *jobs, int njobs, const char *sql, const char *what, Ca
 	pfree(DatumGetPointer(args[0]));
 }
 
-/* Fill a grading job from a row of rbr.grade_cache (key, probability, method, yes_no_mass, model). */
+/* Fill a grading job from a row of rbr.grade_cache (key, probability, method, yes_no_mass, model, samples). */
 static bool
 fill_grade(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
 {
@@ -152,9 +152,13 @@ fill_grade(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
 	char	   *method = SPI_getvalue(tup, td, 3);
 	Datum		massd = SPI_getbinval(tup, td, 4, &isnull);
 	char	   *model = SPI_getvalue(tup, td, 5);
+	bool		nosamples;
+	Datum		samplesd = SPI_getbinval(tup, td, 6, &nosamples);
 
+	res->samples = nosamples ? 1 : DatumGetInt32(samplesd);
 	res->probability = p;
-	res->method = (method && strcmp(method, "text") == 0) ? "text" : "logprobs";
+	res->method = (method && strcmp(method, "text") == 0) ? "text"
+		: (method && strcmp(method, "sampled") == 0) ? "sampled" : "logprobs";
 	res->yes_no_mass = isnull ? NAN : DatumGetFloat8(massd);
 	res->model = model ? MemoryContextStrdup(caller, model) : NULL;
 	return true;
@@ -165,7 +169,7 @@ void
 rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attribute_unused())
 {
 	cache_lookup(jobs, njobs,
-				 "SELECT key, probability, method, yes_no_mass, model "
+				 "SELECT key, probability, method, yes_no_mass, model, samples "
 				 "FROM rbr.grade_cache WHERE key = ANY ($1)", "cache", fill_grade);
 }
 
@@ -247,10 +251,10 @@ batch_insert(ColumnBatch *b, const char *sql, const char *what)
 void
 rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props)
 {
-	static const Oid types[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
+	static const Oid types[9] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID, INT4OID};
 	ColumnBatch b;
 
-	batch_init(&b, 8, types, n);
+	batch_init(&b, 9, types, n);
 	for (int k = 0; k < n; k++)
 	{
 		RbrGradeJob *job = &jobs[idx[k]];
@@ -270,15 +274,17 @@ rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *pro
 		b.nulls[6][m] = r->prompt_tokens < 0;
 		b.v[7][m] = Int32GetDatum(r->completion_tokens);
 		b.nulls[7][m] = r->completion_tokens < 0;
+		b.v[8][m] = Int32GetDatum(r->samples);
+		b.nulls[8][m] = r->samples <= 0;
 		b.nrows++;
 	}
 	if (b.nrows == 0)
 		return;
 	batch_insert(&b, "INSERT INTO rbr.grade_cache "
-				 "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
+				 "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens, samples) "
 				 "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
 				 "pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
-				 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8)) "
+				 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9)) "
 				 "ON CONFLICT (key) DO NOTHING", "cache");
 }
 

@@ -32,7 +32,23 @@ extern int	rbr_grader_max_retries;
 extern int	rbr_grader_retry_base_ms;
 extern double rbr_grader_requests_per_second;
 extern int	rbr_grader_token_parameter;
-extern bool rbr_grader_strict_logprobs;
+extern bool rbr_grader_strict_logprobs;	/* deprecated, no effect */
+extern int	rbr_grader_method;
+extern int	rbr_grader_samples;
+extern int	rbr_grader_top_logprobs;
+extern int	rbr_grader_max_answer_tokens;
+extern char *rbr_grader_temperature;
+extern char *rbr_grader_request_options;
+extern int	rbr_grader_api;
+
+/* Values of rbr.grader_method. */
+#define RBR_METHOD_LOGPROBS 0
+#define RBR_METHOD_SAMPLED 1
+#define RBR_METHOD_AUTO 2
+
+/* Values of rbr.grader_api. */
+#define RBR_API_CHAT 0
+#define RBR_API_RESPONSES 1
 
 /* Values of rbr.grader_token_parameter. */
 #define RBR_TOKENS_MAX_COMPLETION_TOKENS 0
@@ -52,6 +68,9 @@ typedef enum RbrJobKind
 	RBR_JOB_GENERATE			/* one sampled completion: text, finish_reason */
 } RbrJobKind;
 
+typedef struct RbrGradeJob RbrGradeJob;
+typedef struct RbrGradeResult RbrGradeResult;
+
 /*
  * The endpoint a batch talks to and how: the grader's or the generator's
  * settings (rbr_grader_endpoint(), rbr_generator_endpoint()). Retries,
@@ -67,14 +86,29 @@ typedef struct RbrEndpoint
 	const char *ca_file;		/* "" = the system's trust store */
 	const char *model;
 	int			timeout_ms;
+	const char *path;			/* "chat/completions" or "responses" */
+
+	/* the client: what the engine calls, knowing nothing of the job's kind */
+	char	   *(*build_body) (RbrGradeJob *job, int token_param);
+	bool		(*read_answer) (const char *body, size_t len, RbrGradeResult *res,
+								void **json_holder);
+	int			(*token_param) (void);
+	/*
+	 * A 4xx/5xx answer: its reason, *retry_now when the client changed its
+	 * request (a rejected parameter) and the job is to be sent again at once,
+	 * *final when no other job can succeed either (bad key, no quota).
+	 */
+	char	   *(*classify_failure) (long status, const char *body, size_t len,
+									 int body_param, bool *retry_now, bool *final,
+									 void **json_holder);
 } RbrEndpoint;
 
 /* The outcome of one job. Strings are palloc'd in the caller's context. */
-typedef struct RbrGradeResult
+struct RbrGradeResult
 {
 	bool		ok;
 	double		probability;	/* P(yes), when ok */
-	const char *method;			/* "logprobs" or "text", when ok */
+	const char *method;			/* "logprobs" or "sampled" ("text": 0.1.0 cache rows) */
 	double		yes_no_mass;	/* observed yes+no probability mass; NaN for text */
 	char	   *model;			/* model that answered (or the setting) */
 	char	   *error;			/* reason, when not ok */
@@ -84,10 +118,15 @@ typedef struct RbrGradeResult
 	bool		cached;
 	char	   *text;			/* generation: the completion, when ok */
 	char	   *finish_reason;	/* generation: as the endpoint said, or NULL */
-} RbrGradeResult;
+	int			samples;		/* sampled: answers counted (k) */
+	int			cached_tokens;	/* prompt tokens served from the provider's cache, -1 unknown */
+	int			reasoning_tokens;	/* completion tokens spent reasoning, -1 unknown */
+	bool		final;			/* error that no retry nor other job can fix */
+	bool		retry;			/* a 200 answer that is malformed: retried like a 5xx */
+};
 
 /* One question to the grader, with its request and outcome. */
-typedef struct RbrGradeJob
+struct RbrGradeJob
 {
 	char	   *messages_json;	/* the "messages" array, JSON text */
 	int			sample;			/* generation: sample index, sent as "seed" */
@@ -107,7 +146,7 @@ typedef struct RbrGradeJob
 	int			retries;		/* retries used (token-parameter switch excluded) */
 	char		errbuf[256];	/* curl's error text of the last attempt */
 	bool		done;
-} RbrGradeJob;
+};
 
 /* grader.c */
 extern void rbr_grader_init_settings(void);
@@ -124,9 +163,14 @@ extern bool rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult
 									void **json_holder);
 extern char *rbr_grader_error_reason(long status, const char *body, size_t len,
 									 char **param, void **json_holder);
+extern char *rbr_error_classify(long status, const char *body, size_t len,
+								int body_param, bool *retry_now, bool *final,
+								void **json_holder, bool *token_switch);
+extern void rbr_generator_switch_token_param(int from);
 extern char *rbr_grader_scrub(const char *msg);
 extern void rbr_grader_endpoint(RbrEndpoint *ep);
 extern int	rbr_prompt_messages(Jsonb *prompt, char ***roles, char ***contents);
+extern void rbr_grader_cache_key(RbrGradeJob *job);
 extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 							   double *mass, bool *found);
 
@@ -165,6 +209,10 @@ extern char *rbr_generator_extra_headers;
 extern double rbr_generator_temperature;
 extern int	rbr_generator_max_tokens;
 extern int	rbr_generator_timeout_ms;
+extern int	rbr_generator_token_parameter;
+extern char *rbr_generator_request_options;
+extern char *rbr_merge_request_options(const char *body, const char *options);
+extern bool rbr_check_request_options(char **newval, void **extra, GucSource source);
 extern void rbr_generator_init_settings(void);
 extern void rbr_generator_endpoint(RbrEndpoint *ep);
 extern char *rbr_generator_body(RbrGradeJob *job, int token_param);

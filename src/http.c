@@ -69,6 +69,10 @@ static int64 stat_ok = 0;
 static int64 stat_errors = 0;
 static int64 stat_batches = 0;
 static int64 stat_param_switches = 0;
+static int64 stat_stopped_batches = 0;
+
+/* Requests in flight at the start of a batch, before any answer came back. */
+#define RBR_PROBE_IN_FLIGHT 4
 static int64 stat_http2 = 0;	/* responses that came over HTTP/2 */
 
 /* Initialise libcurl and the backend's multi handle on first use. */
@@ -255,7 +259,16 @@ endpoint_url(const RbrEndpoint *ep)
 	while (len > 0 && base[len - 1] == '/')
 		base[--len] = '\0';
 	initStringInfo(&u);
-	if (ep->azure_api_version[0] != '\0')
+	if (pg_strcasecmp(ep->azure_api_version, "v1") == 0)
+	{
+		/* Azure's v1 form: <resource>/openai/v1/<path>, no api-version */
+		if (len >= 10 && strcmp(base + len - 10, "/openai/v1") == 0)
+			base[len - 10] = '\0';
+		else if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
+			base[len - 7] = '\0';
+		appendStringInfo(&u, "%s/openai/v1/%s", base, ep->path);
+	}
+	else if (ep->azure_api_version[0] != '\0')
 	{
 		CURL	   *h = curl_easy_init();
 		char	   *model,
@@ -268,8 +281,8 @@ endpoint_url(const RbrEndpoint *ep)
 		if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
 			base[len - 7] = '\0';
 		if (model && ver)
-			appendStringInfo(&u, "%s/openai/deployments/%s/chat/completions?api-version=%s",
-							 base, model, ver);
+			appendStringInfo(&u, "%s/openai/deployments/%s/%s?api-version=%s",
+							 base, model, ep->path, ver);
 		curl_free(model);
 		curl_free(ver);
 		curl_easy_cleanup(h);
@@ -277,7 +290,7 @@ endpoint_url(const RbrEndpoint *ep)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	}
 	else
-		appendStringInfo(&u, "%s/chat/completions", base);
+		appendStringInfo(&u, "%s/%s", base, ep->path);
 	return u.data;
 }
 
@@ -393,7 +406,7 @@ static void
 job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 {
 	CURL	   *h;
-	int			param = rbr_grader_token_param();
+	int			param = b->ep->token_param();
 
 	if (job->body == NULL || job->body_param != param)
 	{
@@ -401,8 +414,7 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 
 		if (job->body != NULL)
 			pfree(job->body);
-		job->body = b->ep->kind == RBR_JOB_GENERATE ? rbr_generator_body(job, param)
-			: rbr_grader_body(job, param);
+		job->body = b->ep->build_body(job, param);
 		/* JSON on the wire is UTF-8, whatever the database encoding */
 		if (GetDatabaseEncoding() != PG_UTF8)
 			job->body = pg_server_to_any(job->body, strlen(job->body), PG_UTF8);
@@ -458,6 +470,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	long		status = 0;
 	bool		retryable = false;
 	bool		requeue_now = false;
+	bool		final = false;
 	char	   *reason = NULL;
 
 	curl_easy_getinfo((CURL *) job->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -492,12 +505,11 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	}
 	else if (status == 200)
 	{
-		bool		parsed = b->ep->kind == RBR_JOB_GENERATE
-			? rbr_generator_parse_answer(job->resp ? job->resp : "", job->resp_len,
-										 &job->result, &b->json)
-			: rbr_grader_parse_answer(job->resp ? job->resp : "", job->resp_len,
-									  &job->result, &b->json);
+		bool		parsed;
 
+		job->result.retry = job->result.final = false;
+		parsed = b->ep->read_answer(job->resp ? job->resp : "", job->resp_len,
+									&job->result, &b->json);
 		if (parsed)
 		{
 			job_release(job);
@@ -505,24 +517,28 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 			return false;
 		}
 		reason = job->result.error;
+		/* a malformed or truncated 200 is a server fault like a 5xx */
+		retryable = job->result.retry;
+		final = job->result.final;
 	}
 	else
 	{
-		char	   *param = NULL;
+		bool		retry_now = false;
+		int			param_before = b->ep->token_param();
 
-		reason = rbr_grader_error_reason(status, job->resp, job->resp_len, &param, &b->json);
-		if (status == 400 && param != NULL &&
-			strcmp(param, job->body_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens") == 0)
+		reason = b->ep->classify_failure(status, job->resp, job->resp_len, job->body_param,
+										 &retry_now, &final, &b->json);
+		if (retry_now)
 		{
-			/* the endpoint wants the other token parameter: switch once */
-			if (rbr_grader_token_param() == job->body_param)
-			{
-				rbr_grader_switch_token_param(job->body_param);
+			/* the client changed its request (a rejected parameter): resend */
+			if (b->ep->token_param() != param_before)
 				stat_param_switches++;
-			}
+			if (job->body != NULL)
+				pfree(job->body);
+			job->body = NULL;
 			requeue_now = job->result.attempts < 3;
 		}
-		else if (status == 408 || status == 409 || status == 429 || status >= 500)
+		else if (!final && (status == 408 || status == 409 || status == 429 || status >= 500))
 			retryable = true;
 	}
 	job_release(job);
@@ -546,6 +562,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	}
 	job->done = true;
 	job->result.ok = false;
+	job->result.final = final;
 	if (retryable)
 		job->result.error = psprintf("%s (gave up after %d attempts)", reason, job->result.attempts);
 	else
@@ -601,7 +618,13 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 	/* hand ended jobs back in groups, a few rounds of slots apart */
 	int			ended_group = Max(16, Min(max_in_flight, 256));
 
-	while (next_new < njobs || in_flight > 0 || nwaiting > 0 || nended > 0)
+	/* the error of a job that no other job can escape: nothing more is sent */
+	const char *stop = NULL;
+
+	/* until one answer came back, few requests are in flight (a bad key costs a few) */
+	bool		any_ok = false;
+
+	while ((next_new < njobs && stop == NULL) || in_flight > 0 || nwaiting > 0 || nended > 0)
 	{
 		int64		now = GetCurrentTimestamp();
 		long		wait_ms = 100;
@@ -610,6 +633,17 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		int			finished = 0;
 		CURLMsg    *msg;
 
+		/* after a final error, retries waiting end with it */
+		while (stop != NULL && nwaiting > 0)
+		{
+			RbrGradeJob *job = &jobs[waiting[--nwaiting]];
+
+			job->done = true;
+			job->result.ok = false;
+			job->result.final = true;
+			job->result.error = pstrdup(stop);
+			ended[nended++] = job - jobs;
+		}
 		/* retries whose time has come, then new jobs */
 		for (int w = 0; w < nwaiting && in_flight < max_in_flight;)
 		{
@@ -627,7 +661,8 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 				w++;
 		}
-		while (in_flight < max_in_flight && next_new < njobs)
+		while (in_flight < (any_ok ? max_in_flight : Min(max_in_flight, RBR_PROBE_IN_FLIGHT)) &&
+			   next_new < njobs && stop == NULL)
 		{
 			RbrGradeJob *job = &jobs[next_new];
 
@@ -656,7 +691,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 
 		/* the slots are full again: store what ended meanwhile */
 		if (feed != NULL && nended > 0 &&
-			(nended >= ended_group || (in_flight == 0 && nwaiting == 0 && next_new >= njobs)))
+			(nended >= ended_group || (in_flight == 0 && nwaiting == 0 && (next_new >= njobs || stop != NULL))))
 		{
 			Assert(CurrentMemoryContext == caller);
 			feed->ended(feed->arg, ended, nended);
@@ -665,7 +700,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		}
 		else if (feed == NULL)
 			nended = 0;
-		if (in_flight == 0 && nwaiting == 0 && next_new >= njobs && nended == 0)
+		if (in_flight == 0 && nwaiting == 0 && (next_new >= njobs || stop != NULL) && nended == 0)
 			break;
 
 		curl_multi_perform(rbr_multi, &running);
@@ -683,10 +718,16 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 			{
 				ended[nended++] = job - jobs;
+				any_ok |= job->result.ok;
 				if (job->result.ok)
 					stat_ok++;
 				else
 					stat_errors++;
+				if (!job->result.ok && job->result.final && stop == NULL)
+				{
+					stop = pstrdup(job->result.error);
+					stat_stopped_batches++;
+				}
 				/* its request is not needed any more */
 				if (job->body != NULL)
 				{
@@ -713,6 +754,16 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			curl_multi_poll(rbr_multi, NULL, 0, (int) wait_ms, NULL);
 		CHECK_FOR_INTERRUPTS();
 	}
+
+	/* the jobs never sent after a final error end with it */
+	for (int i = next_new; stop != NULL && i < njobs; i++)
+		if (!jobs[i].done)
+		{
+			jobs[i].done = true;
+			jobs[i].result.ok = false;
+			jobs[i].result.final = true;
+			jobs[i].result.error = psprintf("not sent: %s", stop);
+		}
 }
 
 /*
@@ -800,12 +851,13 @@ rbr_http_stats(StringInfo buf)
 					 ", \"requests\": " INT64_FORMAT ", \"retries\": " INT64_FORMAT
 					 ", \"ok\": " INT64_FORMAT ", \"errors\": " INT64_FORMAT
 					 ", \"token_parameter_switches\": " INT64_FORMAT
-					 ", \"http2_responses\": " INT64_FORMAT,
+					 ", \"http2_responses\": " INT64_FORMAT
+					 ", \"stopped_batches\": " INT64_FORMAT,
 					 vi->version,
 					 (vi->features & CURL_VERSION_ASYNCHDNS) ? "true" : "false",
 					 (vi->features & CURL_VERSION_HTTP2) ? "true" : "false",
 					 rbr_multi ? "true" : "false",
 					 stat_live_easy, rbr_active_batch ? "true" : "false",
 					 stat_batches, stat_requests, stat_retries, stat_ok, stat_errors,
-					 stat_param_switches, stat_http2);
+					 stat_param_switches, stat_http2, stat_stopped_batches);
 }
