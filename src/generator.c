@@ -175,6 +175,11 @@ rbr_generator_endpoint(RbrEndpoint *ep)
 	ep->read_answer = rbr_generator_parse_answer;
 	ep->token_param = generator_token_param;
 	ep->classify_failure = generator_classify_failure;
+	ep->scrub = rbr_grader_scrub;
+	ep->max_in_flight = rbr_grader_max_in_flight;
+	ep->max_retries = rbr_grader_max_retries;
+	ep->retry_base_ms = rbr_grader_retry_base_ms;
+	ep->requests_per_second = rbr_grader_requests_per_second;
 }
 
 /* The "messages" JSON array: the instruction, then the conversation. */

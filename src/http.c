@@ -1,10 +1,12 @@
 /*
  * http.c: the libcurl multi engine that sends a batch of jobs concurrently,
- * with retries, inside a backend. A batch talks to one endpoint (RbrEndpoint:
- * the grader's or the generator's URL, key, headers, model and timeout) and
- * its jobs are of one kind: grading questions (one token, P(yes) from
- * logprobs) or generations (sampled text); only the request body and the
- * reading of a 200 answer differ between the two.
+ * with retries, inside a backend. A batch talks to one endpoint (RbrEndpoint,
+ * endpoint.h: URL, key, headers, model, timeout, limits) whose client builds
+ * each request body, reads each 200 answer and classifies each failure
+ * through callbacks; the engine knows nothing of graders or generators.
+ * A failure the client calls final stops the batch: jobs not yet sent end
+ * with its reason, and until a first answer comes back at most
+ * RBR_PROBE_IN_FLIGHT requests are in flight, so a bad key costs a few.
  *
  * - One multi handle per backend, created on first use (libcurl is
  *   initialised lazily, never in _PG_init); connections stay in its pool
@@ -38,7 +40,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#include "grader.h"
+#include "endpoint.h"
 
 /* A batch in flight: what must be freed if the batch ends by ERROR. */
 typedef struct RbrHttpBatch
@@ -61,7 +63,7 @@ static bool rbr_async_dns = false;
 static RbrHttpBatch *rbr_active_batch = NULL;
 static int64 rbr_next_slot = 0; /* rate limiter: earliest next start (us) */
 
-/* counters for rbr_grader_stats() */
+/* counters for rbr_http_stats() */
 static int64 stat_live_easy = 0;
 static int64 stat_requests = 0;
 static int64 stat_retries = 0;
@@ -70,6 +72,10 @@ static int64 stat_errors = 0;
 static int64 stat_batches = 0;
 static int64 stat_param_switches = 0;
 static int64 stat_stopped_batches = 0;
+
+/* The limits of the batch running (its endpoint's). */
+static int	eng_retry_base_ms = 500;
+static double eng_requests_per_second = 0;
 
 /* Requests in flight at the start of a batch, before any answer came back. */
 #define RBR_PROBE_IN_FLIGHT 4
@@ -454,7 +460,7 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 static long
 backoff_ms(int n)
 {
-	double		base = rbr_grader_retry_base_ms * pow(2.0, n - 1);
+	double		base = eng_retry_base_ms * pow(2.0, n - 1);
 
 	base = Min(base, (double) RBR_MAX_BACKOFF_MS);
 	return (long) (base * (0.5 + 0.5 * pg_prng_double(&pg_global_prng_state)));
@@ -549,7 +555,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 		job->result.error = NULL;
 		return true;
 	}
-	if (retryable && job->retries < rbr_grader_max_retries)
+	if (retryable && job->retries < b->ep->max_retries)
 	{
 		long		wait = backoff_ms(job->retries + 1);
 
@@ -567,7 +573,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 		job->result.error = psprintf("%s (gave up after %d attempts)", reason, job->result.attempts);
 	else
 		job->result.error = reason;
-	job->result.error = rbr_grader_scrub(job->result.error);
+	job->result.error = b->ep->scrub(job->result.error);
 	return false;
 }
 
@@ -578,22 +584,22 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 static void
 rate_reset(int64 now)
 {
-	if (rbr_grader_requests_per_second <= 0)
+	if (eng_requests_per_second <= 0)
 		rbr_next_slot = 0;
 	else
 		rbr_next_slot = Min(rbr_next_slot,
-							now + (int64) (1000000.0 / rbr_grader_requests_per_second));
+							now + (int64) (1000000.0 / eng_requests_per_second));
 }
 
 /* May another request start now under rbr.grader_requests_per_second? */
 static bool
 rate_ok(int64 now)
 {
-	if (rbr_grader_requests_per_second <= 0)
+	if (eng_requests_per_second <= 0)
 		return true;
 	if (now < rbr_next_slot)
 		return false;
-	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / rbr_grader_requests_per_second);
+	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / eng_requests_per_second);
 	return true;
 }
 
@@ -747,7 +753,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		now = GetCurrentTimestamp();
 		for (int w = 0; w < nwaiting; w++)
 			wait_ms = Min(wait_ms, Max(0, (jobs[waiting[w]].not_before - now) / 1000));
-		if (rbr_grader_requests_per_second > 0 && rbr_next_slot > now &&
+		if (eng_requests_per_second > 0 && rbr_next_slot > now &&
 			(next_new < njobs || nwaiting > 0))
 			wait_ms = Min(wait_ms, Max(1, (rbr_next_slot - now) / 1000));
 		if (in_flight > 0 || wait_ms > 0)
@@ -784,7 +790,7 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	MemoryContext old;
 	MemoryContextCallback *cb;
 	RbrHttpBatch *b;
-	int			max_in_flight = rbr_grader_max_in_flight;
+	int			max_in_flight = ep->max_in_flight;
 
 	if (njobs == 0)
 		return;
@@ -793,6 +799,8 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	/* a batch left behind by an ERROR whose context is not gone yet */
 	if (rbr_active_batch != NULL)
 		batch_cleanup(rbr_active_batch);
+	eng_retry_base_ms = ep->retry_base_ms;
+	eng_requests_per_second = ep->requests_per_second;
 	rate_reset(GetCurrentTimestamp());
 
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
