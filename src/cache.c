@@ -2,12 +2,12 @@
  * cache.c: the answer caches: grader answers (table rbr.grade_cache) and
  * generated completions (table rbr.generation_cache, at the end).
  *
- * The key is the sha256 of everything that decides an answer: the endpoint
- * kind (openai or azure), the model, the request's messages (template,
- * proposition prompt, conversation, completion) and the answer-shaping
- * request parameters. Not in the key: the URL, the key, the token-limit
+ * The key of a grader answer (rbr_grader_cache_key(), grader.c) is the
+ * sha256 of everything that decides it: the endpoint kind (openai or azure),
+ * the model, the method and number of samples, the API, and the whole
+ * request body. Not in the key: the URL, the key, the token-limit
  * parameter's name (max_tokens and max_completion_tokens ask for the same
- * one token). Only successful answers are stored; errors never are.
+ * limit). Only successful answers are stored; errors never are.
  */
 #include "postgres.h"
 
@@ -22,30 +22,6 @@
 #include "utils/lsyscache.h"
 
 #include "grader.h"
-
-/* Version of the key layout; bump it when the request format changes. */
-#define RBR_CACHE_KEY_PREFIX "rbr-grade-cache-v1\n"
-#define RBR_CACHE_PARAMS "temperature=0 logprobs=true top_logprobs=20 output_tokens=1"
-
-/* Compute job->key from the current settings and job->messages_json. */
-void
-rbr_cache_key(RbrGradeJob *job)
-{
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	const char *kind = rbr_grader_azure_api_version[0] ? "azure" : "openai";
-	const char *parts[] = {RBR_CACHE_KEY_PREFIX, kind, "\n", rbr_grader_model, "\n",
-	RBR_CACHE_PARAMS, "\n", job->messages_json};
-	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
-
-	for (int i = 0; ok && i < (int) lengthof(parts); i++)
-		ok = pg_cryptohash_update(ctx, (const uint8 *) parts[i], strlen(parts[i])) == 0;
-	ok = ok && pg_cryptohash_final(ctx, job->key, sizeof(job->key)) == 0;
-	pg_cryptohash_free(ctx);
-	if (!ok)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not compute the sha256 of a grader request")));
-}
 
 /* A bytea Datum holding a 32-byte key. */
 static Datum
@@ -301,8 +277,10 @@ void
 rbr_gen_cache_key(RbrGradeJob *job)
 {
 	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	char	   *params = psprintf("temperature=%g max_tokens=%d seed=%d\n",
-								  rbr_generator_temperature, rbr_generator_max_tokens, job->sample);
+	const char *opts = rbr_generator_request_options ? rbr_generator_request_options : "";
+	char	   *params = psprintf("temperature=%g max_tokens=%d seed=%d\n%s%s",
+								  rbr_generator_temperature, rbr_generator_max_tokens, job->sample,
+								  opts, opts[0] ? "\n" : "");
 	const char *parts[] = {RBR_GEN_CACHE_KEY_PREFIX, "openai\n", rbr_generator_model, "\n",
 	params, job->messages_json};
 	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;

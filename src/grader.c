@@ -13,17 +13,21 @@
  *     messages, then the completion) as "ROLE: content" lines in a fence
  *     chosen the same way.
  *   Long fixed text comes first (template, question), varying text last.
- *   temperature 0, logprobs with top_logprobs 20, one output token through
- *   max_completion_tokens (or max_tokens: setting, with a one-time automatic
- *   switch per backend when the endpoint rejects the parameter).
+ *   By default temperature 0, logprobs with top_logprobs 20, one output token
+ *   through max_completion_tokens (or max_tokens: setting, with a one-time
+ *   automatic switch per backend when the endpoint rejects the parameter);
+ *   rbr.grader_method, _samples, _top_logprobs, _max_answer_tokens,
+ *   _temperature, _request_options and _api change the body.
  *
- * P(yes): from the first output token's top_logprobs, the summed probability
- * of the "yes" variants over that of "yes" and "no" variants (leading spaces
- * and the tokenizer markers U+0120 and U+2581 stripped, case ignored). When
- * one side is absent its mass is bounded by the smallest probability listed:
- * an upper bound on what it could be, so P is pulled towards 0.5
- * (conservative). Without logprobs the answer text decides (yes 1, no 0) with
- * method 'text', unless rbr.grader_strict_logprobs is on.
+ * P(yes), method logprobs: at the answer position (the first token that is a
+ * yes or a no once white space, markup, "Answer:" and a <think> block are
+ * skipped), the summed probability of the "yes" variants over that of "yes"
+ * and "no" variants (leading spaces, markup and the tokenizer markers U+0120
+ * and U+2581 stripped, case ignored). When one side is absent its mass is
+ * bounded by the smallest probability listed: an upper bound on what it
+ * could be, so P is pulled towards 0.5 (conservative). An answer without
+ * log-probabilities is an error. Method sampled: the share of yes among the
+ * answers that are a yes or a no.
  */
 #include "postgres.h"
 

@@ -86,7 +86,6 @@ extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs
 
 
 /* cache.c */
-extern void rbr_cache_key(RbrGradeJob *job);
 extern void rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props);
 extern void rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props);
 extern void rbr_gen_cache_key(RbrGradeJob *job);

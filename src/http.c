@@ -79,6 +79,7 @@ static double eng_requests_per_second = 0;
 
 /* Requests in flight at the start of a batch, before any answer came back. */
 #define RBR_PROBE_IN_FLIGHT 4
+#define RBR_PROBE_MS 2000
 static int64 stat_http2 = 0;	/* responses that came over HTTP/2 */
 
 /* Initialise libcurl and the backend's multi handle on first use. */
@@ -627,8 +628,12 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 	/* the error of a job that no other job can escape: nothing more is sent */
 	const char *stop = NULL;
 
-	/* until one answer came back, few requests are in flight (a bad key costs a few) */
-	bool		any_ok = false;
+	/*
+	 * Until one answer came back (or RBR_PROBE_MS passed), few requests are
+	 * in flight: a bad key or an exhausted quota costs a few.
+	 */
+	bool		probed = false;
+	int64		started = GetCurrentTimestamp();
 
 	while ((next_new < njobs && stop == NULL) || in_flight > 0 || nwaiting > 0 || nended > 0)
 	{
@@ -667,7 +672,9 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 				w++;
 		}
-		while (in_flight < (any_ok ? max_in_flight : Min(max_in_flight, RBR_PROBE_IN_FLIGHT)) &&
+		if (!probed && (now - started) >= (int64) RBR_PROBE_MS * 1000)
+			probed = true;		/* slow answers: stop waiting for the first one */
+		while (in_flight < (probed ? max_in_flight : Min(max_in_flight, RBR_PROBE_IN_FLIGHT)) &&
 			   next_new < njobs && stop == NULL)
 		{
 			RbrGradeJob *job = &jobs[next_new];
@@ -724,7 +731,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 			{
 				ended[nended++] = job - jobs;
-				any_ok |= job->result.ok;
+				probed |= job->result.ok;
 				if (job->result.ok)
 					stat_ok++;
 				else

@@ -842,7 +842,20 @@ function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxT
 // Chat completions
 // ---------------------------------------------------------------------------------------
 
-function handleChat(req, res, buf, model0, log) {
+/** An answer in the shape of the Responses API: output[] with a reasoning item, then the message. */
+function responsesBody(model, p, top, wantLogprobs, promptTokens) {
+  const word = p >= 0.5 ? 'Yes' : 'No';
+  const text = { type: 'output_text', text: word, annotations: [] };
+  if (wantLogprobs) text.logprobs = [answerEntry(p, top)];
+  idCounter++;
+  return JSON.stringify({ id: 'resp_rbrtest' + idCounter.toString(36), object: 'response', status: 'completed', model,
+    output: [{ type: 'reasoning', id: 'rs_1', summary: [] },
+      { type: 'message', id: 'msg_1', role: 'assistant', status: 'completed', content: [text] }],
+    usage: { input_tokens: promptTokens, output_tokens: 1, total_tokens: promptTokens + 1,
+      input_tokens_details: { cached_tokens: 0 }, output_tokens_details: { reasoning_tokens: 0 } } });
+}
+
+function handleChat(req, res, buf, model0, log, api) {
   let body;
   try { body = JSON.parse(buf.toString('utf8')); } catch (e) {
     bump(stats.rejections, 'bad_request');
@@ -854,6 +867,14 @@ function handleChat(req, res, buf, model0, log) {
     send(res, 400, openaiError(msg, 'invalid_request_error', param, code));
   };
   if (!body || typeof body !== 'object') return bad('Request body must be a JSON object.');
+  if (api === 'responses') {
+    // the Responses API: input, max_output_tokens, logprobs through include
+    stats.responses_requests = (stats.responses_requests || 0) + 1;
+    body.messages = body.input;
+    body.logprobs = Array.isArray(body.include) && body.include.includes('message.output_text.logprobs');
+    body.max_completion_tokens = body.max_output_tokens;
+    delete body.input; delete body.include; delete body.max_output_tokens;
+  }
   const messages = body.messages;
   if (!Array.isArray(messages) || messages.length === 0 || !messages[0]) {
     return bad("Missing required parameter: 'messages'.", 'messages', 'missing_required_parameter');
@@ -955,6 +976,10 @@ function handleChat(req, res, buf, model0, log) {
       finish: maxTok !== undefined && maxTok !== null && maxTok <= 1 ? 'length' : 'stop',
     };
     const hdrs = { 'x-rbr-proposition': encodeURIComponent(prop), 'x-rbr-source': source };
+    if (api === 'responses') {
+      send(res, 200, responsesBody(model, p, top, wantLogprobs, promptTokens), hdrs);
+      return;
+    }
     if (profile !== 'openai' || (Number.isInteger(body.n) && body.n > 1)) {
       send(res, 200, profileBody(body, model, p, info.vocab, opts, promptTokens, completion, maxTok), hdrs);
       return;
@@ -1162,7 +1187,13 @@ function onRequest(req, res) {
   }
 
   let model0 = MODEL_ID;
-  if (pathname === '/openai/v1/chat/completions') {
+  let api = 'chat';
+  if (pathname === '/v1/responses') {
+    api = 'responses';
+    if (args['api-key'] && req.headers.authorization !== 'Bearer ' + args['api-key']) {
+      return reject(401, 'unauthorized', openaiError('Incorrect API key provided.', 'invalid_request_error', null, 'invalid_api_key'));
+    }
+  } else if (pathname === '/openai/v1/chat/completions') {
     // Azure's v1 form: api-key header (or a bearer token), no api-version
     if (args['azure-key'] && req.headers['api-key'] !== args['azure-key'] &&
         req.headers.authorization !== 'Bearer ' + args['azure-key']) {
@@ -1190,7 +1221,7 @@ function onRequest(req, res) {
   res.on('close', () => { inFlight--; });
   readBody(req, (err, buf) => {
     if (err) return reject(413, 'bad_request', openaiError('Request body too large.', 'invalid_request_error'));
-    handleChat(req, res, buf, model0, log);
+    handleChat(req, res, buf, model0, log, api);
   });
 }
 

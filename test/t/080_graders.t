@@ -222,6 +222,16 @@ for my $profile (qw(llama.cpp-old ollama)) {
     ok($st->{requests_total} <= 4, "wrong key: a handful of requests ($st->{requests_total})");
 }
 
+# --- the Responses API: input, max_output_tokens, log-probabilities through include
+{
+    my ($base) = start_server();
+    my $t = source();
+    my ($o, $e, $rc) = featurize($base, "SET rbr.grader_api = 'responses';", $t);
+    is($rc, 0, 'responses API: the run succeeds') or diag($e);
+    check_values($t, 'logprobs', 'responses API');
+    is(server_stats($base)->{responses_requests}, $NPROPS * @P, 'responses API: every request went to /v1/responses');
+}
+
 # --- request options: merged, null removes rbr's field; the cache key holds every field
 {
     my $body = psql_ok("SET rbr.grader_request_options = '{\"temperature\": null, \"reasoning_effort\": \"low\"}';"
