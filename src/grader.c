@@ -1309,6 +1309,7 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 	const char *filtered = NULL;
 	char	   *refusal = NULL;
 	bool		responses = false;
+	bool		truncated = false;	/* an answer ended at the token limit */
 
 	res->ok = false;
 	if (root == NULL)
@@ -1358,6 +1359,8 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 		if (inc && json_object_is_type(inc, json_type_string) &&
 			strcmp(json_object_get_string(inc), "content_filter") == 0)
 			filtered = "incomplete_details.reason content_filter";
+		truncated = inc && json_object_is_type(inc, json_type_string) &&
+			strcmp(json_object_get_string(inc), "max_output_tokens") == 0;
 		res->prompt_tokens = jint(usage, "input_tokens");
 		res->completion_tokens = jint(usage, "output_tokens");
 		res->cached_tokens = jint2(usage, "input_tokens_details", "cached_tokens");
@@ -1386,6 +1389,9 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 			if (fr && json_object_is_type(fr, json_type_string) &&
 				strcmp(json_object_get_string(fr), "content_filter") == 0)
 				filtered = "finish_reason content_filter";
+			if (fr && json_object_is_type(fr, json_type_string) &&
+				strcmp(json_object_get_string(fr), "length") == 0)
+				truncated = true;
 			if (jget(msg, "refusal") && json_object_is_type(jget(msg, "refusal"), json_type_string))
 				refusal = short_json(jget(msg, "refusal"));
 			texts[nans] = msg ? jget(msg, "content") : jget(choice, "text");
@@ -1480,8 +1486,9 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 		put_json(json_holder);
 		if (yes + no == 0)
 		{
-			res->error = unclosed > 0
-				? psprintf("the answer ran out of tokens inside its reasoning block (rbr.grader_max_answer_tokens is %d)",
+			res->error = unclosed > 0 || (truncated && (first_other == NULL || first_other[0] == '\0'))
+				? psprintf("the answer ran out of tokens %s (rbr.grader_max_answer_tokens is %d)",
+						   unclosed > 0 ? "inside its reasoning block" : "before a yes or a no",
 						   rbr_grader_max_answer_tokens)
 				: rbr_grader_scrub(psprintf("the answer is neither \"yes\" nor \"no\" (\"%s\")",
 											first_other ? first_other : ""));

@@ -84,6 +84,12 @@ sub share { my ($k) = @_; return sub { my $p = shift; my $y = int($p * $k + 0.5)
     is(server_stats($base)->{chat_requests}, $NPROPS * @P, 'openai-reasoning: one request (n = 5) per question');
     is(psql_ok("SELECT count(*) FROM rbr.grade_cache WHERE method = 'sampled' AND samples = 5"), $NPROPS * @P,
        'openai-reasoning: the cache records method and k');
+    $t = source();
+    featurize($base, "SET rbr.grader_method = 'sampled'; SET rbr.grader_temperature = '';", $t);
+    is(psql_ok("SELECT count(*) FROM ${t}_grades WHERE probability IS NOT NULL"), 0,
+       'openai-reasoning, one answer token: no value stored');
+    like(psql_ok("SELECT min(error) FROM ${t}_grades"), qr/ran out of tokens before a yes or a no/,
+         'openai-reasoning, one answer token: the error says why');
     my $rt = psql_ok("SET rbr.grader_url = '$base/v1'; SET rbr.grader_method = 'sampled'; SET rbr.grader_temperature = '';"
         . " SET rbr.grader_max_answer_tokens = 64; SELECT reasoning_tokens, samples FROM"
         . " rbr_grade_many('ref', ARRAY['apology'], ARRAY['\"q\"'::jsonb], ARRAY['fresh [[rbr *=0.4]]'])");
