@@ -1779,6 +1779,18 @@ grade_ended(void *arg, const int *idx, int n)
 {
 	RbrGradeRun *g = (RbrGradeRun *) arg;
 
+	/*
+	 * After top_logprobs was lowered during the call, the answers came from
+	 * requests with the lowered value: key them by the request really sent.
+	 */
+	if (top_logprobs_limit > 0)
+		for (int k = 0; k < n; k++)
+		{
+			RbrGradeJob *job = &g->jobs[idx[k]];
+
+			if (job->result.ok && !job->result.cached && job->messages_json != NULL)
+				rbr_grader_cache_key(job);
+		}
 	rbr_cache_store(g->jobs, idx, n, g->names);
 	for (int k = 0; k < n; k++)
 	{

@@ -108,6 +108,10 @@ sub share { my ($k) = @_; return sub { my $p = shift; my $y = int($p * $k + 0.5)
     check_values($t, 'logprobs', 'gpt-5.4');
     my $rej = server_stats($base)->{rejections}{top_logprobs};
     ok($rej >= 1 && $rej <= 4, "gpt-5.4: only the first requests of the session were rejected ($rej)");
+    # the answers are keyed by the request sent (top_logprobs 5): asked with 5, they come from the cache
+    is(psql_ok("SET rbr.grader_url = '$base/v1'; SET rbr.grader_top_logprobs = 5;"
+        . " SELECT bool_and(cached) FROM rbr_grade_many('ref', ARRAY['apology'], ARRAY['\"q\"'::jsonb],"
+        . " ARRAY['$t row 1 [[rbr *=0.2]]'])"), 't', 'gpt-5.4: cached under the top_logprobs really sent');
     server_reset($base);
     $t = source();
     featurize($base, 'SET rbr.grader_top_logprobs = 5;', $t);
