@@ -588,7 +588,13 @@ BEGIN
         completion_tokens int,
         cached boolean NOT NULL,
         graded_at timestamptz NOT NULL,
+        samples int,
+        cached_tokens int,
+        reasoning_tokens int,
         PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
+    -- grades tables of 0.1.0: the columns of 0.2.0 (method's sample count, token kinds)
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
+                   ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
     EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
                    ftab, keycol, keycol, source);
 
@@ -655,6 +661,8 @@ DECLARE
     n_req bigint := 0;
     n_pt bigint := 0;
     n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
     upd_props text;
     upd_classes text;
     rt text;
@@ -745,18 +753,22 @@ BEGIN
     FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
         i := q_idx[g.ord];
         EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, probability, method, yes_no_mass, model, error,'
-                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at)'
-                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp())'
+                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at, samples, cached_tokens,'
+                       ' reasoning_tokens)'
+                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp(), $13, $14, $15)'
                        ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
                        ' probability = EXCLUDED.probability, method = EXCLUDED.method,'
                        ' yes_no_mass = EXCLUDED.yes_no_mass, model = EXCLUDED.model, error = EXCLUDED.error,'
                        ' attempts = t.attempts + EXCLUDED.attempts,'
                        ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
                        ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
-                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at',
+                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at, samples = EXCLUDED.samples,'
+                       ' cached_tokens = COALESCE(t.cached_tokens, 0) + COALESCE(EXCLUDED.cached_tokens, 0),'
+                       ' reasoning_tokens = COALESCE(t.reasoning_tokens, 0) + COALESCE(EXCLUDED.reasoning_tokens, 0)',
                        r.outputs[2], keycol, keytype, keycol)
             USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
-                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached;
+                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached, g.samples, g.cached_tokens,
+                  g.reasoning_tokens;
         IF g.status = 'ok' THEN
             vals[i] := vals[i] || jsonb_build_object(g.proposition, g.probability);
             n_ok := n_ok + 1;
@@ -767,6 +779,8 @@ BEGIN
         n_req := n_req + g.attempts;
         n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
         n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+        n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+        n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
     END LOOP;
 
     -- values, then class probabilities of rows whose needed propositions are all graded
@@ -790,7 +804,7 @@ BEGIN
         END IF;
     END LOOP;
 
-    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, 0, 0, NULL, keys[nrows]);
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, n_cat, n_rt, NULL, keys[nrows]);
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := (r.done + r.errors) / elapsed;
     remaining := greatest(r.total - r.done - r.errors, 0);
@@ -1513,31 +1527,6 @@ CREATE OR REPLACE FUNCTION @extschema@.rbr_capabilities(role regrole DEFAULT NUL
      ORDER BY array_position(ARRAY['grade', 'synthesize', 'policies', 'models'], c.capability)
 $$;
 
--- Roles that 0.1.0's grant lists let grade, synthesize, load policies or
--- save models get that capability (and so the new functions it needs).
-DO $$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole AS role
-               FROM (VALUES ('grade', '@extschema@.rbr_featurize(regclass, text, jsonb)'::pg_catalog.regprocedure),
-                            ('synthesize', '@extschema@.rbr_synthesize(regclass, text, jsonb)'::pg_catalog.regprocedure)) c(cap, fn)
-               JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) c.fn,
-                    pg_catalog.aclexplode(p.proacl) a
-              WHERE a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
-             UNION
-             SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole
-               FROM (VALUES ('policies', 'rbr.policy_version'::pg_catalog.regclass),
-                            ('models', 'rbr.model'::pg_catalog.regclass)) c(cap, tab)
-               JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) c.tab,
-                    pg_catalog.aclexplode(k.relacl) a
-              WHERE a.privilege_type OPERATOR(pg_catalog.=) 'INSERT' AND a.grantee OPERATOR(pg_catalog.<>) 0
-                AND a.grantee OPERATOR(pg_catalog.<>) k.relowner LOOP
-        PERFORM @extschema@.rbr_grant(g.role, g.cap);
-    END LOOP;
-END
-$$;
-
 -- (end of privileges, owners and the run mechanism)
 
 -------------------------------------------------------------------------------
@@ -1556,6 +1545,29 @@ $$;
 -------------------------------------------------------------------------------
 -- Graders: request settings, answer reading, failures
 -------------------------------------------------------------------------------
+
+-- A value records its method ('sampled': the share of yes over samples
+-- answers). Rows of 0.1.0 keep theirs; their keys (layout v1) are never asked
+-- for again, so a 'text' value is never served.
+ALTER TABLE rbr.grade_cache DROP CONSTRAINT grade_cache_method_check;
+ALTER TABLE rbr.grade_cache ADD CONSTRAINT grade_cache_method_check
+    CHECK (method IN ('logprobs', 'sampled', 'text'));
+ALTER TABLE rbr.grade_cache ADD COLUMN samples int CHECK (samples > 0);
+
+-- rbr_grade_many: three more output columns (samples, cached_tokens,
+-- reasoning_tokens). The output row type changes, so the function is
+-- recreated; the roles 0.1.0 let grade get it back through their capability
+-- (last section).
+DROP FUNCTION @extschema@.rbr_grade_many(text, text[], jsonb[], text[]);
+CREATE FUNCTION @extschema@.rbr_grade_many(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT proposition text, OUT status text, OUT probability float8, OUT method text,
+    OUT yes_no_mass float8, OUT model text, OUT error text, OUT attempts int,
+    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean,
+    OUT samples int, OUT cached_tokens int, OUT reasoning_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_many'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade_many(text, text[], jsonb[], text[]) FROM PUBLIC;
 
 -- (end of graders)
 
@@ -2002,3 +2014,33 @@ $$;
 -------------------------------------------------------------------------------
 
 -- (end of scoring in ETL)
+
+-------------------------------------------------------------------------------
+-- Capabilities of the roles 0.1.0 let spend, load or save (last: after every
+-- object a capability names exists in its 0.2.0 form)
+-------------------------------------------------------------------------------
+
+-- Roles that 0.1.0's grant lists let grade, synthesize, load policies or
+-- save models get that capability (and so the new functions it needs).
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole AS role
+               FROM (VALUES ('grade', '@extschema@.rbr_featurize(regclass, text, jsonb)'::pg_catalog.regprocedure),
+                            ('synthesize', '@extschema@.rbr_synthesize(regclass, text, jsonb)'::pg_catalog.regprocedure)) c(cap, fn)
+               JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) c.fn,
+                    pg_catalog.aclexplode(p.proacl) a
+              WHERE a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+             UNION
+             SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole
+               FROM (VALUES ('policies', 'rbr.policy_version'::pg_catalog.regclass),
+                            ('models', 'rbr.model'::pg_catalog.regclass)) c(cap, tab)
+               JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) c.tab,
+                    pg_catalog.aclexplode(k.relacl) a
+              WHERE a.privilege_type OPERATOR(pg_catalog.=) 'INSERT' AND a.grantee OPERATOR(pg_catalog.<>) 0
+                AND a.grantee OPERATOR(pg_catalog.<>) k.relowner LOOP
+        PERFORM @extschema@.rbr_grant(g.role, g.cap);
+    END LOOP;
+END
+$$;

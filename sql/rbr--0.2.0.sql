@@ -763,11 +763,12 @@ CREATE TABLE rbr.grade_cache (
     model             text        NOT NULL,
     proposition       text        NOT NULL,
     probability       float8      NOT NULL CHECK (probability >= 0 AND probability <= 1),
-    method            text        NOT NULL CHECK (method IN ('logprobs', 'text')),
+    method            text        NOT NULL CHECK (method IN ('logprobs', 'sampled', 'text')),
     yes_no_mass       float8,
     prompt_tokens     int,
     completion_tokens int,
-    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    samples           int         CHECK (samples > 0)
 );
 COMMENT ON TABLE rbr.grade_cache IS
     'grader answers by sha256 of the request; only successful answers';
@@ -783,11 +784,15 @@ REVOKE EXECUTE ON FUNCTION @extschema@.rbr_grade(text, text, jsonb, text) FROM P
 
 -- Many questions at once (concurrently, through the cache): one row per
 -- question, ord = position in the arrays; failures are rows with status
--- 'error' and the reason, never a probability.
+-- 'error' and the reason, never a probability. method is 'logprobs' or
+-- 'sampled' (samples = answers counted); after a final failure (bad key, no
+-- quota, unknown model, rejected request) the questions not sent are error
+-- rows with that reason.
 CREATE FUNCTION @extschema@.rbr_grade_many(policy text, propositions text[], prompts jsonb[], completions text[],
     OUT ord int, OUT proposition text, OUT status text, OUT probability float8, OUT method text,
     OUT yes_no_mass float8, OUT model text, OUT error text, OUT attempts int,
-    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean)
+    OUT prompt_tokens int, OUT completion_tokens int, OUT cached boolean,
+    OUT samples int, OUT cached_tokens int, OUT reasoning_tokens int)
     RETURNS SETOF record
     AS 'MODULE_PATHNAME', 'rbr_grade_many'
     LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
@@ -1037,7 +1042,13 @@ BEGIN
         completion_tokens int,
         cached boolean NOT NULL,
         graded_at timestamptz NOT NULL,
+        samples int,
+        cached_tokens int,
+        reasoning_tokens int,
         PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
+    -- grades tables of 0.1.0: the columns of 0.2.0 (method's sample count, token kinds)
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
+                   ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
     EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
                    ftab, keycol, keycol, source);
 
@@ -1104,6 +1115,8 @@ DECLARE
     n_req bigint := 0;
     n_pt bigint := 0;
     n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
     upd_props text;
     upd_classes text;
     rt text;
@@ -1194,18 +1207,22 @@ BEGIN
     FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
         i := q_idx[g.ord];
         EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, probability, method, yes_no_mass, model, error,'
-                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at)'
-                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp())'
+                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at, samples, cached_tokens,'
+                       ' reasoning_tokens)'
+                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp(), $13, $14, $15)'
                        ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
                        ' probability = EXCLUDED.probability, method = EXCLUDED.method,'
                        ' yes_no_mass = EXCLUDED.yes_no_mass, model = EXCLUDED.model, error = EXCLUDED.error,'
                        ' attempts = t.attempts + EXCLUDED.attempts,'
                        ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
                        ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
-                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at',
+                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at, samples = EXCLUDED.samples,'
+                       ' cached_tokens = COALESCE(t.cached_tokens, 0) + COALESCE(EXCLUDED.cached_tokens, 0),'
+                       ' reasoning_tokens = COALESCE(t.reasoning_tokens, 0) + COALESCE(EXCLUDED.reasoning_tokens, 0)',
                        r.outputs[2], keycol, keytype, keycol)
             USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
-                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached;
+                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached, g.samples, g.cached_tokens,
+                  g.reasoning_tokens;
         IF g.status = 'ok' THEN
             vals[i] := vals[i] || jsonb_build_object(g.proposition, g.probability);
             n_ok := n_ok + 1;
@@ -1216,6 +1233,8 @@ BEGIN
         n_req := n_req + g.attempts;
         n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
         n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+        n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+        n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
     END LOOP;
 
     -- values, then class probabilities of rows whose needed propositions are all graded
@@ -1239,7 +1258,7 @@ BEGIN
         END IF;
     END LOOP;
 
-    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, 0, 0, NULL, keys[nrows]);
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, n_cat, n_rt, NULL, keys[nrows]);
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := (r.done + r.errors) / elapsed;
     remaining := greatest(r.total - r.done - r.errors, 0);

@@ -2,12 +2,12 @@
  * cache.c: the answer caches: grader answers (table rbr.grade_cache) and
  * generated completions (table rbr.generation_cache, at the end).
  *
- * The key is the sha256 of everything that decides an answer: the endpoint
- * kind (openai or azure), the model, the request's messages (template,
- * proposition prompt, conversation, completion) and the answer-shaping
- * request parameters. Not in the key: the URL, the key, the token-limit
+ * The key of a grader answer (rbr_grader_cache_key(), grader.c) is the
+ * sha256 of everything that decides it: the endpoint kind (openai or azure),
+ * the model, the method and number of samples, the API, and the whole
+ * request body. Not in the key: the URL, the key, the token-limit
  * parameter's name (max_tokens and max_completion_tokens ask for the same
- * one token). Only successful answers are stored; errors never are.
+ * limit). Only successful answers are stored; errors never are.
  *
  * No role but the extension's owner may read or write the caches: every
  * lookup and insert here runs as that owner (owner.c), so a role can neither
@@ -27,30 +27,6 @@
 
 #include "grader.h"
 #include "owner.h"
-
-/* Version of the key layout; bump it when the request format changes. */
-#define RBR_CACHE_KEY_PREFIX "rbr-grade-cache-v1\n"
-#define RBR_CACHE_PARAMS "temperature=0 logprobs=true top_logprobs=20 output_tokens=1"
-
-/* Compute job->key from the current settings and job->messages_json. */
-void
-rbr_cache_key(RbrGradeJob *job)
-{
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	const char *kind = rbr_grader_azure_api_version[0] ? "azure" : "openai";
-	const char *parts[] = {RBR_CACHE_KEY_PREFIX, kind, "\n", rbr_grader_model, "\n",
-	RBR_CACHE_PARAMS, "\n", job->messages_json};
-	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
-
-	for (int i = 0; ok && i < (int) lengthof(parts); i++)
-		ok = pg_cryptohash_update(ctx, (const uint8 *) parts[i], strlen(parts[i])) == 0;
-	ok = ok && pg_cryptohash_final(ctx, job->key, sizeof(job->key)) == 0;
-	pg_cryptohash_free(ctx);
-	if (!ok)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not compute the sha256 of a grader request")));
-}
 
 /* A bytea Datum holding a 32-byte key. */
 static Datum
@@ -147,7 +123,7 @@ cache_lookup(RbrGradeJob *jobs, int njobs, const char *sql, const char *what, Ca
 	pfree(DatumGetPointer(args[0]));
 }
 
-/* Fill a grading job from a row of rbr.grade_cache (key, probability, method, yes_no_mass, model). */
+/* Fill a grading job from a row of rbr.grade_cache (key, probability, method, yes_no_mass, model, samples). */
 static bool
 fill_grade(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
 {
@@ -157,9 +133,13 @@ fill_grade(RbrGradeJob *job, HeapTuple tup, TupleDesc td, MemoryContext caller)
 	char	   *method = SPI_getvalue(tup, td, 3);
 	Datum		massd = SPI_getbinval(tup, td, 4, &isnull);
 	char	   *model = SPI_getvalue(tup, td, 5);
+	bool		nosamples;
+	Datum		samplesd = SPI_getbinval(tup, td, 6, &nosamples);
 
+	res->samples = nosamples ? 1 : DatumGetInt32(samplesd);
 	res->probability = p;
-	res->method = (method && strcmp(method, "text") == 0) ? "text" : "logprobs";
+	res->method = (method && strcmp(method, "text") == 0) ? "text"
+		: (method && strcmp(method, "sampled") == 0) ? "sampled" : "logprobs";
 	res->yes_no_mass = isnull ? NAN : DatumGetFloat8(massd);
 	res->model = model ? MemoryContextStrdup(caller, model) : NULL;
 	return true;
@@ -170,7 +150,7 @@ void
 rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props pg_attribute_unused())
 {
 	cache_lookup(jobs, njobs,
-				 "SELECT key, probability, method, yes_no_mass, model "
+				 "SELECT key, probability, method, yes_no_mass, model, samples "
 				 "FROM rbr.grade_cache WHERE key OPERATOR(pg_catalog.=) ANY ($1)", "cache", fill_grade);
 }
 
@@ -252,10 +232,10 @@ batch_insert(ColumnBatch *b, const char *sql, const char *what)
 void
 rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props)
 {
-	static const Oid types[8] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
+	static const Oid types[9] = {BYTEAOID, TEXTOID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, INT4OID, INT4OID, INT4OID};
 	ColumnBatch b;
 
-	batch_init(&b, 8, types, n);
+	batch_init(&b, 9, types, n);
 	for (int k = 0; k < n; k++)
 	{
 		RbrGradeJob *job = &jobs[idx[k]];
@@ -275,15 +255,17 @@ rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *pro
 		b.nulls[6][m] = r->prompt_tokens < 0;
 		b.v[7][m] = Int32GetDatum(r->completion_tokens);
 		b.nulls[7][m] = r->completion_tokens < 0;
+		b.v[8][m] = Int32GetDatum(r->samples);
+		b.nulls[8][m] = r->samples <= 0;
 		b.nrows++;
 	}
 	if (b.nrows == 0)
 		return;
 	batch_insert(&b, "INSERT INTO rbr.grade_cache "
-				 "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens) "
+				 "(key, model, proposition, probability, method, yes_no_mass, prompt_tokens, completion_tokens, samples) "
 				 "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
 				 "pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
-				 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8)) "
+				 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9)) "
 				 "ON CONFLICT (key) DO NOTHING", "cache");
 }
 
@@ -300,8 +282,10 @@ void
 rbr_gen_cache_key(RbrGradeJob *job)
 {
 	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	char	   *params = psprintf("temperature=%g max_tokens=%d seed=%d\n",
-								  rbr_generator_temperature, rbr_generator_max_tokens, job->sample);
+	const char *opts = rbr_generator_request_options ? rbr_generator_request_options : "";
+	char	   *params = psprintf("temperature=%g max_tokens=%d seed=%d\n%s%s",
+								  rbr_generator_temperature, rbr_generator_max_tokens, job->sample,
+								  opts, opts[0] ? "\n" : "");
 	const char *parts[] = {RBR_GEN_CACHE_KEY_PREFIX, "openai\n", rbr_generator_model, "\n",
 	params, job->messages_json};
 	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;

@@ -37,6 +37,20 @@ char	   *rbr_generator_model = NULL;
 double		rbr_generator_temperature = 1.0;
 int			rbr_generator_max_tokens = 1024;
 int			rbr_generator_timeout_ms = 120000;
+int			rbr_generator_token_parameter = RBR_TOKENS_MAX_COMPLETION_TOKENS;
+char	   *rbr_generator_request_options = NULL;
+
+/* The automatic switch: parameter to use while the setting is 'switched_from'. */
+static int	gen_token_switched_from = -1;
+
+static const struct config_enum_entry gen_token_parameter_options[] = {
+	{"max_completion_tokens", RBR_TOKENS_MAX_COMPLETION_TOKENS, false},
+	{"max_tokens", RBR_TOKENS_MAX_TOKENS, false},
+	{NULL, 0, false}
+};
+
+static char *generator_classify_failure(long status, const char *body, size_t len, int body_param,
+										bool *retry_now, bool *final, void **json_holder);
 
 /* Define the generator's settings. Called from _PG_init. */
 void
@@ -58,6 +72,60 @@ rbr_generator_init_settings(void)
 							"Timeout of one generation request attempt.",
 							NULL, &rbr_generator_timeout_ms, 120000, 100, 600000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomEnumVariable("rbr.generator_token_parameter",
+							 "Request parameter that limits the length of a generated completion.",
+							 "A backend switches to the other one once if the endpoint rejects it.",
+							 &rbr_generator_token_parameter, RBR_TOKENS_MAX_COMPLETION_TOKENS,
+							 gen_token_parameter_options, PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("rbr.generator_request_options",
+							   "JSON object merged into every generation request body; a key set to null removes rbr's own field.",
+							   NULL, &rbr_generator_request_options, "",
+							   PGC_USERSET, 0, rbr_check_request_options, NULL, NULL);
+}
+
+/* The generator's token parameter in use: the setting, or the other after a switch. */
+static int
+generator_token_param(void)
+{
+	if (gen_token_switched_from == rbr_generator_token_parameter)
+		return 1 - rbr_generator_token_parameter;
+	return rbr_generator_token_parameter;
+}
+
+/* The endpoint rejected parameter 'from': the generator uses the other from now on. */
+void
+rbr_generator_switch_token_param(int from)
+{
+	if (from == rbr_generator_token_parameter)
+	{
+		gen_token_switched_from = from;
+		ereport(NOTICE,
+				(errmsg("the generator endpoint rejected \"%s\"; this session now sends \"%s\"",
+						from == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens",
+						from == RBR_TOKENS_MAX_TOKENS ? "max_completion_tokens" : "max_tokens"),
+				 errhint("Set rbr.generator_token_parameter to avoid the first rejected request.")));
+	}
+	else
+		gen_token_switched_from = -1;
+}
+
+/* The generator's classification of a failed answer (token-parameter switch). */
+static char *
+generator_classify_failure(long status, const char *body, size_t len, int body_param,
+						   bool *retry_now, bool *final, void **json_holder)
+{
+	bool		token_switch;
+	char	   *reason = rbr_error_classify(status, body, len, body_param, retry_now, final,
+											json_holder, &token_switch);
+
+	if (token_switch)
+	{
+		if (generator_token_param() == body_param)
+			rbr_generator_switch_token_param(body_param);
+		*retry_now = true;
+		*final = false;
+	}
+	return reason;
 }
 
 /* The generator's endpoint, from the rbr.generator_* settings. */
@@ -68,6 +136,16 @@ rbr_generator_endpoint(RbrEndpoint *ep)
 	rbr_secrets_endpoint(ep);
 	ep->model = rbr_generator_model;
 	ep->timeout_ms = rbr_generator_timeout_ms;
+	ep->path = "chat/completions";
+	ep->build_body = rbr_generator_body;
+	ep->read_answer = rbr_generator_parse_answer;
+	ep->token_param = generator_token_param;
+	ep->classify_failure = generator_classify_failure;
+	ep->scrub = rbr_grader_scrub;
+	ep->max_in_flight = rbr_grader_max_in_flight;
+	ep->max_retries = rbr_grader_max_retries;
+	ep->retry_base_ms = rbr_grader_retry_base_ms;
+	ep->requests_per_second = rbr_grader_requests_per_second;
 }
 
 /* The "messages" JSON array: the instruction, then the conversation. */
@@ -112,7 +190,7 @@ rbr_generator_body(RbrGradeJob *job, int token_param)
 					 job->messages_json, temp,
 					 token_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens",
 					 rbr_generator_max_tokens, job->sample);
-	return b.data;
+	return rbr_merge_request_options(b.data, rbr_generator_request_options);
 }
 
 /* A cache key seen in one call, and the job that asks it. */
@@ -286,5 +364,5 @@ rbr_generator_request(PG_FUNCTION_ARGS)
 												text_to_cstring(PG_GETARG_TEXT_PP(1)));
 	job.sample = check_sample(PG_GETARG_INT32(2));
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
-										CStringGetDatum(rbr_generator_body(&job, rbr_grader_token_param()))));
+										CStringGetDatum(rbr_generator_body(&job, generator_token_param()))));
 }

@@ -13,17 +13,21 @@
  *     messages, then the completion) as "ROLE: content" lines in a fence
  *     chosen the same way.
  *   Long fixed text comes first (template, question), varying text last.
- *   temperature 0, logprobs with top_logprobs 20, one output token through
- *   max_completion_tokens (or max_tokens: setting, with a one-time automatic
- *   switch per backend when the endpoint rejects the parameter).
+ *   By default temperature 0, logprobs with top_logprobs 20, one output token
+ *   through max_completion_tokens (or max_tokens: setting, with a one-time
+ *   automatic switch per backend when the endpoint rejects the parameter);
+ *   rbr.grader_method, _samples, _top_logprobs, _max_answer_tokens,
+ *   _temperature, _request_options and _api change the body.
  *
- * P(yes): from the first output token's top_logprobs, the summed probability
- * of the "yes" variants over that of "yes" and "no" variants (leading spaces
- * and the tokenizer markers U+0120 and U+2581 stripped, case ignored). When
- * one side is absent its mass is bounded by the smallest probability listed:
- * an upper bound on what it could be, so P is pulled towards 0.5
- * (conservative). Without logprobs the answer text decides (yes 1, no 0) with
- * method 'text', unless rbr.grader_strict_logprobs is on.
+ * P(yes), method logprobs: at the answer position (the first token that is a
+ * yes or a no once white space, markup, "Answer:" and a <think> block are
+ * skipped), the summed probability of the "yes" variants over that of "yes"
+ * and "no" variants (leading spaces, markup and the tokenizer markers U+0120
+ * and U+2581 stripped, case ignored). When one side is absent its mass is
+ * bounded by the smallest probability listed: an upper bound on what it
+ * could be, so P is pulled towards 0.5 (conservative). An answer without
+ * log-probabilities is an error. Method sampled: the share of yes among the
+ * answers that are a yes or a no.
  */
 #include "postgres.h"
 
@@ -31,6 +35,7 @@
 
 #include "catalog/pg_type.h"
 #include "access/xact.h"
+#include "common/cryptohash.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
@@ -58,6 +63,32 @@ int			rbr_grader_retry_base_ms = 500;
 double		rbr_grader_requests_per_second = 0;
 int			rbr_grader_token_parameter = RBR_TOKENS_MAX_COMPLETION_TOKENS;
 bool		rbr_grader_strict_logprobs = false;
+int			rbr_grader_method = RBR_METHOD_LOGPROBS;
+int			rbr_grader_samples = 5;
+int			rbr_grader_top_logprobs = 20;
+int			rbr_grader_max_answer_tokens = 1;
+char	   *rbr_grader_temperature = NULL;
+char	   *rbr_grader_request_options = NULL;
+int			rbr_grader_api = RBR_API_CHAT;
+
+/* top_logprobs the endpoint accepts, once a 400 named a limit (0: none seen). */
+static int	top_logprobs_limit = 0;
+
+static char *grader_classify_failure(long status, const char *body, size_t len, int body_param,
+									 bool *retry_now, bool *final, void **json_holder);
+
+static const struct config_enum_entry method_options[] = {
+	{"logprobs", RBR_METHOD_LOGPROBS, false},
+	{"sampled", RBR_METHOD_SAMPLED, false},
+	{"auto", RBR_METHOD_AUTO, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry api_options[] = {
+	{"chat", RBR_API_CHAT, false},
+	{"responses", RBR_API_RESPONSES, false},
+	{NULL, 0, false}
+};
 
 /* The automatic switch: parameter to use while the setting is 'switched_from'. */
 static int	token_switched_from = -1;
@@ -71,6 +102,47 @@ static const struct config_enum_entry token_parameter_options[] = {
 /* ---------------------------------------------------------------------------
  * Settings
  * ------------------------------------------------------------------------- */
+
+/* rbr.grader_temperature: empty, or a number from 0 to 2. */
+static bool
+check_temperature(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	char	   *end;
+	double		t;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	errno = 0;
+	t = strtod(*newval, &end);
+	while (*end == ' ')
+		end++;
+	if (errno != 0 || *end != '\0' || !(t >= 0 && t <= 2))
+	{
+		GUC_check_errdetail("The temperature is a number from 0 to 2, or empty to leave it to the endpoint.");
+		return false;
+	}
+	return true;
+}
+
+/* rbr.grader_request_options (and the generator's): empty or a JSON object. */
+bool
+rbr_check_request_options(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	json_object *o;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	o = json_tokener_parse(*newval);
+	if (o == NULL || !json_object_is_type(o, json_type_object))
+	{
+		if (o != NULL)
+			json_object_put(o);
+		GUC_check_errdetail("The request options must be a JSON object, e.g. {\"reasoning_effort\": \"low\"}.");
+		return false;
+	}
+	json_object_put(o);
+	return true;
+}
 
 /* Define the grader's settings. Called from _PG_init. */
 void
@@ -106,8 +178,38 @@ rbr_grader_init_settings(void)
 							 &rbr_grader_token_parameter, RBR_TOKENS_MAX_COMPLETION_TOKENS,
 							 token_parameter_options, PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("rbr.grader_strict_logprobs",
-							 "Treat an answer without log-probabilities as an error instead of reading its text.",
+							 "Deprecated, no effect: an answer without log-probabilities is always an error under rbr.grader_method = logprobs.",
 							 NULL, &rbr_grader_strict_logprobs, false,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("rbr.grader_method",
+							 "How P(yes) is obtained: logprobs, sampled (share of yes over rbr.grader_samples answers) or auto.",
+							 "auto: log-probabilities when the answer carries them, else the share of yes; the method is recorded per value.",
+							 &rbr_grader_method, RBR_METHOD_LOGPROBS, method_options,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("rbr.grader_samples",
+							"Answers asked per question (request parameter n) under rbr.grader_method sampled or auto.",
+							NULL, &rbr_grader_samples, 5, 1, 128,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("rbr.grader_top_logprobs",
+							"Alternatives per token asked (top_logprobs); lowered once per session when the endpoint names its limit.",
+							NULL, &rbr_grader_top_logprobs, 20, 1, 20,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("rbr.grader_max_answer_tokens",
+							"Output tokens a grader answer may use (room to reason before the yes or no).",
+							NULL, &rbr_grader_max_answer_tokens, 1, 1, 100000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("rbr.grader_temperature",
+							   "Sampling temperature of the grader; empty: not sent (the endpoint's default).",
+							   NULL, &rbr_grader_temperature, "0",
+							   PGC_USERSET, 0, check_temperature, NULL, NULL);
+	DefineCustomStringVariable("rbr.grader_request_options",
+							   "JSON object merged into every grader request body; a key set to null removes rbr's own field.",
+							   "E.g. {\"reasoning_effort\": \"low\"} or {\"chat_template_kwargs\": {\"enable_thinking\": false}}.",
+							   &rbr_grader_request_options, "",
+							   PGC_USERSET, 0, rbr_check_request_options, NULL, NULL);
+	DefineCustomEnumVariable("rbr.grader_api",
+							 "API the grader speaks: chat (Chat Completions) or responses (OpenAI Responses API).",
+							 NULL, &rbr_grader_api, RBR_API_CHAT, api_options,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
 }
 
@@ -119,6 +221,16 @@ rbr_grader_endpoint(RbrEndpoint *ep)
 	rbr_secrets_endpoint(ep);
 	ep->model = rbr_grader_model;
 	ep->timeout_ms = rbr_grader_timeout_ms;
+	ep->path = rbr_grader_api == RBR_API_RESPONSES ? "responses" : "chat/completions";
+	ep->build_body = rbr_grader_body;
+	ep->read_answer = rbr_grader_parse_answer;
+	ep->token_param = rbr_grader_token_param;
+	ep->classify_failure = grader_classify_failure;
+	ep->scrub = rbr_grader_scrub;
+	ep->max_in_flight = rbr_grader_max_in_flight;
+	ep->max_retries = rbr_grader_max_retries;
+	ep->retry_base_ms = rbr_grader_retry_base_ms;
+	ep->requests_per_second = rbr_grader_requests_per_second;
 }
 
 /* The token parameter in use: the setting, or the other after a switch. */
@@ -462,25 +574,138 @@ rbr_grader_messages_json(RbrPolicy *pol, int prop, Jsonb *prompt, const char *co
 	return out.data;
 }
 
+/* top_logprobs sent: the setting, capped by a limit the endpoint named. */
+static int
+top_logprobs_sent(void)
+{
+	if (top_logprobs_limit > 0)
+		return Min(rbr_grader_top_logprobs, top_logprobs_limit);
+	return rbr_grader_top_logprobs;
+}
+
+/*
+ * Merge a JSON object of request options into a request body: each key
+ * replaces rbr's field of that name, null removes it. Returns a new body.
+ */
+char *
+rbr_merge_request_options(const char *body, const char *options)
+{
+	json_object *b,
+			   *o;
+	char	   *out;
+
+	if (options == NULL || options[0] == '\0')
+		return (char *) body;
+	b = json_tokener_parse(body);
+	o = json_tokener_parse(options);
+	if (b == NULL || o == NULL || !json_object_is_type(o, json_type_object))
+	{
+		if (b)
+			json_object_put(b);
+		if (o)
+			json_object_put(o);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("could not merge the request options into the request body"),
+				 errhint("The request options must be a JSON object.")));
+	}
+	for (struct lh_entry *e = json_object_get_object(o)->head; e != NULL; e = e->next)
+	{
+		const char *key = (const char *) lh_entry_k(e);
+		json_object *val = (json_object *) lh_entry_v(e);
+
+		if (val == NULL)
+			json_object_object_del(b, key);
+		else
+			json_object_object_add(b, key, json_object_get(val));
+	}
+	out = pstrdup(json_object_to_json_string_ext(b, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+	json_object_put(b);
+	json_object_put(o);
+	return out;
+}
+
 /* The full request body of a job with the given token parameter. */
 char *
 rbr_grader_body(RbrGradeJob *job, int token_param)
 {
 	StringInfoData b;
+	bool		want_lp = rbr_grader_method != RBR_METHOD_SAMPLED;
+	int			n = rbr_grader_method == RBR_METHOD_LOGPROBS ? 1 : rbr_grader_samples;
+	bool		temp = rbr_grader_temperature != NULL && rbr_grader_temperature[0] != '\0';
 
 	initStringInfo(&b);
 	appendStringInfoString(&b, "{\"model\": ");
 	escape_json(&b, rbr_grader_model);
-	appendStringInfo(&b, ", \"messages\": %s, \"temperature\": 0, \"logprobs\": true, "
-					 "\"top_logprobs\": 20, \"%s\": 1}",
-					 job->messages_json,
-					 token_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens");
-	return b.data;
+	if (rbr_grader_api == RBR_API_RESPONSES)
+	{
+		appendStringInfo(&b, ", \"input\": %s", job->messages_json);
+		if (temp)
+			appendStringInfo(&b, ", \"temperature\": %s", rbr_grader_temperature);
+		if (want_lp)
+			appendStringInfo(&b, ", \"top_logprobs\": %d, \"include\": [\"message.output_text.logprobs\"]",
+							 top_logprobs_sent());
+		appendStringInfo(&b, ", \"max_output_tokens\": %d, \"store\": false}",
+						 rbr_grader_max_answer_tokens);
+	}
+	else
+	{
+		appendStringInfo(&b, ", \"messages\": %s", job->messages_json);
+		if (temp)
+			appendStringInfo(&b, ", \"temperature\": %s", rbr_grader_temperature);
+		if (want_lp)
+			appendStringInfo(&b, ", \"logprobs\": true, \"top_logprobs\": %d", top_logprobs_sent());
+		if (n > 1)
+			appendStringInfo(&b, ", \"n\": %d", n);
+		appendStringInfo(&b, ", \"%s\": %d}",
+						 token_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens",
+						 rbr_grader_max_answer_tokens);
+	}
+	return rbr_merge_request_options(b.data, rbr_grader_request_options);
+}
+
+/*
+ * The cache key of a grading job: sha256 of the endpoint kind, the model, the
+ * method and k, and the request body as sent (every field: messages,
+ * temperature, top_logprobs, answer tokens, request options), with the token
+ * parameter's name fixed (both names ask for the same limit).
+ */
+void
+rbr_grader_cache_key(RbrGradeJob *job)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	const char *kind = rbr_grader_azure_api_version[0] ? "azure" : "openai";
+	char	   *method = psprintf("method=%s k=%d api=%s",
+								  method_options[rbr_grader_method].name,
+								  rbr_grader_method == RBR_METHOD_LOGPROBS ? 1 : rbr_grader_samples,
+								  api_options[rbr_grader_api].name);
+	char	   *body = rbr_grader_body(job, RBR_TOKENS_MAX_COMPLETION_TOKENS);
+	const char *parts[] = {"rbr-grade-cache-v2\n", kind, "\n", rbr_grader_model, "\n",
+	method, "\n", body};
+	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
+
+	for (int i = 0; ok && i < (int) lengthof(parts); i++)
+		ok = pg_cryptohash_update(ctx, (const uint8 *) parts[i], strlen(parts[i])) == 0;
+	ok = ok && pg_cryptohash_final(ctx, job->key, sizeof(job->key)) == 0;
+	pg_cryptohash_free(ctx);
+	pfree(method);
+	pfree(body);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not compute the sha256 of a grader request")));
 }
 
 /* ---------------------------------------------------------------------------
  * Reading answers
  * ------------------------------------------------------------------------- */
+
+/* Is c markup that may precede the answer word (bold, heading, quotes)? */
+static bool
+is_markup(char c)
+{
+	return c == '*' || c == '_' || c == '#' || c == '"' || c == '\'' || c == '`' || c == '>' || c == '-';
+}
 
 /* Does a token mean 'word' after stripping spaces and tokenizer markers? */
 static bool
@@ -498,11 +723,14 @@ token_is(const char *tok, const char *word)
 		else if ((unsigned char) s[0] == 0xE2 && (unsigned char) s[1] == 0x96 &&
 				 (unsigned char) s[2] == 0x81)
 			s += 3;				/* U+2581, SentencePiece space marker */
+		else if (is_markup(*s))
+			s++;				/* "**Yes" */
 		else
 			break;
 	}
 	len = strlen(s);
-	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' || s[len - 1] == '\t'))
+	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' || s[len - 1] == '\t' ||
+					   s[len - 1] == '.' || is_markup(s[len - 1])))
 		len--;
 	return len == strlen(word) && pg_strncasecmp(s, word, len) == 0;
 }
@@ -642,137 +870,520 @@ put_json(void **holder)
 }
 
 /*
- * Read a 200 answer into res. Returns false (res->error set) if it is
- * malformed, has no usable answer, or lacks logprobs in strict mode.
+ * Offset in text of the answer word: after white space, markup, an
+ * "Answer:" label and a <think>...</think> block. -1 when a reasoning block
+ * is not closed (the answer ran out of tokens while reasoning).
  */
-bool
-rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void **json_holder)
+static int
+answer_offset(const char *text)
 {
-	json_object *root = parse_json(body, len, json_holder);
-	json_object *choice,
-			   *content,
-			   *lp0,
-			   *top,
-			   *model,
-			   *usage;
-	char	   *text = NULL;
+	const char *p = text;
+
+	for (;;)
+	{
+		const char *q = p;
+
+		while (*q && (isspace((unsigned char) *q) || is_markup(*q)))
+			q++;
+		if (pg_strncasecmp(q, "<think>", 7) == 0)
+		{
+			const char *e = strstr(q + 7, "</think>");
+
+			if (e == NULL)
+				return -1;
+			q = e + 8;
+		}
+		else if (pg_strncasecmp(q, "answer", 6) == 0)
+		{
+			const char *r = q + 6;
+
+			while (*r == ' ' || is_markup(*r))
+				r++;
+			if (*r == ':')
+				q = r + 1;
+		}
+		if (q == p)
+			return p - text;
+		p = q;
+	}
+}
+
+/* 1 if the text's answer is yes, 0 if no, -1 neither, -2 unclosed reasoning. */
+static int
+answer_word(const char *text)
+{
+	int			off = answer_offset(text);
+	const char *p;
+
+	if (off < 0)
+		return -2;
+	p = text + off;
+	if (pg_strncasecmp(p, "yes", 3) == 0 && !isalnum((unsigned char) p[3]))
+		return 1;
+	if (pg_strncasecmp(p, "no", 2) == 0 && !isalnum((unsigned char) p[2]))
+		return 0;
+	return -1;
+}
+
+/* One output position's log-probabilities: the token and its alternatives. */
+typedef struct LpPos
+{
+	const char *token;
+	int			nalt;
+	const char **alt;
+	double	   *lp;
+} LpPos;
+
+/* Is v a JSON number? */
+static bool
+jnum(json_object *v)
+{
+	return v && (json_object_is_type(v, json_type_double) || json_object_is_type(v, json_type_int));
+}
+
+/*
+ * The positions of a logprobs list in the Chat Completions / Responses shape:
+ * [{token, logprob, top_logprobs: [{token, logprob}]}].
+ */
+static LpPos *
+positions_chat(json_object *content, int *npos)
+{
+	size_t		m = json_object_array_length(content);
+	LpPos	   *pos = palloc0(sizeof(LpPos) * Max(m, 1));
 	int			n = 0;
-	const char **tokens = NULL;
-	double	   *lps = NULL;
+
+	for (size_t i = 0; i < m; i++)
+	{
+		json_object *e = json_object_array_get_idx(content, i);
+		json_object *t = jget(e, "token");
+		json_object *top = jget(e, "top_logprobs");
+		LpPos	   *ps = &pos[n];
+
+		if (t == NULL || !json_object_is_type(t, json_type_string))
+			continue;
+		ps->token = pstrdup(json_object_get_string(t));
+		if (top && json_object_is_type(top, json_type_array) && json_object_array_length(top) > 0)
+		{
+			size_t		k = json_object_array_length(top);
+
+			ps->alt = palloc(sizeof(char *) * k);
+			ps->lp = palloc(sizeof(double) * k);
+			for (size_t j = 0; j < k; j++)
+			{
+				json_object *a = json_object_array_get_idx(top, j);
+				json_object *at = jget(a, "token");
+				json_object *al = jget(a, "logprob");
+
+				if (at && json_object_is_type(at, json_type_string) && jnum(al))
+				{
+					ps->alt[ps->nalt] = pstrdup(json_object_get_string(at));
+					ps->lp[ps->nalt++] = json_object_get_double(al);
+				}
+			}
+		}
+		else if (jnum(jget(e, "logprob")))
+		{
+			/* no alternatives listed: the chosen token alone */
+			ps->alt = palloc(sizeof(char *));
+			ps->lp = palloc(sizeof(double));
+			ps->alt[0] = ps->token;
+			ps->lp[0] = json_object_get_double(jget(e, "logprob"));
+			ps->nalt = 1;
+		}
+		n++;
+	}
+	*npos = n;
+	return pos;
+}
+
+/*
+ * The positions of a completions-style logprobs object (Together and
+ * others): {tokens: [...], token_logprobs: [...], top_logprobs: [{tok: lp}]}.
+ */
+static LpPos *
+positions_completions(json_object *lp, int *npos)
+{
+	json_object *toks = jget(lp, "tokens");
+	json_object *tlps = jget(lp, "token_logprobs");
+	json_object *tops = jget(lp, "top_logprobs");
+	size_t		m = json_object_array_length(toks);
+	LpPos	   *pos = palloc0(sizeof(LpPos) * Max(m, 1));
+	int			n = 0;
+
+	for (size_t i = 0; i < m; i++)
+	{
+		json_object *t = json_object_array_get_idx(toks, i);
+		json_object *top = jidx(tops, i);
+		LpPos	   *ps = &pos[n];
+
+		if (t == NULL || !json_object_is_type(t, json_type_string))
+			continue;
+		ps->token = pstrdup(json_object_get_string(t));
+		if (top && json_object_is_type(top, json_type_object) && json_object_object_length(top) > 0)
+		{
+			int			k = json_object_object_length(top);
+
+			ps->alt = palloc(sizeof(char *) * k);
+			ps->lp = palloc(sizeof(double) * k);
+			for (struct lh_entry *e = json_object_get_object(top)->head; e != NULL; e = e->next)
+			{
+				const char *key = (const char *) lh_entry_k(e);
+				json_object *val = (json_object *) lh_entry_v(e);
+
+				if (jnum(val))
+				{
+					ps->alt[ps->nalt] = pstrdup(key);
+					ps->lp[ps->nalt++] = json_object_get_double(val);
+				}
+			}
+		}
+		else if (jnum(jidx(tlps, i)))
+		{
+			ps->alt = palloc(sizeof(char *));
+			ps->lp = palloc(sizeof(double));
+			ps->alt[0] = ps->token;
+			ps->lp[0] = json_object_get_double(jidx(tlps, i));
+			ps->nalt = 1;
+		}
+		n++;
+	}
+	*npos = n;
+	return pos;
+}
+
+/* The log-probability positions of a logprobs member in any known shape, or NULL. */
+static LpPos *
+positions_of(json_object *lp, int *npos)
+{
+	*npos = 0;
+	if (lp && json_object_is_type(lp, json_type_array))
+		return positions_chat(lp, npos);	/* Responses: output_text.logprobs */
+	if (jget(lp, "content") && json_object_is_type(jget(lp, "content"), json_type_array))
+		return positions_chat(jget(lp, "content"), npos);
+	if (jget(lp, "tokens") && json_object_is_type(jget(lp, "tokens"), json_type_array))
+		return positions_completions(lp, npos);
+	return NULL;
+}
+
+/*
+ * The answer position: the token where the answer word starts once white
+ * space, markup, "Answer:" and a reasoning block are skipped. -1 when the
+ * answer is neither yes nor no, -2 when reasoning did not end.
+ */
+static int
+answer_position(LpPos *pos, int n)
+{
+	StringInfoData text;
+	int		   *start = palloc(sizeof(int) * (n + 1));
+	int			off,
+				w;
+
+	initStringInfo(&text);
+	for (int i = 0; i < n; i++)
+	{
+		const unsigned char *t = (const unsigned char *) pos[i].token;
+
+		start[i] = text.len;
+		/* the tokenizers' space markers (U+0120, U+2581) read as spaces */
+		while (*t)
+		{
+			if (t[0] == 0xC4 && t[1] == 0xA0)
+				t += 2;
+			else if (t[0] == 0xE2 && t[1] == 0x96 && t[2] == 0x81)
+				t += 3;
+			else
+			{
+				appendStringInfoChar(&text, (char) *t++);
+				continue;
+			}
+			appendStringInfoChar(&text, ' ');
+		}
+	}
+	start[n] = text.len;
+	w = answer_word(text.data);
+	if (w < 0)
+		return w;
+	off = answer_offset(text.data);
+	for (int i = 0; i < n; i++)
+		if (off >= start[i] && off < start[i + 1])
+			return i;
+	return -1;
+}
+
+/* Integer member of a member (usage.x.y), or -1. */
+static int
+jint2(json_object *o, const char *key1, const char *key2)
+{
+	return jint(jget(o, key1), key2);
+}
+
+/*
+ * P(yes) of one position's alternatives into res; false (res->error set)
+ * when they are broken or name neither yes nor no.
+ */
+static bool
+p_yes_of(LpPos *ps, RbrGradeResult *res)
+{
 	double		mass,
 				p;
 	bool		found;
-
-	res->ok = false;
-	if (root == NULL)
-	{
-		res->error = pstrdup("malformed answer: the response body is not valid JSON in UTF-8");
-		return false;
-	}
-	choice = jidx(jget(root, "choices"), 0);
-	content = jget(jget(choice, "message"), "content");
-	if (content && json_object_is_type(content, json_type_string))
-		text = pstrdup(json_object_get_string(content));
-	model = jget(root, "model");
-	if (model && json_object_is_type(model, json_type_string))
-		res->model = pstrdup(json_object_get_string(model));
-	usage = jget(root, "usage");
-	res->prompt_tokens = jint(usage, "prompt_tokens");
-	res->completion_tokens = jint(usage, "completion_tokens");
-
-	lp0 = jidx(jget(jget(choice, "logprobs"), "content"), 0);
-	top = jget(lp0, "top_logprobs");
-	if (top && json_object_is_type(top, json_type_array) && json_object_array_length(top) > 0)
-	{
-		size_t		m = json_object_array_length(top);
-
-		tokens = palloc(sizeof(char *) * m);
-		lps = palloc(sizeof(double) * m);
-		for (size_t i = 0; i < m; i++)
-		{
-			json_object *e = json_object_array_get_idx(top, i);
-			json_object *t = jget(e, "token");
-			json_object *l = jget(e, "logprob");
-
-			if (t && l && json_object_is_type(t, json_type_string) &&
-				(json_object_is_type(l, json_type_double) || json_object_is_type(l, json_type_int)))
-			{
-				tokens[n] = pstrdup(json_object_get_string(t));
-				lps[n] = json_object_get_double(l);
-				n++;
-			}
-		}
-	}
-	else if (lp0 != NULL && jget(lp0, "token") && jget(lp0, "logprob") &&
-			 json_object_is_type(jget(lp0, "token"), json_type_string) &&
-			 (json_object_is_type(jget(lp0, "logprob"), json_type_double) ||
-			  json_object_is_type(jget(lp0, "logprob"), json_type_int)))
-	{
-		/* no alternatives listed: the chosen token alone */
-		tokens = palloc(sizeof(char *));
-		lps = palloc(sizeof(double));
-		tokens[0] = pstrdup(json_object_get_string(jget(lp0, "token")));
-		lps[0] = json_object_get_double(jget(lp0, "logprob"));
-		n = 1;
-	}
-	if (choice == NULL)
-	{
-		put_json(json_holder);
-		res->error = pstrdup("malformed answer: no choices");
-		return false;
-	}
-	put_json(json_holder);
 
 	/*
 	 * A log-probability is at most 0 (a little more is rounding); anything
 	 * larger is a broken answer, which would otherwise give P = NaN or an
 	 * arbitrary value. NaN entries are skipped by rbr_grader_p_yes().
 	 */
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < ps->nalt; i++)
 	{
-		if (lps[i] > 1e-4)
+		if (ps->lp[i] > 1e-4)
 		{
 			res->error = psprintf("malformed answer: %g is not a log-probability (entry %d of top_logprobs)",
-								  lps[i], i + 1);
+								  ps->lp[i], i + 1);
 			return false;
 		}
-		if (lps[i] > 0.0)
-			lps[i] = 0.0;
+		if (ps->lp[i] > 0.0)
+			ps->lp[i] = 0.0;
 	}
-	if (n > 0)
+	p = rbr_grader_p_yes(ps->alt, ps->lp, ps->nalt, &mass, &found);
+	if (!found)
 	{
-		p = rbr_grader_p_yes(tokens, lps, n, &mass, &found);
-		if (found && !(p >= 0.0 && p <= 1.0))
-		{
-			res->error = pstrdup("malformed answer: the logprobs give no probability");
-			return false;
-		}
-		if (found)
-		{
-			res->ok = true;
-			res->probability = p;
-			res->method = "logprobs";
-			res->yes_no_mass = mass;
-			return true;
-		}
-	}
-	if (rbr_grader_strict_logprobs)
-	{
-		res->error = n > 0 ? pstrdup("neither \"yes\" nor \"no\" is among the top tokens (rbr.grader_strict_logprobs is on)")
-			: pstrdup("the answer has no logprobs (rbr.grader_strict_logprobs is on)");
+		res->error = pstrdup("neither \"yes\" nor \"no\" is among the top tokens at the answer position");
 		return false;
 	}
-	if (text != NULL && (token_is(text, "yes") || token_is(text, "no")))
+	if (!(p >= 0.0 && p <= 1.0))
 	{
+		res->error = pstrdup("malformed answer: the logprobs give no probability");
+		return false;
+	}
+	res->ok = true;
+	res->probability = p;
+	res->method = "logprobs";
+	res->yes_no_mass = mass;
+	res->samples = 1;
+	return true;
+}
+
+/* Text of a short value for a message: a string, or the JSON of it. */
+static char *
+short_json(json_object *v)
+{
+	if (v == NULL)
+		return pstrdup("");
+	if (json_object_is_type(v, json_type_string))
+		return clean_text(json_object_get_string(v), 200);
+	return clean_text(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN), 200);
+}
+
+/*
+ * Read a 200 answer into res. Returns false (res->error set) if it is
+ * malformed (res->retry: sent again like a 5xx), has no usable answer, was
+ * refused or filtered, or (under rbr.grader_method logprobs) carries no
+ * log-probabilities (an error that names the setting to change).
+ */
+bool
+rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void **json_holder)
+{
+	json_object *root = parse_json(body, len, json_holder);
+	json_object *usage,
+			   *model;
+	json_object **texts;		/* per answer: its text member */
+	json_object **lps;			/* per answer: its logprobs member */
+	int			nans = 0;
+	const char *filtered = NULL;
+	char	   *refusal = NULL;
+	bool		responses = false;
+	bool		truncated = false;	/* an answer ended at the token limit */
+
+	res->ok = false;
+	if (root == NULL)
+	{
+		res->error = pstrdup("malformed answer: the response body is not valid JSON in UTF-8");
+		res->retry = true;
+		return false;
+	}
+	model = jget(root, "model");
+	if (model && json_object_is_type(model, json_type_string))
+		res->model = pstrdup(json_object_get_string(model));
+	usage = jget(root, "usage");
+	if (jget(root, "output") && json_object_is_type(jget(root, "output"), json_type_array))
+	{
+		/* Responses API: output[] items; reasoning items are skipped */
+		json_object *out = jget(root, "output");
+		size_t		m = json_object_array_length(out);
+		json_object *inc = jget(jget(root, "incomplete_details"), "reason");
+
+		responses = true;
+		texts = palloc0(sizeof(json_object *) * 1);
+		lps = palloc0(sizeof(json_object *) * 1);
+		for (size_t i = 0; i < m; i++)
+		{
+			json_object *item = json_object_array_get_idx(out, i);
+			json_object *ty = jget(item, "type");
+			json_object *content = jget(item, "content");
+
+			if (!ty || strcmp(json_object_get_string(ty), "message") != 0 || content == NULL ||
+				!json_object_is_type(content, json_type_array))
+				continue;
+			for (size_t j = 0; j < json_object_array_length(content); j++)
+			{
+				json_object *c = json_object_array_get_idx(content, j);
+				const char *ct = jget(c, "type") ? json_object_get_string(jget(c, "type")) : "";
+
+				if (strcmp(ct, "output_text") == 0 && nans == 0)
+				{
+					texts[0] = jget(c, "text");
+					lps[0] = jget(c, "logprobs");
+					nans = 1;
+				}
+				else if (strcmp(ct, "refusal") == 0)
+					refusal = short_json(jget(c, "refusal"));
+			}
+		}
+		if (inc && json_object_is_type(inc, json_type_string) &&
+			strcmp(json_object_get_string(inc), "content_filter") == 0)
+			filtered = "incomplete_details.reason content_filter";
+		truncated = inc && json_object_is_type(inc, json_type_string) &&
+			strcmp(json_object_get_string(inc), "max_output_tokens") == 0;
+		res->prompt_tokens = jint(usage, "input_tokens");
+		res->completion_tokens = jint(usage, "output_tokens");
+		res->cached_tokens = jint2(usage, "input_tokens_details", "cached_tokens");
+		res->reasoning_tokens = jint2(usage, "output_tokens_details", "reasoning_tokens");
+	}
+	else
+	{
+		json_object *choices = jget(root, "choices");
+		size_t		m = choices && json_object_is_type(choices, json_type_array) ? json_object_array_length(choices) : 0;
+
+		if (m == 0)
+		{
+			put_json(json_holder);
+			res->error = pstrdup("malformed answer: no choices");
+			res->retry = true;
+			return false;
+		}
+		texts = palloc0(sizeof(json_object *) * m);
+		lps = palloc0(sizeof(json_object *) * m);
+		for (size_t i = 0; i < m; i++)
+		{
+			json_object *choice = json_object_array_get_idx(choices, i);
+			json_object *msg = jget(choice, "message");
+			json_object *fr = jget(choice, "finish_reason");
+
+			if (fr && json_object_is_type(fr, json_type_string) &&
+				strcmp(json_object_get_string(fr), "content_filter") == 0)
+				filtered = "finish_reason content_filter";
+			if (fr && json_object_is_type(fr, json_type_string) &&
+				strcmp(json_object_get_string(fr), "length") == 0)
+				truncated = true;
+			if (jget(msg, "refusal") && json_object_is_type(jget(msg, "refusal"), json_type_string))
+				refusal = short_json(jget(msg, "refusal"));
+			texts[nans] = msg ? jget(msg, "content") : jget(choice, "text");
+			lps[nans] = jget(choice, "logprobs");
+			nans++;
+		}
+		res->prompt_tokens = jint(usage, "prompt_tokens");
+		res->completion_tokens = jint(usage, "completion_tokens");
+		res->cached_tokens = jint2(usage, "prompt_tokens_details", "cached_tokens");
+		res->reasoning_tokens = jint2(usage, "completion_tokens_details", "reasoning_tokens");
+	}
+
+	if (filtered != NULL || refusal != NULL)
+	{
+		res->error = rbr_grader_scrub(filtered != NULL
+									  ? psprintf("content filter: the provider withheld the answer (%s)", filtered)
+									  : psprintf("refusal: %s", refusal));
+		put_json(json_holder);
+		return false;
+	}
+	if (nans == 0)
+	{
+		put_json(json_holder);
+		res->error = pstrdup(responses ? "malformed answer: no output_text in output"
+							 : "malformed answer: no choices");
+		res->retry = true;
+		return false;
+	}
+
+	/* log-probabilities of the first answer, under logprobs and auto */
+	if (rbr_grader_method != RBR_METHOD_SAMPLED)
+	{
+		int			npos;
+		LpPos	   *pos = positions_of(lps[0], &npos);
+
+		if (pos != NULL && npos > 0)
+		{
+			int			at = answer_position(pos, npos);
+			bool		ok;
+
+			if (at == -2)
+				res->error = psprintf("the answer ran out of tokens inside its reasoning block (rbr.grader_max_answer_tokens is %d)",
+									  rbr_grader_max_answer_tokens);
+			else if (at < 0)
+			{
+				char	   *t = texts[0] && json_object_is_type(texts[0], json_type_string)
+					? clean_text(json_object_get_string(texts[0]), 100) : pstrdup("");
+
+				res->error = psprintf("the answer is neither \"yes\" nor \"no\" (\"%s\")", t);
+			}
+			ok = at >= 0 && p_yes_of(&pos[at], res);
+			put_json(json_holder);
+			if (!ok)
+				res->error = rbr_grader_scrub(res->error);
+			return ok;
+		}
+		if (rbr_grader_method == RBR_METHOD_LOGPROBS)
+		{
+			put_json(json_holder);
+			res->error = pstrdup("the answer carries no log-probabilities: this endpoint or model does not return them; "
+								 "set rbr.grader_method = 'sampled' (or 'auto')");
+			return false;
+		}
+	}
+
+	/* sampled (or auto without log-probabilities): the share of yes */
+	{
+		int			yes = 0,
+					no = 0,
+					other = 0,
+					unclosed = 0;
+		char	   *first_other = NULL;
+
+		for (int i = 0; i < nans; i++)
+		{
+			const char *t = texts[i] && json_object_is_type(texts[i], json_type_string)
+				? json_object_get_string(texts[i]) : "";
+			int			w = answer_word(t);
+
+			if (w == 1)
+				yes++;
+			else if (w == 0)
+				no++;
+			else
+			{
+				other++;
+				unclosed += w == -2;
+				if (first_other == NULL)
+					first_other = clean_text(t, 100);
+			}
+		}
+		put_json(json_holder);
+		if (yes + no == 0)
+		{
+			res->error = unclosed > 0 || (truncated && (first_other == NULL || first_other[0] == '\0'))
+				? psprintf("the answer ran out of tokens %s (rbr.grader_max_answer_tokens is %d)",
+						   unclosed > 0 ? "inside its reasoning block" : "before a yes or a no",
+						   rbr_grader_max_answer_tokens)
+				: rbr_grader_scrub(psprintf("the answer is neither \"yes\" nor \"no\" (\"%s\")",
+											first_other ? first_other : ""));
+			return false;
+		}
 		res->ok = true;
-		res->probability = token_is(text, "yes") ? 1.0 : 0.0;
-		res->method = "text";
-		res->yes_no_mass = NAN;
+		res->probability = (double) yes / (yes + no);
+		res->method = "sampled";
+		res->yes_no_mass = (double) (yes + no) / nans;
+		res->samples = yes + no;
 		return true;
 	}
-	res->error = psprintf("the answer is neither \"yes\" nor \"no\"%s%s%s",
-						  text ? " (\"" : "", text ? text : "", text ? "\")" : "");
-	return false;
 }
 
 /*
@@ -865,6 +1476,113 @@ rbr_grader_error_reason(long status, const char *body, size_t len, char **param,
 	return rbr_grader_scrub(reason);
 }
 
+/*
+ * Classify a non-200 answer for a client: its reason; *token_switch when the
+ * endpoint rejected the token parameter the body was built with (the caller
+ * switches and sends again); *final for failures that no other request of the
+ * batch can escape (a bad key, no quota, an unknown model or path, a request
+ * the endpoint rejects); *retry_now is left for the caller.
+ */
+char *
+rbr_error_classify(long status, const char *body, size_t len, int body_param,
+				   bool *retry_now, bool *final, void **json_holder, bool *token_switch)
+{
+	char	   *param = NULL;
+	char	   *reason = rbr_grader_error_reason(status, body, len, &param, json_holder);
+
+	*retry_now = false;
+	*final = false;
+	*token_switch = status == 400 && param != NULL &&
+		strcmp(param, body_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens") == 0;
+	if (*token_switch)
+		return reason;
+	if (strstr(reason, "content_filter") != NULL || strstr(reason, "ResponsibleAIPolicyViolation") != NULL)
+		return psprintf("content filter: %s", reason);
+	if (status == 429 && strstr(reason, "insufficient_quota") != NULL)
+		*final = true;
+	else if (status == 401 || status == 403 || status == 404)
+		*final = true;
+	else if (status == 400 || status == 422)
+	{
+		/*
+		 * Final when the endpoint rejects a request field that every request
+		 * carries (a parameter, its value, the model); a 400 about one
+		 * request's messages (too long, say) fails that question alone.
+		 */
+		json_object *root = parse_json(body, len, json_holder);
+		json_object *err = jget(root, "error");
+		json_object *par = jget(err, "param");
+		json_object *code = jget(err, "code");
+		const char *p = par && json_object_is_type(par, json_type_string) ? json_object_get_string(par) : NULL;
+		const char *c = code && json_object_is_type(code, json_type_string) ? json_object_get_string(code) : "";
+
+		if ((p != NULL && strcmp(p, "messages") != 0 && strcmp(p, "input") != 0 && strcmp(p, "prompt") != 0) ||
+			strcmp(c, "unsupported_parameter") == 0 || strcmp(c, "unsupported_value") == 0 ||
+			strcmp(c, "model_not_found") == 0)
+			*final = true;
+		put_json(json_holder);
+	}
+	return reason;
+}
+
+/* The grader's classification: also lowers top_logprobs once to a limit a 400 names. */
+static char *
+grader_classify_failure(long status, const char *body, size_t len, int body_param,
+						bool *retry_now, bool *final, void **json_holder)
+{
+	bool		token_switch;
+	char	   *reason = rbr_error_classify(status, body, len, body_param, retry_now, final,
+											json_holder, &token_switch);
+	const char *t;
+
+	if (token_switch)
+	{
+		if (rbr_grader_token_param() == body_param)
+			rbr_grader_switch_token_param(body_param);
+		*retry_now = true;
+		*final = false;
+		return reason;
+	}
+	if (status == 400 && (t = strstr(reason, "top_logprobs")) != NULL)
+	{
+		/* "... top_logprobs ... <= 5, but got 20" / "at most 5" */
+		const char *d = t;
+		const char *g = strstr(t, "got ");
+		int			limit = 0;
+
+		while (*d && !isdigit((unsigned char) *d))
+			d++;
+		if (*d)
+			limit = atoi(d);
+		if (g != NULL && atoi(g + 4) > top_logprobs_sent() && top_logprobs_limit > 0)
+		{
+			/* sent before this session lowered the value: send again */
+			*retry_now = true;
+			*final = false;
+		}
+		else if (limit >= 1 && limit < top_logprobs_sent())
+		{
+			top_logprobs_limit = limit;
+			ereport(NOTICE,
+					(errmsg("the grader endpoint accepts top_logprobs up to %d; this session now sends %d", limit, limit),
+					 errhint("Set rbr.grader_top_logprobs to %d to avoid the first rejected request.", limit)));
+			*retry_now = true;
+			*final = false;
+		}
+	}
+	/* name the setting that fixes a rejected field */
+	if (*final && status == 400)
+	{
+		if (strstr(reason, "logprobs") != NULL && rbr_grader_method != RBR_METHOD_SAMPLED)
+			reason = psprintf("%s; this endpoint does not return log-probabilities: set rbr.grader_method = 'sampled'", reason);
+		else if (strstr(reason, "temperature") != NULL)
+			reason = psprintf("%s; set rbr.grader_temperature = '' to leave it to the endpoint", reason);
+		else if (strstr(reason, "'n'") != NULL)
+			reason = psprintf("%s; this endpoint answers one sample per request: set rbr.grader_samples = 1", reason);
+	}
+	return reason;
+}
+
 /* ---------------------------------------------------------------------------
  * Grading: cache, then the network
  * ------------------------------------------------------------------------- */
@@ -911,9 +1629,10 @@ grade_prepare(void *arg, int *ready)
 		job->messages_json = rbr_grader_messages_json(g->pol, g->props[i], g->prompts[i],
 													  g->completions[i]);
 		job->result.prompt_tokens = job->result.completion_tokens = -1;
+		job->result.cached_tokens = job->result.reasoning_tokens = -1;
 		job->result.yes_no_mass = NAN;
 		g->names[i] = g->pol->props[g->props[i]].name;
-		rbr_cache_key(job);
+		rbr_grader_cache_key(job);
 		e = hash_search(g->seen, job->key, HASH_ENTER, &found);
 		if (found)
 		{
@@ -943,6 +1662,18 @@ grade_ended(void *arg, const int *idx, int n)
 {
 	RbrGradeRun *g = (RbrGradeRun *) arg;
 
+	/*
+	 * After top_logprobs was lowered during the call, the answers came from
+	 * requests with the lowered value: key them by the request really sent.
+	 */
+	if (top_logprobs_limit > 0)
+		for (int k = 0; k < n; k++)
+		{
+			RbrGradeJob *job = &g->jobs[idx[k]];
+
+			if (job->result.ok && !job->result.cached && job->messages_json != NULL)
+				rbr_grader_cache_key(job);
+		}
 	rbr_cache_store(g->jobs, idx, n, g->names);
 	for (int k = 0; k < n; k++)
 	{
@@ -979,6 +1710,8 @@ grade_all(RbrPolicy *pol, int n, const int *props, Jsonb **prompts, char **compl
 	g.jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
 	g.names = palloc0(sizeof(char *) * Max(n, 1));
 	g.leader = palloc(sizeof(int) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		g.leader[i] = -1;		/* a job never prepared (batch stopped) asks nothing */
 	g.window = Max(16, Min(rbr_grader_max_in_flight, 256));
 	memset(&hctl, 0, sizeof(hctl));
 	hctl.keysize = 32;
@@ -1050,6 +1783,35 @@ rbr_grade(PG_FUNCTION_ARGS)
 	PG_RETURN_FLOAT8(job->result.probability);
 }
 
+/*
+ * ERROR when a job failed for good (a bad key, no quota, an unknown model, a
+ * request field the endpoint rejects): the batch stopped there, and every
+ * other question would fail the same way. One clear error instead of a row
+ * per question.
+ */
+static void
+final_failure(RbrGradeJob *jobs, int n)
+{
+	int			first = -1,
+				not_sent = 0;
+
+	for (int i = 0; i < n; i++)
+		if (!jobs[i].result.ok && jobs[i].result.final)
+		{
+			if (first < 0 && jobs[i].result.attempts > 0)
+				first = i;
+			not_sent += jobs[i].result.attempts == 0;
+		}
+	if (first < 0)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+			 errmsg("the grader endpoint refused the requests: %s", jobs[first].result.error),
+			 errdetail("Model \"%s\". %d of %d questions were not sent; no answer of this call is kept.",
+					   jobs[first].result.model ? jobs[first].result.model : rbr_grader_model, not_sent, n),
+			 errhint("Fix the key, quota, model or request settings (doc/configuration.md, \"Compatibility\"), then run again.")));
+}
+
 PG_FUNCTION_INFO_V1(rbr_grade_many);
 /*
  * rbr_grade_many(policy, propositions text[], prompts jsonb[], completions
@@ -1100,12 +1862,13 @@ rbr_grade_many(PG_FUNCTION_ARGS)
 		completions[i] = TextDatumGetCString(d_compl[i]);
 	}
 	jobs = grade_all(pol, n, props, prompts, completions);
+	final_failure(jobs, n);
 
 	for (int i = 0; i < n; i++)
 	{
 		RbrGradeResult *r = &jobs[i].result;
-		Datum		v[12];
-		bool		nulls[12] = {0};
+		Datum		v[15];
+		bool		nulls[15] = {0};
 
 		v[0] = Int32GetDatum(i + 1);
 		v[1] = CStringGetTextDatum(pol->props[props[i]].name);
@@ -1125,6 +1888,12 @@ rbr_grade_many(PG_FUNCTION_ARGS)
 		v[10] = Int32GetDatum(r->completion_tokens);
 		nulls[10] = r->completion_tokens < 0;
 		v[11] = BoolGetDatum(r->cached);
+		v[12] = Int32GetDatum(r->samples);
+		nulls[12] = !r->ok || r->samples <= 0;
+		v[13] = Int32GetDatum(r->cached_tokens);
+		nulls[13] = r->cached_tokens < 0 || r->cached;
+		v[14] = Int32GetDatum(r->reasoning_tokens);
+		nulls[14] = r->reasoning_tokens < 0 || r->cached;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
 	}
 	PG_RETURN_NULL();

@@ -1,10 +1,12 @@
 /*
  * http.c: the libcurl multi engine that sends a batch of jobs concurrently,
- * with retries, inside a backend. A batch talks to one endpoint (RbrEndpoint:
- * the grader's or the generator's URL, key, headers, model and timeout) and
- * its jobs are of one kind: grading questions (one token, P(yes) from
- * logprobs) or generations (sampled text); only the request body and the
- * reading of a 200 answer differ between the two.
+ * with retries, inside a backend. A batch talks to one endpoint (RbrEndpoint,
+ * endpoint.h: URL, key, headers, model, timeout, limits) whose client builds
+ * each request body, reads each 200 answer and classifies each failure
+ * through callbacks; the engine knows nothing of graders or generators.
+ * A failure the client calls final stops the batch: jobs not yet sent end
+ * with its reason, and until a first answer comes back at most
+ * RBR_PROBE_IN_FLIGHT requests are in flight, so a bad key costs a few.
  *
  * - One multi handle per backend, created on first use (libcurl is
  *   initialised lazily, never in _PG_init); connections stay in its pool
@@ -38,7 +40,8 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#include "grader.h"
+#include "endpoint.h"
+#include "secrets.h"
 
 /* A batch in flight: what must be freed if the batch ends by ERROR. */
 typedef struct RbrHttpBatch
@@ -61,7 +64,7 @@ static bool rbr_async_dns = false;
 static RbrHttpBatch *rbr_active_batch = NULL;
 static int64 rbr_next_slot = 0; /* rate limiter: earliest next start (us) */
 
-/* counters for rbr_grader_stats() */
+/* counters for rbr_http_stats() */
 static int64 stat_live_easy = 0;
 static int64 stat_requests = 0;
 static int64 stat_retries = 0;
@@ -69,6 +72,15 @@ static int64 stat_ok = 0;
 static int64 stat_errors = 0;
 static int64 stat_batches = 0;
 static int64 stat_param_switches = 0;
+static int64 stat_stopped_batches = 0;
+
+/* The limits of the batch running (its endpoint's). */
+static int	eng_retry_base_ms = 500;
+static double eng_requests_per_second = 0;
+
+/* Requests in flight at the start of a batch, before any answer came back. */
+#define RBR_PROBE_IN_FLIGHT 4
+#define RBR_PROBE_MS 2000
 static int64 stat_http2 = 0;	/* responses that came over HTTP/2 */
 
 /* Initialise libcurl and the backend's multi handle on first use. */
@@ -255,7 +267,16 @@ endpoint_url(const RbrEndpoint *ep)
 	while (len > 0 && base[len - 1] == '/')
 		base[--len] = '\0';
 	initStringInfo(&u);
-	if (ep->azure_api_version[0] != '\0')
+	if (pg_strcasecmp(ep->azure_api_version, "v1") == 0)
+	{
+		/* Azure's v1 form: <resource>/openai/v1/<path>, no api-version */
+		if (len >= 10 && strcmp(base + len - 10, "/openai/v1") == 0)
+			base[len - 10] = '\0';
+		else if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
+			base[len - 7] = '\0';
+		appendStringInfo(&u, "%s/openai/v1/%s", base, ep->path);
+	}
+	else if (ep->azure_api_version[0] != '\0')
 	{
 		CURL	   *h = curl_easy_init();
 		char	   *model,
@@ -268,8 +289,8 @@ endpoint_url(const RbrEndpoint *ep)
 		if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
 			base[len - 7] = '\0';
 		if (model && ver)
-			appendStringInfo(&u, "%s/openai/deployments/%s/chat/completions?api-version=%s",
-							 base, model, ver);
+			appendStringInfo(&u, "%s/openai/deployments/%s/%s?api-version=%s",
+							 base, model, ep->path, ver);
 		curl_free(model);
 		curl_free(ver);
 		curl_easy_cleanup(h);
@@ -277,7 +298,7 @@ endpoint_url(const RbrEndpoint *ep)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	}
 	else
-		appendStringInfo(&u, "%s/chat/completions", base);
+		appendStringInfo(&u, "%s/%s", base, ep->path);
 	return u.data;
 }
 
@@ -411,7 +432,7 @@ static void
 job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 {
 	CURL	   *h;
-	int			param = rbr_grader_token_param();
+	int			param = b->ep->token_param();
 
 	if (b->url == NULL)
 		batch_connect(b, bcxt);
@@ -422,8 +443,7 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 
 		if (job->body != NULL)
 			pfree(job->body);
-		job->body = b->ep->kind == RBR_JOB_GENERATE ? rbr_generator_body(job, param)
-			: rbr_grader_body(job, param);
+		job->body = b->ep->build_body(job, param);
 		/* JSON on the wire is UTF-8, whatever the database encoding */
 		if (GetDatabaseEncoding() != PG_UTF8)
 			job->body = pg_server_to_any(job->body, strlen(job->body), PG_UTF8);
@@ -463,7 +483,7 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 static long
 backoff_ms(int n)
 {
-	double		base = rbr_grader_retry_base_ms * pow(2.0, n - 1);
+	double		base = eng_retry_base_ms * pow(2.0, n - 1);
 
 	base = Min(base, (double) RBR_MAX_BACKOFF_MS);
 	return (long) (base * (0.5 + 0.5 * pg_prng_double(&pg_global_prng_state)));
@@ -479,6 +499,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	long		status = 0;
 	bool		retryable = false;
 	bool		requeue_now = false;
+	bool		final = false;
 	char	   *reason = NULL;
 
 	curl_easy_getinfo((CURL *) job->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -513,12 +534,11 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	}
 	else if (status == 200)
 	{
-		bool		parsed = b->ep->kind == RBR_JOB_GENERATE
-			? rbr_generator_parse_answer(job->resp ? job->resp : "", job->resp_len,
-										 &job->result, &b->json)
-			: rbr_grader_parse_answer(job->resp ? job->resp : "", job->resp_len,
-									  &job->result, &b->json);
+		bool		parsed;
 
+		job->result.retry = job->result.final = false;
+		parsed = b->ep->read_answer(job->resp ? job->resp : "", job->resp_len,
+									&job->result, &b->json);
 		if (parsed)
 		{
 			job_release(job);
@@ -526,24 +546,28 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 			return false;
 		}
 		reason = job->result.error;
+		/* a malformed or truncated 200 is a server fault like a 5xx */
+		retryable = job->result.retry;
+		final = job->result.final;
 	}
 	else
 	{
-		char	   *param = NULL;
+		bool		retry_now = false;
+		int			param_before = b->ep->token_param();
 
-		reason = rbr_grader_error_reason(status, job->resp, job->resp_len, &param, &b->json);
-		if (status == 400 && param != NULL &&
-			strcmp(param, job->body_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens") == 0)
+		reason = b->ep->classify_failure(status, job->resp, job->resp_len, job->body_param,
+										 &retry_now, &final, &b->json);
+		if (retry_now)
 		{
-			/* the endpoint wants the other token parameter: switch once */
-			if (rbr_grader_token_param() == job->body_param)
-			{
-				rbr_grader_switch_token_param(job->body_param);
+			/* the client changed its request (a rejected parameter): resend */
+			if (b->ep->token_param() != param_before)
 				stat_param_switches++;
-			}
+			if (job->body != NULL)
+				pfree(job->body);
+			job->body = NULL;
 			requeue_now = job->result.attempts < 3;
 		}
-		else if (status == 408 || status == 409 || status == 429 || status >= 500)
+		else if (!final && (status == 408 || status == 409 || status == 429 || status >= 500))
 			retryable = true;
 	}
 	job_release(job);
@@ -554,7 +578,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 		job->result.error = NULL;
 		return true;
 	}
-	if (retryable && job->retries < rbr_grader_max_retries)
+	if (retryable && job->retries < b->ep->max_retries)
 	{
 		long		wait = backoff_ms(job->retries + 1);
 
@@ -567,11 +591,12 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	}
 	job->done = true;
 	job->result.ok = false;
+	job->result.final = final;
 	if (retryable)
 		job->result.error = psprintf("%s (gave up after %d attempts)", reason, job->result.attempts);
 	else
 		job->result.error = reason;
-	job->result.error = rbr_grader_scrub(job->result.error);
+	job->result.error = b->ep->scrub(job->result.error);
 	return false;
 }
 
@@ -582,22 +607,22 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 static void
 rate_reset(int64 now)
 {
-	if (rbr_grader_requests_per_second <= 0)
+	if (eng_requests_per_second <= 0)
 		rbr_next_slot = 0;
 	else
 		rbr_next_slot = Min(rbr_next_slot,
-							now + (int64) (1000000.0 / rbr_grader_requests_per_second));
+							now + (int64) (1000000.0 / eng_requests_per_second));
 }
 
 /* May another request start now under rbr.grader_requests_per_second? */
 static bool
 rate_ok(int64 now)
 {
-	if (rbr_grader_requests_per_second <= 0)
+	if (eng_requests_per_second <= 0)
 		return true;
 	if (now < rbr_next_slot)
 		return false;
-	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / rbr_grader_requests_per_second);
+	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / eng_requests_per_second);
 	return true;
 }
 
@@ -622,7 +647,17 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 	/* hand ended jobs back in groups, a few rounds of slots apart */
 	int			ended_group = Max(16, Min(max_in_flight, 256));
 
-	while (next_new < njobs || in_flight > 0 || nwaiting > 0 || nended > 0)
+	/* the error of a job that no other job can escape: nothing more is sent */
+	const char *stop = NULL;
+
+	/*
+	 * Until one answer came back (or RBR_PROBE_MS passed), few requests are
+	 * in flight: a bad key or an exhausted quota costs a few.
+	 */
+	bool		probed = false;
+	int64		started = GetCurrentTimestamp();
+
+	while ((next_new < njobs && stop == NULL) || in_flight > 0 || nwaiting > 0 || nended > 0)
 	{
 		int64		now = GetCurrentTimestamp();
 		long		wait_ms = 100;
@@ -631,6 +666,17 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		int			finished = 0;
 		CURLMsg    *msg;
 
+		/* after a final error, retries waiting end with it */
+		while (stop != NULL && nwaiting > 0)
+		{
+			RbrGradeJob *job = &jobs[waiting[--nwaiting]];
+
+			job->done = true;
+			job->result.ok = false;
+			job->result.final = true;
+			job->result.error = pstrdup(stop);
+			ended[nended++] = job - jobs;
+		}
 		/* retries whose time has come, then new jobs */
 		for (int w = 0; w < nwaiting && in_flight < max_in_flight;)
 		{
@@ -648,7 +694,10 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 				w++;
 		}
-		while (in_flight < max_in_flight && next_new < njobs)
+		if (!probed && (now - started) >= (int64) RBR_PROBE_MS * 1000)
+			probed = true;		/* slow answers: stop waiting for the first one */
+		while (in_flight < (probed ? max_in_flight : Min(max_in_flight, RBR_PROBE_IN_FLIGHT)) &&
+			   next_new < njobs && stop == NULL)
 		{
 			RbrGradeJob *job = &jobs[next_new];
 
@@ -677,7 +726,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 
 		/* the slots are full again: store what ended meanwhile */
 		if (feed != NULL && nended > 0 &&
-			(nended >= ended_group || (in_flight == 0 && nwaiting == 0 && next_new >= njobs)))
+			(nended >= ended_group || (in_flight == 0 && nwaiting == 0 && (next_new >= njobs || stop != NULL))))
 		{
 			Assert(CurrentMemoryContext == caller);
 			feed->ended(feed->arg, ended, nended);
@@ -686,7 +735,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		}
 		else if (feed == NULL)
 			nended = 0;
-		if (in_flight == 0 && nwaiting == 0 && next_new >= njobs && nended == 0)
+		if (in_flight == 0 && nwaiting == 0 && (next_new >= njobs || stop != NULL) && nended == 0)
 			break;
 
 		curl_multi_perform(rbr_multi, &running);
@@ -704,10 +753,16 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			else
 			{
 				ended[nended++] = job - jobs;
+				probed |= job->result.ok;
 				if (job->result.ok)
 					stat_ok++;
 				else
 					stat_errors++;
+				if (!job->result.ok && job->result.final && stop == NULL)
+				{
+					stop = pstrdup(job->result.error);
+					stat_stopped_batches++;
+				}
 				/* its request is not needed any more */
 				if (job->body != NULL)
 				{
@@ -727,13 +782,23 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		now = GetCurrentTimestamp();
 		for (int w = 0; w < nwaiting; w++)
 			wait_ms = Min(wait_ms, Max(0, (jobs[waiting[w]].not_before - now) / 1000));
-		if (rbr_grader_requests_per_second > 0 && rbr_next_slot > now &&
+		if (eng_requests_per_second > 0 && rbr_next_slot > now &&
 			(next_new < njobs || nwaiting > 0))
 			wait_ms = Min(wait_ms, Max(1, (rbr_next_slot - now) / 1000));
 		if (in_flight > 0 || wait_ms > 0)
 			curl_multi_poll(rbr_multi, NULL, 0, (int) wait_ms, NULL);
 		CHECK_FOR_INTERRUPTS();
 	}
+
+	/* the jobs never sent after a final error end with it */
+	for (int i = next_new; stop != NULL && i < njobs; i++)
+		if (!jobs[i].done)
+		{
+			jobs[i].done = true;
+			jobs[i].result.ok = false;
+			jobs[i].result.final = true;
+			jobs[i].result.error = psprintf("not sent: %s", stop);
+		}
 }
 
 /*
@@ -753,7 +818,7 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	MemoryContext cxt;
 	MemoryContextCallback *cb;
 	RbrHttpBatch *b;
-	int			max_in_flight = rbr_grader_max_in_flight;
+	int			max_in_flight = ep->max_in_flight;
 
 	if (njobs == 0)
 		return;
@@ -762,6 +827,8 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	/* a batch left behind by an ERROR whose context is not gone yet */
 	if (rbr_active_batch != NULL)
 		batch_cleanup(rbr_active_batch);
+	eng_retry_base_ms = ep->retry_base_ms;
+	eng_requests_per_second = ep->requests_per_second;
 	rate_reset(GetCurrentTimestamp());
 
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr grader batch",
@@ -815,12 +882,13 @@ rbr_http_stats(StringInfo buf)
 					 ", \"requests\": " INT64_FORMAT ", \"retries\": " INT64_FORMAT
 					 ", \"ok\": " INT64_FORMAT ", \"errors\": " INT64_FORMAT
 					 ", \"token_parameter_switches\": " INT64_FORMAT
-					 ", \"http2_responses\": " INT64_FORMAT,
+					 ", \"http2_responses\": " INT64_FORMAT
+					 ", \"stopped_batches\": " INT64_FORMAT,
 					 vi->version,
 					 (vi->features & CURL_VERSION_ASYNCHDNS) ? "true" : "false",
 					 (vi->features & CURL_VERSION_HTTP2) ? "true" : "false",
 					 rbr_multi ? "true" : "false",
 					 stat_live_easy, rbr_active_batch ? "true" : "false",
 					 stat_batches, stat_requests, stat_retries, stat_ok, stat_errors,
-					 stat_param_switches, stat_http2);
+					 stat_param_switches, stat_http2, stat_stopped_batches);
 }

@@ -76,13 +76,14 @@ const USAGE = `usage: node server.js --port N [--policy FILE] [--labels FILE.jso
   [--latency-ms N] [--jitter-ms N] [--noise X] [--pid-file F] [--log FILE]
   [--api-key K] [--azure-key K] [--reject-max-tokens]
   [--fault-rate X] [--fault-kind 429|500|503|drop|malformed|timeout|nologprobs|textbody|400[,...]]
-  [--seed N] [--gen-miss-rate X]`;
+  [--seed N] [--gen-miss-rate X]
+  [--profile openai|openai-reasoning|gpt-5.4|azure|vllm-thinking|llama.cpp-old|ollama|no-logprobs|together|groq|quota]`;
 
 const FLAG_SPECS = {
   port: 'int', policy: 'str', labels: 'str', 'latency-ms': 'num', 'jitter-ms': 'num',
   noise: 'num', 'pid-file': 'str', log: 'str', 'api-key': 'str', 'azure-key': 'str',
   'reject-max-tokens': 'bool', 'fault-rate': 'num', 'fault-kind': 'str', seed: 'int', help: 'bool',
-  'gen-miss-rate': 'num',
+  'gen-miss-rate': 'num', profile: 'str',
 };
 
 function die(msg) {
@@ -118,6 +119,31 @@ function parseArgs(argv) {
 
 const args = parseArgs(process.argv.slice(2));
 if (args.help) { process.stdout.write(USAGE + '\n'); process.exit(0); }
+
+/*
+ * Endpoint profiles: what each family of endpoints accepts, rejects and returns, as its
+ * provider documents it (doc/configuration.md, "Compatibility").
+ *   openai            gpt-4o / gpt-4.1: everything (the default)
+ *   openai-reasoning  o1/o3/o4-mini, gpt-5*: 400 on logprobs/top_logprobs, on a temperature
+ *                     other than 1 and on max_tokens; reasoning tokens are spent before the
+ *                     answer (fewer than 16 allowed output tokens: empty answer, "length")
+ *   gpt-5.4           top_logprobs at most 5 (400 names the limit)
+ *   azure             top_logprobs at most 5; the v1 URL form /openai/v1/chat/completions;
+ *                     [[filter]]: 400 content_filter, [[filter200]]: 200 content_filter
+ *   vllm-thinking     the answer starts with a <think>...</think> block unless
+ *                     chat_template_kwargs.enable_thinking is false
+ *   llama.cpp-old, ollama  max_completion_tokens ignored (an explanation follows the answer)
+ *   no-logprobs       logprobs silently dropped (logprobs: null)
+ *   together          completions-style logprobs: tokens, token_logprobs, top_logprobs [{tok: lp}]
+ *   groq              400 on logprobs and on n > 1
+ *   quota             429 insufficient_quota on every request
+ * Sampled answers (n > 1, or temperature > 0 without logprobs): answer i of n is "yes"
+ * when i < round(p * n), so the share of yes is exactly round(p * n) / n.
+ */
+const PROFILES = new Set(['openai', 'openai-reasoning', 'gpt-5.4', 'azure', 'vllm-thinking', 'llama.cpp-old',
+  'ollama', 'no-logprobs', 'together', 'groq', 'quota']);
+const profile = args.profile || 'openai';
+if (!PROFILES.has(profile)) die(`unknown profile ${profile}\n${USAGE}`);
 
 // ---------------------------------------------------------------------------------------
 // Run-time configuration (changeable through POST /admin/config)
@@ -690,10 +716,146 @@ function randomFault() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Profiles
+// ---------------------------------------------------------------------------------------
+
+/** The 4xx a profile answers to this request body, or null. */
+function profileRejects(body) {
+  const err = (status, kind, message, type, param, code) => ({ status, kind, body: openaiError(message, type, param, code) });
+  const tl = body.top_logprobs;
+  switch (profile) {
+    case 'quota':
+      return err(429, 'insufficient_quota', 'You exceeded your current quota, please check your plan and billing details.',
+        'insufficient_quota', null, 'insufficient_quota');
+    case 'openai-reasoning':
+      if (body.logprobs !== undefined && body.logprobs !== null && body.logprobs !== false) {
+        return err(400, 'logprobs', "Unsupported parameter: 'logprobs' is not supported with this model.",
+          'invalid_request_error', 'logprobs', 'unsupported_parameter');
+      }
+      if (tl !== undefined && tl !== null) {
+        return err(400, 'top_logprobs', "Unsupported parameter: 'top_logprobs' is not supported with this model.",
+          'invalid_request_error', 'top_logprobs', 'unsupported_parameter');
+      }
+      if (body.temperature !== undefined && body.temperature !== null && body.temperature !== 1) {
+        return err(400, 'temperature', `Unsupported value: 'temperature' does not support ${body.temperature} with this model. Only the default (1) value is supported.`,
+          'invalid_request_error', 'temperature', 'unsupported_value');
+      }
+      if (body.max_tokens !== undefined) {
+        return err(400, 'max_tokens', "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+          'invalid_request_error', 'max_tokens', 'unsupported_parameter');
+      }
+      return null;
+    case 'gpt-5.4': case 'azure':
+      if (Number.isInteger(tl) && tl > 5) {
+        return err(400, 'top_logprobs', `Invalid 'top_logprobs': integer above maximum value. Expected a value <= 5, but got ${tl} instead.`,
+          'invalid_request_error', 'top_logprobs', 'integer_above_max_value');
+      }
+      return null;
+    case 'groq':
+      if (body.logprobs === true || (tl !== undefined && tl !== null)) {
+        return err(400, 'logprobs', "'logprobs' : value must be false or null", 'invalid_request_error', 'logprobs', null);
+      }
+      if (Number.isInteger(body.n) && body.n > 1) {
+        return err(400, 'n', "'n' : number must be at most 1", 'invalid_request_error', 'n', null);
+      }
+      return null;
+    default:
+      return null;
+  }
+}
+
+/**
+ * The logprobs entry of the answer token under a profile: Yes with 0.99 p, No with
+ * 0.99 (1 - p), then fillers, at most `top` alternatives; P(yes) read from it is p exactly
+ * for any top >= 2.
+ */
+function answerEntry(p, top) {
+  const entries = [['Yes', 0.99 * p], ['No', 0.99 * (1 - p)]].filter((e) => e[1] > 0);
+  const nFill = 20 - entries.length;
+  for (let i = 0; i < nFill; i++) entries.push([FILLERS[i], 0.01 / nFill]);
+  entries.sort((a, b) => b[1] - a[1]);
+  const chosen = p >= 0.5 ? entries.find((e) => e[0] === 'Yes') : entries.find((e) => e[0] === 'No');
+  const ent = (t, w) => ({ token: t, logprob: Math.log(w), bytes: [...Buffer.from(t, 'utf8')] });
+  return { ...ent(chosen[0], chosen[1]), top_logprobs: entries.slice(0, top).map((e) => ent(e[0], e[1])) };
+}
+
+/** A plain logprobs entry of a token that is not the answer (no alternatives that matter). */
+function plainEntry(tok, top) {
+  return { token: tok, logprob: -0.01, bytes: [...Buffer.from(tok, 'utf8')], top_logprobs: top > 0 ? [{ token: tok, logprob: -0.01, bytes: [...Buffer.from(tok, 'utf8')] }] : [] };
+}
+
+/** The answer of a profile: one or n choices, the profile's shape. */
+function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxTok) {
+  const n = Number.isInteger(body.n) && body.n > 1 && profile !== 'groq' ? body.n : 1;
+  const sampled = n > 1 || !opts.logprobs;
+  const nYes = Math.round(p * n);
+  const choices = [];
+  let completionTokens = 0, reasoningTokens = 0;
+  const thinking = profile === 'vllm-thinking' &&
+    !(body.chat_template_kwargs && body.chat_template_kwargs.enable_thinking === false);
+  const ignoresLimit = profile === 'llama.cpp-old' || profile === 'ollama';
+  const limit = ignoresLimit ? (Number.isInteger(body.max_tokens) ? body.max_tokens : Infinity)
+    : (typeof maxTok === 'number' ? maxTok : Infinity);
+  if (ignoresLimit && limit === Infinity) stats.unbounded_answers = (stats.unbounded_answers || 0) + 1;
+  for (let i = 0; i < n; i++) {
+    const yes = sampled ? i < nYes : p >= 0.5;
+    const word = yes ? 'Yes' : 'No';
+    let tokens = [];      // [text, entry]
+    if (thinking) {
+      for (const t of ['<think>', '\n', 'The', ' reply', ' is', ' judged', '.', '\n', '</think>', '\n\n']) tokens.push([t, plainEntry(t, opts.top)]);
+    }
+    if (profile === 'openai-reasoning') reasoningTokens += 12;
+    // the log-probabilities are the model's distribution, whichever answer was sampled
+    const ans = opts.logprobs ? { ...answerEntry(p, opts.top), token: word } : plainEntry(word, opts.top);
+    tokens.push([word, ans]);
+    if (ignoresLimit) for (const t of ['.', ' The', ' reply', ' does', ' what', ' the', ' question', ' asks', '.']) tokens.push([t, plainEntry(t, opts.top)]);
+    let finish = 'stop';
+    let budget = limit;
+    if (profile === 'openai-reasoning') budget -= 12;
+    if (budget < 1) { tokens = []; finish = 'length'; } else if (tokens.length > budget) { tokens = tokens.slice(0, budget); finish = 'length'; }
+    completionTokens += tokens.length + (profile === 'openai-reasoning' ? 12 : 0);
+    const text = tokens.map((t) => t[0]).join('');
+    const choice = { index: i, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason: finish };
+    if (opts.logprobs) {
+      if (profile === 'together') {
+        const tops = tokens.map((t) => { const o = {}; for (const a of (t[1].top_logprobs || [])) o[a.token] = a.logprob; return o; });
+        choice.logprobs = { tokens: tokens.map((t) => t[0]), token_logprobs: tokens.map((t) => t[1].logprob), top_logprobs: tops };
+      } else choice.logprobs = { content: tokens.map((t) => t[1]), refusal: null };
+    }
+    if (profile === 'azure' && completion.includes('[[filter200]]')) {
+      choice.message.content = null;
+      choice.logprobs = null;
+      choice.finish_reason = 'content_filter';
+      choice.content_filter_results = { violence: { filtered: true, severity: 'medium' } };
+    }
+    choices.push(choice);
+  }
+  stats.profile_answers = (stats.profile_answers || 0) + 1;
+  idCounter++;
+  const usage = { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens,
+    prompt_tokens_details: { cached_tokens: 0 }, completion_tokens_details: { reasoning_tokens: reasoningTokens } };
+  return JSON.stringify({ id: 'chatcmpl-rbrtest' + idCounter.toString(36).padStart(8, '0'), object: 'chat.completion',
+    created: Math.floor(Date.now() / 1000), model, choices, usage });
+}
+
+// ---------------------------------------------------------------------------------------
 // Chat completions
 // ---------------------------------------------------------------------------------------
 
-function handleChat(req, res, buf, model0, log) {
+/** An answer in the shape of the Responses API: output[] with a reasoning item, then the message. */
+function responsesBody(model, p, top, wantLogprobs, promptTokens) {
+  const word = p >= 0.5 ? 'Yes' : 'No';
+  const text = { type: 'output_text', text: word, annotations: [] };
+  if (wantLogprobs) text.logprobs = [answerEntry(p, top)];
+  idCounter++;
+  return JSON.stringify({ id: 'resp_rbrtest' + idCounter.toString(36), object: 'response', status: 'completed', model,
+    output: [{ type: 'reasoning', id: 'rs_1', summary: [] },
+      { type: 'message', id: 'msg_1', role: 'assistant', status: 'completed', content: [text] }],
+    usage: { input_tokens: promptTokens, output_tokens: 1, total_tokens: promptTokens + 1,
+      input_tokens_details: { cached_tokens: 0 }, output_tokens_details: { reasoning_tokens: 0 } } });
+}
+
+function handleChat(req, res, buf, model0, log, api) {
   let body;
   try { body = JSON.parse(buf.toString('utf8')); } catch (e) {
     bump(stats.rejections, 'bad_request');
@@ -705,6 +867,14 @@ function handleChat(req, res, buf, model0, log) {
     send(res, 400, openaiError(msg, 'invalid_request_error', param, code));
   };
   if (!body || typeof body !== 'object') return bad('Request body must be a JSON object.');
+  if (api === 'responses') {
+    // the Responses API: input, max_output_tokens, logprobs through include
+    stats.responses_requests = (stats.responses_requests || 0) + 1;
+    body.messages = body.input;
+    body.logprobs = Array.isArray(body.include) && body.include.includes('message.output_text.logprobs');
+    body.max_completion_tokens = body.max_output_tokens;
+    delete body.input; delete body.include; delete body.max_output_tokens;
+  }
   const messages = body.messages;
   if (!Array.isArray(messages) || messages.length === 0 || !messages[0]) {
     return bad("Missing required parameter: 'messages'.", 'messages', 'missing_required_parameter');
@@ -716,13 +886,19 @@ function handleChat(req, res, buf, model0, log) {
     return;
   }
   if (body.stream) return bad('stream is not supported by the rbr test grader.', 'stream');
-  const wantLogprobs = body.logprobs === true;
+  const rejected = profileRejects(body);
+  if (rejected) {
+    bump(stats.rejections, rejected.kind);
+    send(res, rejected.status, rejected.body);
+    return;
+  }
+  const wantLogprobs = body.logprobs === true && profile !== 'no-logprobs';
   let top = 0;
   if (body.top_logprobs !== undefined && body.top_logprobs !== null) {
     if (!Number.isInteger(body.top_logprobs) || body.top_logprobs < 0 || body.top_logprobs > 20) {
       return bad('top_logprobs must be an integer between 0 and 20.', 'top_logprobs', 'integer_above_max_value');
     }
-    if (!wantLogprobs && body.top_logprobs > 0) return bad('logprobs must be set to true when top_logprobs is used.', 'top_logprobs');
+    if (body.logprobs !== true && body.top_logprobs > 0) return bad('logprobs must be set to true when top_logprobs is used.', 'top_logprobs');
     top = body.top_logprobs;
   }
   const maxTok = body.max_completion_tokens !== undefined ? body.max_completion_tokens : body.max_tokens;
@@ -743,6 +919,13 @@ function handleChat(req, res, buf, model0, log) {
   log.prop = prop;
   const info = infoOf(prop);
   const hc = hashStr(completion);
+  if (profile === 'azure' && completion.includes('[[filter]]')) {
+    bump(stats.rejections, 'content_filter');
+    send(res, 400, JSON.stringify({ error: { message: "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+      type: null, param: 'prompt', code: 'content_filter', status: 400,
+      innererror: { code: 'ResponsibleAIPolicyViolation', content_filter_result: { violence: { filtered: true, severity: 'medium' } } } } }));
+    return;
+  }
 
   // Faults: directive first, then the server-wide random sequence (drawn on every request when enabled).
   let fault = null, extraLatency = 0;
@@ -792,8 +975,16 @@ function handleChat(req, res, buf, model0, log) {
       top,
       finish: maxTok !== undefined && maxTok !== null && maxTok <= 1 ? 'length' : 'stop',
     };
-    send(res, 200, completionBody(model, p, info.vocab, opts, promptTokens),
-      { 'x-rbr-proposition': encodeURIComponent(prop), 'x-rbr-source': source });
+    const hdrs = { 'x-rbr-proposition': encodeURIComponent(prop), 'x-rbr-source': source };
+    if (api === 'responses') {
+      send(res, 200, responsesBody(model, p, top, wantLogprobs, promptTokens), hdrs);
+      return;
+    }
+    if (profile !== 'openai' || (Number.isInteger(body.n) && body.n > 1)) {
+      send(res, 200, profileBody(body, model, p, info.vocab, opts, promptTokens, completion, maxTok), hdrs);
+      return;
+    }
+    send(res, 200, completionBody(model, p, info.vocab, opts, promptTokens), hdrs);
   };
   if (delay > 0) {
     const timer = setTimeout(respond, delay);
@@ -810,7 +1001,9 @@ const GEN_MARKER = 'rbr-generate/1';
 /** Is this a generation request rather than a grading one? */
 function isGeneration(body, sys, maxTok) {
   if (sys.startsWith(GEN_MARKER)) return true;
-  return body.logprobs !== true && typeof maxTok === 'number' && maxTok > 1;
+  if (profile !== 'openai') return false;
+  // a grading question asked without logprobs (sampled) is still a grading question
+  return body.logprobs !== true && typeof maxTok === 'number' && maxTok > 1 && analyseSystem(sys).prop === 'unknown';
 }
 
 const GEN_RE = /\[\[gen\s+([^\]]*)\]\]/g;
@@ -994,7 +1187,19 @@ function onRequest(req, res) {
   }
 
   let model0 = MODEL_ID;
-  if (pathname === '/v1/chat/completions' || pathname === '/chat/completions') {
+  let api = 'chat';
+  if (pathname === '/v1/responses') {
+    api = 'responses';
+    if (args['api-key'] && req.headers.authorization !== 'Bearer ' + args['api-key']) {
+      return reject(401, 'unauthorized', openaiError('Incorrect API key provided.', 'invalid_request_error', null, 'invalid_api_key'));
+    }
+  } else if (pathname === '/openai/v1/chat/completions') {
+    // Azure's v1 form: api-key header (or a bearer token), no api-version
+    if (args['azure-key'] && req.headers['api-key'] !== args['azure-key'] &&
+        req.headers.authorization !== 'Bearer ' + args['azure-key']) {
+      return reject(401, 'unauthorized', JSON.stringify({ error: { code: '401', message: 'Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.' } }));
+    }
+  } else if (pathname === '/v1/chat/completions' || pathname === '/chat/completions') {
     if (args['api-key'] && req.headers.authorization !== 'Bearer ' + args['api-key']) {
       return reject(401, 'unauthorized', openaiError('Incorrect API key provided.', 'invalid_request_error', null, 'invalid_api_key'));
     }
@@ -1016,7 +1221,7 @@ function onRequest(req, res) {
   res.on('close', () => { inFlight--; });
   readBody(req, (err, buf) => {
     if (err) return reject(413, 'bad_request', openaiError('Request body too large.', 'invalid_request_error'));
-    handleChat(req, res, buf, model0, log);
+    handleChat(req, res, buf, model0, log, api);
   });
 }
 

@@ -43,9 +43,9 @@ my @cases = (
     ['d [[fault 400]]', 'error', 1, undef, qr/^HTTP 400: /],
     ['e [[fault timeout]]', 'error', 3, undef, qr/Timeout was reached.*gave up after 3 attempts/],
     ['f [[fault drop]]', 'error', 3, undef, qr/Server returned nothing.*gave up after 3 attempts/],
-    ['g [[fault malformed]]', 'error', 1, undef, qr/malformed answer/],
-    ['h [[fault nologprobs]] [[rbr apology=yes]]', 'ok', 1, 'text', undef, '1'],
-    ['i [[fault nologprobs]] [[rbr apology=no]]', 'ok', 1, 'text', undef, '0'],
+    ['g [[fault malformed]]', 'error', 3, undef, qr/malformed answer.*gave up after 3 attempts/],
+    ['h [[fault nologprobs]] [[rbr apology=yes]]', 'error', 1, undef, qr/carries no log-probabilities.*rbr\.grader_method = 'sampled'/],
+    ['i [[fault nologprobs]] [[rbr apology=no]]', 'error', 1, undef, qr/carries no log-probabilities/],
     ['j [[fault textbody 502]]', 'error', 3, undef, qr/^HTTP 502: 502 Bad Gateway.*gave up after 3/],
     ['k [[fault 500]]', 'error', 3, undef, qr/^HTTP 500: .*gave up after 3/],
     ['l [[fault retry-after-ms=300 429 times=1]] [[rbr apology=0.7]]', 'ok', 2, 'logprobs', undef, '0.7'],
@@ -74,14 +74,18 @@ for my $i (0 .. $#cases) {
 ok($elapsed >= 2.0, sprintf('retry-after=1 twice was honoured (%.1f s)', $elapsed));
 my $m = $got{13};
 ok($m->[2] > 0 && $m->[2] < 0.001, "absent yes side bounded by the smallest listed probability ($m->[2])");
-is(psql_ok("SELECT count(*) FROM rbr.grade_cache WHERE proposition = 'apology'"), 1 + 7,
+is(psql_ok("SELECT count(*) FROM rbr.grade_cache WHERE proposition = 'apology'"), 1 + 5,
    'only the successful answers are cached');
 
-# strict mode: no logprobs is an error
-my ($o, $e) = psql("$set SET rbr.grader_strict_logprobs = on;"
-    . " SELECT rbr_grade('ref', 'apology', '\"q\"', 'n [[fault nologprobs]]')");
-like($e, qr/ERROR:  38000: grader failed on proposition "apology": the answer has no logprobs/, 'strict logprobs: error');
-is(psql_ok("SELECT count(*) FROM rbr.grade_cache WHERE proposition = 'apology'"), 8, 'errors are never cached');
+# no logprobs is an error whatever rbr.grader_strict_logprobs (deprecated) says
+for my $strict (qw(on off)) {
+    my ($o, $e) = psql("$set SET rbr.grader_strict_logprobs = $strict;"
+        . " SELECT rbr_grade('ref', 'apology', '\"q\"', 'n [[fault nologprobs]]')");
+    like($e, qr/ERROR:  38000: grader failed on proposition "apology": the answer carries no log-probabilities/,
+         "no logprobs: error (strict_logprobs $strict)");
+}
+is(psql_ok("SELECT count(*) FROM rbr.grade_cache WHERE proposition = 'apology'"), 6, 'errors are never cached');
+my ($o, $e);
 
 # --- max_tokens rejected: one switch per backend, then max_completion_tokens
 server_reset($base);

@@ -111,8 +111,8 @@ is($r->{empty}[0], 'error', 'empty content without top_logprobs: error');
 is($r->{nochoices}[0], 'error', 'choices []: error');
 like($r->{nochoices}[3], qr/no choices/, 'choices []: reason');
 is($r->{nochoices2}[0], 'error', 'no choices member: error');
-is($r->{extra}[0], 'ok', 'extra choices: the first one counts');
-is($r->{extra}[1], '0', 'extra choices: the first says no');
+is($r->{extra}[0], 'error', 'answers without logprobs: an error, never a hard 0/1 from the text');
+like($r->{extra}[3], qr/carries no log-probabilities/, 'answers without logprobs: reason');
 is($r->{lpstring}[0], 'ok', 'logprob given as a string: entry ignored, no side bounded');
 is($r->{lpstring}[1], '0.5', 'logprob given as a string is not read as 0 (yes bounded: P = 0.5)');
 is($r->{toobig}[0], 'error', 'response over the cap: error');
@@ -227,11 +227,15 @@ for my $k (qw(grader generator)) {
 # --- secrets in extra headers are scrubbed too, like the keys, when an endpoint echoes them
 $canned{echo} = { status => 401, body => 'rejected credentials: org-SEKRIT-value-42 (X-Org) and sk-echoed-KEY-777' };
 canned_write();
-($r, $raw) = grade_canned("$cset SET rbr.grader_extra_headers = 'X-Org: org-SEKRIT-value-42; X-Team: t';"
-                        . " SET rbr.grader_api_key = 'sk-echoed-KEY-777';", 'echo');
-is($r->{echo}[0], 'error', 'an echoed 401 is an error');
-unlike($raw, qr/org-SEKRIT-value-42|sk-echoed-KEY-777/, 'neither the header value nor the key appears in the error');
-like($r->{echo}[3], qr/rejected credentials: \*{8} \(X-Org\) and \*{8}/, 'both are replaced by ********');
+{
+    # a 401 is final: rbr_grade_many raises one error
+    my ($o, $e, $rc) = psql("$cset SET rbr.grader_extra_headers = 'X-Org: org-SEKRIT-value-42; X-Team: t';"
+        . " SET rbr.grader_api_key = 'sk-echoed-KEY-777';"
+        . " SELECT * FROM rbr_grade_many('ref', ARRAY['apology'], ARRAY['\"q\"'::jsonb], ARRAY['x [[canned echo]]'])");
+    isnt($rc, 0, 'an echoed 401 is an error');
+    unlike("$o$e", qr/org-SEKRIT-value-42|sk-echoed-KEY-777/, 'neither the header value nor the key appears in the error');
+    like($e, qr/rejected credentials: \*{8} \(X-Org\) and \*{8}/, 'both are replaced by ********');
+}
 delete $canned{echo};
 canned_write();
 

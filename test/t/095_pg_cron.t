@@ -77,8 +77,8 @@ sub wait_graded {
     my ($n, $limit) = @_;
     my $t0 = time;
     while (time - $t0 < $limit) {
-        my $k = sq('rbrcron', "SELECT count(*) FROM completions_features WHERE comply IS NOT NULL")
-            if sq('rbrcron', "SELECT to_regclass('completions_features') IS NOT NULL") eq 't';
+        my $k = sq('rbrcron', "SELECT count(DISTINCT id) FROM completions_grades WHERE status = 'ok'")
+            if sq('rbrcron', "SELECT to_regclass('completions_grades') IS NOT NULL") eq 't';
         return 1 if defined $k && $k == $n;
         sleep 1;
     }
