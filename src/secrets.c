@@ -39,7 +39,7 @@
 #include "utils/guc_tables.h"
 #include "utils/memutils.h"
 
-#include "grader.h"
+#include "endpoint.h"
 #include "secrets.h"
 
 bool		rbr_preloaded = false;

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libjson-c-dev
-          libipc-run-perl nodejs make gcc curl openssl chromium libxml2-utils)
+          libipc-run-perl nodejs make gcc curl openssl postgresql-15-cron chromium libxml2-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

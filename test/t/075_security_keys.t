@@ -132,8 +132,8 @@ is($out, '0.80', 'the configured endpoint and key serve a SECURITY DEFINER gradi
 open $kf, '>', $keyfile or die; print $kf "sk-ROTATED-KEY-777\n"; close $kf;
 utime(time + 5, time + 5, $keyfile);
 ($out, $err) = sq($ca, 'keys', "SELECT (SELECT array_agg(status || ':' || coalesce(error, '')) FROM rbr_grade_many('ref', ARRAY['apology'], ARRAY['\"hi\"'::jsonb], ARRAY['rotated [[rbr apology=0.3]]']))");
-like($out, qr/error:.*(401|unauthorized|Incorrect API key)/i, 'a changed key file is read again (the server refuses the new key)');
-unlike($out, qr/ROTATED-KEY/, '... and the error does not show it');
+like("$out\n$err", qr/error:.*(401|unauthorized|Incorrect API key)/i, 'a changed key file is read again (the server refuses the new key)');
+unlike("$out\n$err", qr/ROTATED-KEY/, '... and the error does not show it');
 chmod 0000, $keyfile unless $root;
 unlink $keyfile if $root;
 ($out, $err, $rc) = sq($ca, 'keys', "SELECT rbr_grade('ref', 'apology', '\"hi\"', 'gone [[rbr apology=0.3]]')");
