@@ -2994,12 +2994,16 @@ CREATE FUNCTION rbr.has_capability(role regrole, cap text) RETURNS boolean
       FROM rbr.capability_privileges() c WHERE c.capability = cap
 $$;
 
--- Check a capability's name; the known ones in the hint.
-CREATE FUNCTION rbr.check_capability(cap text) RETURNS void
+-- Check the arguments of rbr_grant / rbr_revoke: a role, and a capability
+-- by its name (the known ones in the hint).
+CREATE FUNCTION rbr.check_capability(role regrole, cap text) RETURNS void
     LANGUAGE plpgsql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
 BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF cap IS NULL OR NOT EXISTS (SELECT 1 FROM rbr.capability_privileges() c WHERE c.capability = cap) THEN
         RAISE EXCEPTION 'unknown rbr capability %', COALESCE(quote_literal(cap), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
@@ -3017,10 +3021,7 @@ CREATE FUNCTION @extschema@.rbr_grant(role regrole, capability text) RETURNS voi
 DECLARE
     c record;
 BEGIN
-    PERFORM rbr.check_capability(capability);
-    IF role IS NULL THEN
-        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
+    PERFORM rbr.check_capability(role, capability);
     FOR c IN SELECT * FROM rbr.capability_privileges() p WHERE p.capability = rbr_grant.capability LOOP
         EXECUTE format('GRANT %s ON %s %s TO %s', c.privileges, c.kind, c.object, role);
     END LOOP;
@@ -3037,10 +3038,7 @@ DECLARE
     c record;
     kept text[];
 BEGIN
-    PERFORM rbr.check_capability(capability);
-    IF role IS NULL THEN
-        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
+    PERFORM rbr.check_capability(role, capability);
     SELECT array_agg(DISTINCT o.capability) INTO kept
       FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) o
      WHERE o.capability <> rbr_revoke.capability AND rbr.has_capability(role, o.capability);
