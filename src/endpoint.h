@@ -95,6 +95,12 @@ struct RbrGradeResult
 	int			reasoning_tokens;	/* completion tokens spent reasoning, -1 unknown */
 	bool		final;			/* error that no retry nor other job can fix */
 	bool		retry;			/* a 200 answer that is malformed: retried like a 5xx */
+	bool		again;			/* a 200 answer read; the client wants another one */
+	/* sampled, one sample per request: what the answers so far counted */
+	int			acc_yes;
+	int			acc_no;
+	int			acc_answers;
+	int			acc_tokens[4];	/* prompt, completion, cached, reasoning */
 };
 
 /* One question to the grader, with its request and outcome. */

@@ -625,9 +625,16 @@ rbr_merge_request_options(const char *body, const char *options)
 	return out;
 }
 
-/* The full request body of a job with the given token parameter. */
-char *
-rbr_grader_body(RbrGradeJob *job, int token_param)
+/*
+ * Set once per backend when the endpoint rejects "n" > 1: sampled grading
+ * then sends k requests of one answer each (with "seed" 0 .. k-1) and counts
+ * the yes answers over all of them.
+ */
+static bool one_sample_per_request = false;
+
+/* The request body of a job for sample index seed (one sample per request). */
+static char *
+grader_body(RbrGradeJob *job, int token_param, int seed)
 {
 	StringInfoData b;
 	bool		want_lp = rbr_grader_method != RBR_METHOD_SAMPLED;
@@ -655,13 +662,22 @@ rbr_grader_body(RbrGradeJob *job, int token_param)
 			appendStringInfo(&b, ", \"temperature\": %s", rbr_grader_temperature);
 		if (want_lp)
 			appendStringInfo(&b, ", \"logprobs\": true, \"top_logprobs\": %d", top_logprobs_sent());
-		if (n > 1)
+		if (n > 1 && !one_sample_per_request)
 			appendStringInfo(&b, ", \"n\": %d", n);
+		else if (n > 1)
+			appendStringInfo(&b, ", \"seed\": %d", seed);
 		appendStringInfo(&b, ", \"%s\": %d}",
 						 token_param == RBR_TOKENS_MAX_TOKENS ? "max_tokens" : "max_completion_tokens",
 						 rbr_grader_max_answer_tokens);
 	}
 	return rbr_merge_request_options(b.data, rbr_grader_request_options);
+}
+
+/* The full request body of a job with the given token parameter. */
+char *
+rbr_grader_body(RbrGradeJob *job, int token_param)
+{
+	return grader_body(job, token_param, job->result.acc_answers);
 }
 
 /*
@@ -679,7 +695,7 @@ rbr_grader_cache_key(RbrGradeJob *job)
 								  method_options[rbr_grader_method].name,
 								  rbr_grader_method == RBR_METHOD_LOGPROBS ? 1 : rbr_grader_samples,
 								  api_options[rbr_grader_api].name);
-	char	   *body = rbr_grader_body(job, RBR_TOKENS_MAX_COMPLETION_TOKENS);
+	char	   *body = grader_body(job, RBR_TOKENS_MAX_COMPLETION_TOKENS, 0);
 	const char *parts[] = {"rbr-grade-cache-v2\n", kind, "\n", rbr_grader_model, "\n",
 	method, "\n", body};
 	bool		ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
@@ -1367,6 +1383,28 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 			}
 		}
 		put_json(json_holder);
+		if (one_sample_per_request && rbr_grader_samples > 1)
+		{
+			/* one of k requests: count its answers, ask again until k */
+			int		   *tok[4] = {&res->prompt_tokens, &res->completion_tokens, &res->cached_tokens,
+			&res->reasoning_tokens};
+
+			res->acc_yes += yes;
+			res->acc_no += no;
+			res->acc_answers += nans;
+			for (int i = 0; i < 4; i++)
+				res->acc_tokens[i] += Max(*tok[i], 0);
+			if (res->acc_answers < rbr_grader_samples)
+			{
+				res->again = true;
+				return true;
+			}
+			yes = res->acc_yes;
+			no = res->acc_no;
+			nans = res->acc_answers;
+			for (int i = 0; i < 4; i++)
+				*tok[i] = res->acc_tokens[i];
+		}
 		if (yes + no == 0)
 		{
 			res->error = unclosed > 0 || (truncated && (first_other == NULL || first_other[0] == '\0'))
@@ -1570,6 +1608,27 @@ grader_classify_failure(long status, const char *body, size_t len, int body_para
 			*final = false;
 		}
 	}
+	if (status == 400 && strstr(reason, "'n'") != NULL && rbr_grader_method != RBR_METHOD_LOGPROBS &&
+		rbr_grader_samples > 1 && one_sample_per_request)
+	{
+		/* sent with "n" before this session switched: send again without it */
+		*retry_now = true;
+		*final = false;
+		return reason;
+	}
+	if (status == 400 && strstr(reason, "'n'") != NULL && rbr_grader_method != RBR_METHOD_LOGPROBS &&
+		rbr_grader_samples > 1)
+	{
+		one_sample_per_request = true;
+		ereport(NOTICE,
+				(errmsg("the grader endpoint answers one sample per request; this session now sends %d requests per question",
+						rbr_grader_samples),
+				 errdetail("Each request carries \"seed\" 0 .. %d; P(yes) is the share of yes over all their answers.",
+						   rbr_grader_samples - 1)));
+		*retry_now = true;
+		*final = false;
+		return reason;
+	}
 	/* name the setting that fixes a rejected field */
 	if (*final && status == 400)
 	{
@@ -1666,7 +1725,7 @@ grade_ended(void *arg, const int *idx, int n)
 	 * After top_logprobs was lowered during the call, the answers came from
 	 * requests with the lowered value: key them by the request really sent.
 	 */
-	if (top_logprobs_limit > 0)
+	if (top_logprobs_limit > 0 || one_sample_per_request)
 		for (int k = 0; k < n; k++)
 		{
 			RbrGradeJob *job = &g->jobs[idx[k]];

@@ -542,6 +542,16 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 		if (parsed)
 		{
 			job_release(job);
+			if (job->result.again)
+			{
+				/* the client asks the same question again (one sample per request) */
+				job->result.again = false;
+				if (job->body != NULL)
+					pfree(job->body);
+				job->body = NULL;
+				job->not_before = 0;
+				return true;
+			}
 			job->done = true;
 			return false;
 		}

@@ -784,6 +784,15 @@ function plainEntry(tok, top) {
   return { token: tok, logprob: -0.01, bytes: [...Buffer.from(tok, 'utf8')], top_logprobs: top > 0 ? [{ token: tok, logprob: -0.01, bytes: [...Buffer.from(tok, 'utf8')] }] : [] };
 }
 
+/**
+ * The sampled answer to the request with this seed: yes when the seed's point of a
+ * low-discrepancy sequence, frac((seed + 1) * golden ratio), falls below p.
+ */
+function seededYes(seed, p) {
+  const x = ((seed + 1) * 0.6180339887498949) % 1;
+  return x < p;
+}
+
 /** The answer of a profile: one or n choices, the profile's shape. */
 function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxTok) {
   const n = Number.isInteger(body.n) && body.n > 1 && profile !== 'groq' ? body.n : 1;
@@ -798,7 +807,8 @@ function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxT
     : (typeof maxTok === 'number' ? maxTok : Infinity);
   if (ignoresLimit && limit === Infinity) stats.unbounded_answers = (stats.unbounded_answers || 0) + 1;
   for (let i = 0; i < n; i++) {
-    const yes = sampled ? i < nYes : p >= 0.5;
+    // one sample per request with a "seed": answers over seeds 0, 1, ... have a share of yes near p
+    const yes = sampled ? (n === 1 && Number.isInteger(body.seed) ? seededYes(body.seed, p) : i < nYes) : p >= 0.5;
     const word = yes ? 'Yes' : 'No';
     let tokens = [];      // [text, entry]
     if (thinking) {

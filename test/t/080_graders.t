@@ -59,6 +59,16 @@ sub check_values {
     }
 }
 
+# The share of yes over k one-sample requests with seeds 0 .. k-1 (the server's seededYes).
+sub seeded_share {
+    my ($k) = @_;
+    return sub {
+        my $p = shift;
+        my $y = grep { my $x = ($_ + 1) * 0.6180339887498949; $x - int($x) < $p } 0 .. $k - 1;
+        return $y / $k;
+    };
+}
+
 # The share of yes of k sampled answers the profiles give for p: round(p k) / k.
 sub share { my ($k) = @_; return sub { my $p = shift; my $y = int($p * $k + 0.5); return $y / $k } }
 
@@ -205,9 +215,21 @@ for my $profile (qw(llama.cpp-old ollama)) {
     my $t = source();
     my ($o, $e, $rc) = featurize($base, '', $t);
     like($e, qr/refused the requests: HTTP 400: 'logprobs'.*rbr\.grader_method = 'sampled'/, 'groq, default: one clear error');
-    ($o, $e, $rc) = featurize($base, "SET rbr.grader_method = 'sampled';", $t);
-    like($e, qr/refused the requests: HTTP 400: 'n'.*rbr\.grader_samples = 1/, 'groq, sampled k=5: one clear error');
-    ok(server_stats($base)->{chat_requests} <= 8, 'groq: a handful of requests for both runs');
+    ok(server_stats($base)->{chat_requests} <= 4, 'groq: a handful of requests');
+    # sampled with k = 5: the endpoint rejects n > 1 once, then each question is asked 5 times
+    server_reset($base);
+    ($o, $e, $rc) = featurize($base, "SET rbr.grader_method = 'sampled'; SET rbr.grader_temperature = '';"
+                                   . " SET client_min_messages = notice;", $t);
+    is($rc, 0, 'groq, sampled k=5: the run succeeds') or diag($e);
+    like($e, qr/answers one sample per request; this session now sends 5 requests per question/,
+         'groq, sampled k=5: a NOTICE says it sends one request per sample');
+    check_values($t, 'sampled', 'groq sampled k=5 (5 requests)', seeded_share(5));
+    my $st = server_stats($base);
+    my $nq = psql_ok("SELECT count(*) FROM ${t}_grades");
+    ok($st->{chat_requests} >= 5 * $nq && $st->{chat_requests} <= 5 * $nq + 4,
+       "groq, sampled k=5: 5 requests per question ($st->{chat_requests} for $nq questions)");
+    is(psql_ok("SELECT sum(attempts) - 5 * count(*) <= 4 AND min(samples) = 5 FROM ${t}_grades"), 't',
+       'groq, sampled k=5: every request counted, k recorded');
     $t = source();
     featurize($base, "SET rbr.grader_method = 'sampled'; SET rbr.grader_samples = 1; SET rbr.grader_temperature = '';", $t);
     check_values($t, 'sampled', 'groq sampled k=1', share(1));
