@@ -1047,8 +1047,11 @@ BEGIN
         reasoning_tokens int,
         PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
     -- grades tables of 0.1.0: the columns of 0.2.0 (method's sample count, token kinds)
-    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
-                   ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = gtab::regclass AND a.attname = 'samples'
+                                                 AND NOT a.attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
+                       ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
+    END IF;
     EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
                    ftab, keycol, keycol, source);
 

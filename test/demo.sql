@@ -19,30 +19,8 @@ SELECT key AS response_type, jsonb_array_length(value->'propositions') AS propos
 \echo '      prompt with 6 candidate completions (its own and 5 of other gold rows of'
 \echo '      the same response type); quality tier = the class of the candidate''s human'
 \echo '      labels; a simulated helpful-only reward model that prefers compliance'
-CREATE TEMP TABLE gold_raw (line text);
-\copy gold_raw FROM '../shared/reference/gold_train.jsonl' WITH (FORMAT csv, QUOTE E'\x01', DELIMITER E'\x02')
-CREATE TABLE gold AS
-SELECT row_number() OVER () AS gid, j ->> 'category' AS category, j ->> 'response_type' AS response_type,
-       j -> 'prompt' AS prompt, j -> 'completion' -> 0 ->> 'content' AS completion, j -> 'propositions' AS labels
-  FROM (SELECT line::jsonb AS j FROM gold_raw) s;
-SELECT setseed(0.7) AS seeded \gset
-CREATE TABLE demo_completions AS
-WITH numbered AS (
-    SELECT g.*, row_number() OVER (PARTITION BY response_type ORDER BY gid) AS n,
-           count(*) OVER (PARTITION BY response_type) AS total
-      FROM gold g
-), owners AS (
-    SELECT * FROM numbered WHERE gid <= :prompts
-)
-SELECT row_number() OVER (ORDER BY o.gid, k) AS id, o.gid AS prompt_id, o.category, o.response_type,
-       o.prompt, c.completion, c.labels,
-       rbr_label_tier('paper', o.response_type, rbr_classify('paper', o.response_type, c.labels)) AS tier,
-       (c.labels ->> 'fully_complies')::boolean::int * 1.0 + (c.labels ->> 'partially_complies')::boolean::int * 0.4
-         + 0.6 * random() AS rm
-  FROM owners o
-  CROSS JOIN generate_series(0, 5) k
-  JOIN numbered c ON c.response_type = o.response_type AND c.n = 1 + (o.n - 1 + k * 7) % o.total;
-ALTER TABLE demo_completions ADD PRIMARY KEY (id);
+\set sample_table demo_completions
+\ir sample/completions.sql
 SELECT response_type, count(DISTINCT prompt_id) AS prompts, count(*) AS completions
   FROM demo_completions GROUP BY 1 ORDER BY 1;
 
