@@ -2942,6 +2942,50 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION @extschema@.rbr_score(text, text, jsonb, text, float8) FROM PUBLIC;
 
+-- Ask the configured grader one real question (one request, a few tokens)
+-- and report in plain words whether it answers and with log-probabilities:
+-- the part of the set-up rbr_check_setup() cannot see without the network.
+-- policy: whose first simple proposition to ask (default: the latest loaded
+-- policy the caller may see).
+CREATE FUNCTION @extschema@.rbr_check_grader(policy text DEFAULT NULL)
+    RETURNS TABLE (item text, ok boolean, detail text)
+    LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    pol text := policy;
+    prop text;
+    g record;
+BEGIN
+    IF pol IS NULL THEN
+        SELECT v.policy INTO pol FROM rbr.policy_version v ORDER BY v.loaded_at DESC LIMIT 1;
+    END IF;
+    IF pol IS NULL THEN
+        RETURN QUERY SELECT 'policy', false, 'no policy loaded: load one with rbr_policy_load(name, spec) first';
+        RETURN;
+    END IF;
+    prop := @extschema@.rbr_policy_info(pol)->'simple_propositions'->>0;
+    BEGIN
+        SELECT * INTO g FROM @extschema@.rbr_grade_many(pol, ARRAY[prop], ARRAY['"Please say hello."'::jsonb],
+                                                       ARRAY['Hello! (rbr set-up check ' || clock_timestamp() || ')']);
+    EXCEPTION WHEN external_routine_exception THEN
+        RETURN QUERY SELECT 'grader answers', false, SQLERRM;
+        RETURN;
+    END;
+    IF g.status <> 'ok' THEN
+        RETURN QUERY SELECT 'grader answers', false, g.error;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'grader answers', true,
+        format('model %s answered %s of policy %s: P(yes) = %s after %s request(s)', g.model,
+               quote_literal(prop), quote_literal(pol), round(g.probability::numeric, 3), g.attempts);
+    RETURN QUERY SELECT 'log-probabilities', g.method = 'logprobs',
+        CASE WHEN g.method = 'logprobs' THEN 'P(yes) read from the top log-probabilities'
+             ELSE format('P(yes) is a share of %s sampled answers (method %s)', g.samples, g.method) END;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_check_grader(text) FROM PUBLIC;
+
 -------------------------------------------------------------------------------
 -- Capabilities: rbr_grant(role, capability), rbr_revoke(role, capability)
 -------------------------------------------------------------------------------
@@ -2967,6 +3011,7 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'FUNCTION', 'rbr.featurize_start(regclass, text, jsonb)', 'EXECUTE'),
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),

@@ -55,5 +55,14 @@ like($e, qr/no model 'nope' for response type 'comply'/, 'unknown model: a clear
                 keep_going => 1);
 like($e, qr/permission denied for function rbr_score/, 'it spends money: the grade capability is needed');
 psql_ok("DROP ROLE rbr_score_nobody");
+
+# rbr_check_grader(): one real question to the configured grader, in plain words
+is(psql_ok("$set SELECT string_agg(item || '=' || ok, ',' ORDER BY item) FROM rbr_check_grader('ref')"),
+   'grader answers=true,log-probabilities=true', 'rbr_check_grader: the test grader answers with log-probabilities');
+like(psql_ok("$set SELECT detail FROM rbr_check_grader() WHERE item = 'grader answers'"),
+     qr/answered '\w+' of policy 'ref': P\(yes\) = [0-9.]+ after 1 request/, '  naming what it asked and what came back');
+my ($co) = psql("SET rbr.grader_url = 'http://127.0.0.1:9/v1'; SET rbr.grader_max_retries = 0;"
+    . " SELECT ok || ' ' || detail FROM rbr_check_grader('ref')", keep_going => 1);
+like($co, qr/^false .*(onnect|refused)/i, 'rbr_check_grader: an unreachable grader is reported, not raised');
 drop_db();
 done_testing();
