@@ -23,6 +23,9 @@ SHLIB_LINK = -lcurl -ljson-c
 
 EXTRA_CLEAN = results regression.diffs regression.out test/bench/*.o
 
+# every object depends on the project's headers (PGXS tracks none)
+$(OBJS): $(wildcard src/*.h)
+
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 ifneq ($(PGXS),)

@@ -340,6 +340,21 @@ BEGIN
 END
 $$;
 
+-- The primary key of a running run's source, from the catalog (rbr.source_key);
+-- an error when the table lost it since the run started.
+CREATE OR REPLACE FUNCTION rbr.run_source_key(source regclass, OUT keycol name, OUT keytype text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(source) k;
+    IF keycol IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key any more', source
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
+END
+$$;
+
 -- A table that a bulk run writes into must be the caller's own: rbr never
 -- reuses another role's table (its triggers would run as the caller).
 CREATE OR REPLACE FUNCTION rbr.check_own_table(tab text, caller text) RETURNS void
@@ -680,11 +695,7 @@ BEGIN
     r := rbr.run_get(featurize_chunk.run_id);
     o := r.options;
     -- names and types from the catalogs, on every use
-    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
-    IF keycol IS NULL THEN
-        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
-            USING ERRCODE = 'invalid_table_definition';
-    END IF;
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.run_source_key(r.source) k;
     info := @extschema@.rbr_policy_info(r.policy);
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
@@ -1136,11 +1147,7 @@ BEGIN
     r := rbr.run_get(synth_chunk.run_id);
     o := r.options;
     -- names and types from the catalogs, on every use
-    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.source_key(r.source) k;
-    IF keycol IS NULL THEN
-        RAISE EXCEPTION 'table % has no single-column primary key any more', r.source
-            USING ERRCODE = 'invalid_table_definition';
-    END IF;
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.run_source_key(r.source) k;
     max_att := (o->>'max_attempts')::int;
     seed := (o->>'seed')::int;
     info := @extschema@.rbr_policy_info(r.policy);

@@ -108,20 +108,28 @@ rbr_run_begin(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(run_id);
 }
 
+/* Check that the caller owns run_id, then run sql ($1 = run_id) returning its row. */
+static Datum
+owned_run_row(int64 run_id, const char *sql)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(run_id)};
+	Datum		row;
+
+	SPI_connect();
+	run_check_owner(run_id);
+	row = run_row(sql, 1, argtypes, args, NULL);
+	SPI_finish();
+	return row;
+}
+
 PG_FUNCTION_INFO_V1(rbr_run_get);
 /* rbr.run_get(run_id): the run's row, for its owner. */
 Datum
 rbr_run_get(PG_FUNCTION_ARGS)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1] = {PG_GETARG_DATUM(0)};
-	Datum		row;
-
-	SPI_connect();
-	run_check_owner(PG_GETARG_INT64(0));
-	row = run_row("SELECT * FROM rbr.run WHERE run_id OPERATOR(pg_catalog.=) $1", 1, argtypes, args, NULL);
-	SPI_finish();
-	PG_RETURN_DATUM(row);
+	PG_RETURN_DATUM(owned_run_row(PG_GETARG_INT64(0),
+								  "SELECT * FROM rbr.run WHERE run_id OPERATOR(pg_catalog.=) $1"));
 }
 
 PG_FUNCTION_INFO_V1(rbr_run_advance);
@@ -177,15 +185,7 @@ PG_FUNCTION_INFO_V1(rbr_run_finish);
 Datum
 rbr_run_finish(PG_FUNCTION_ARGS)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1] = {PG_GETARG_DATUM(0)};
-	Datum		row;
-
-	SPI_connect();
-	run_check_owner(PG_GETARG_INT64(0));
-	row = run_row("UPDATE rbr.run r SET state = 'done', finished_at = pg_catalog.clock_timestamp(), "
-				  "updated_at = pg_catalog.clock_timestamp() WHERE r.run_id = $1 RETURNING r.*",
-				  1, argtypes, args, NULL);
-	SPI_finish();
-	PG_RETURN_DATUM(row);
+	PG_RETURN_DATUM(owned_run_row(PG_GETARG_INT64(0),
+								  "UPDATE rbr.run r SET state = 'done', finished_at = pg_catalog.clock_timestamp(), "
+								  "updated_at = pg_catalog.clock_timestamp() WHERE r.run_id = $1 RETURNING r.*"));
 }
