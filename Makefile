@@ -23,13 +23,12 @@ SHLIB_LINK = -lcurl -ljson-c
 
 EXTRA_CLEAN = results regression.diffs regression.out test/bench/*.o
 
-# every object depends on the project's headers (PGXS tracks none)
-$(OBJS): $(wildcard src/*.h)
-
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 ifneq ($(PGXS),)
 include $(PGXS)
+# every object depends on the project's headers (PGXS tracks none)
+$(OBJS): $(wildcard src/*.h)
 else
 all:
 	@echo "pg_config not found: install postgresql-server-dev-15, or run 'make test' / 'make demo' (they install it)" >&2
