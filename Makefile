@@ -2,7 +2,7 @@
 # before pg_config exists: they install what is missing first (test/setup.sh).
 
 EXTENSION = rbr
-EXTVERSION = 0.2.0
+EXTVERSION = 0.3.0
 
 MODULE_big = rbr
 OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
@@ -10,7 +10,7 @@ OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/grader.o src/http.o src/cache.o src/generator.o src/synth.o \
        src/secrets.o src/owner.o src/runs.o
 
-DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--$(EXTVERSION).sql
+DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
 REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures

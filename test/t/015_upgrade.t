@@ -1,4 +1,4 @@
-# ALTER EXTENSION rbr UPDATE from 0.1.0: the updated catalog equals a fresh
+# ALTER EXTENSION rbr UPDATE from 0.1.0 and from 0.2.0: the updated catalog equals a fresh
 # install's (every member object, function definition, column, constraint,
 # index, trigger, row-security policy and privilege), stored policies and
 # models survive, and the direct grants 0.1.0's docs listed are replaced by
@@ -94,8 +94,45 @@ is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabi
            db => 'rbr_tap_upgrade_grants'),
    'grade=true,synthesize=false,policies=false,models=false', 'a role that could grade has the grade capability');
 
+# --- from 0.2.0: a database created at 0.2.0 (with a policy, a model and a
+# capability granted) updates to the same catalog as a fresh install
+fresh_db('rbr_tap_upgrade_02');
+psql_ok(<<SQL, db => 'rbr_tap_upgrade_02');
+CREATE EXTENSION rbr VERSION '0.2.0';
+SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb);
+SELECT rbr_model_save('m1', 'ref', 'comply',
+       jsonb_build_object('weights', (SELECT jsonb_agg(0.5) FROM unnest(rbr_feature_names('ref', 'comply')))));
+DROP ROLE IF EXISTS rbr_old_grader2;
+CREATE ROLE rbr_old_grader2;
+SELECT rbr_grant('rbr_old_grader2', 'grade');
+SQL
+($out, $err, $rc) = psql("ALTER EXTENSION rbr UPDATE", db => 'rbr_tap_upgrade_02');
+is($rc, 0, 'ALTER EXTENSION rbr UPDATE from 0.2.0 succeeds') or diag($err);
+my $from02 = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_02');
+# the same capability in the fresh install, so that the privileges compare
+psql_ok("SELECT rbr_grant('rbr_old_grader2', 'grade')", db => 'rbr_tap_upgrade_new');
+$new = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_new');
+if ($from02 eq $new) {
+    pass('updated from 0.2.0, the catalog equals a fresh install');
+} else {
+    my %o = map { $_ => 1 } split /\n(?=\S)/, $from02;
+    my %n = map { $_ => 1 } split /\n(?=\S)/, $new;
+    my @only_old = grep { !$n{$_} } sort keys %o;
+    my @only_new = grep { !$o{$_} } sort keys %n;
+    fail('updated from 0.2.0, the catalog equals a fresh install');
+    diag("only after the update:\n  " . join("\n  ", @only_old[0 .. ($#only_old < 30 ? $#only_old : 30)]));
+    diag("only in a fresh install:\n  " . join("\n  ", @only_new[0 .. ($#only_new < 30 ? $#only_new : 30)]));
+}
+is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')",
+           db => 'rbr_tap_upgrade_02'),
+   'grade=true,synthesize=false,policies=false,models=false', 'capabilities survive the update from 0.2.0');
+is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => 'rbr_tap_upgrade_02'),
+   'm1 comply', 'models survive the update from 0.2.0');
+
 psql_ok("DROP DATABASE rbr_tap_upgrade_old WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_new WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_grants WITH (FORCE)", db => 'postgres');
+psql_ok("DROP DATABASE rbr_tap_upgrade_02 WITH (FORCE)", db => 'postgres');
 psql_ok("DROP ROLE rbr_old_grader", db => 'postgres');
+psql_ok("DROP ROLE rbr_old_grader2", db => 'postgres');
 done_testing();

@@ -3117,3 +3117,28 @@ CREATE FUNCTION @extschema@.rbr_capabilities(role regrole DEFAULT NULL)
       FROM (SELECT DISTINCT p.capability FROM rbr.capability_privileges() p) c
      ORDER BY array_position(ARRAY['grade', 'synthesize', 'policies', 'models'], c.capability)
 $$;
+
+-------------------------------------------------------------------------------
+-- Fitting at scale: the aggregate state type and the scale-out fit
+-------------------------------------------------------------------------------
+-- (section: fitting)
+
+-------------------------------------------------------------------------------
+-- Batch mode: the provider's Batch API
+-------------------------------------------------------------------------------
+-- (section: batch)
+
+-------------------------------------------------------------------------------
+-- Rate budget shared by the cluster
+-------------------------------------------------------------------------------
+-- (section: rate)
+
+-------------------------------------------------------------------------------
+-- Cost before and after: dry runs, budgets, prompt caching
+-------------------------------------------------------------------------------
+-- (section: cost)
+
+-------------------------------------------------------------------------------
+-- Citus: policies and models on every node
+-------------------------------------------------------------------------------
+-- (section: citus)
