@@ -389,6 +389,817 @@ $$;
 -- Cost before and after: dry runs, budgets, prompt caching
 -------------------------------------------------------------------------------
 -- (section: cost)
+-- Runs may stop at a budget: state 'stopped', the reason in stop_reason.
+ALTER TABLE rbr.run DROP CONSTRAINT run_state_check,
+    ADD CONSTRAINT run_state_check CHECK (state IN ('running', 'done', 'stopped')),
+    ADD COLUMN stop_reason text;
+
+CREATE OR REPLACE VIEW rbr.run_progress AS
+    SELECT r.run_id, r.kind, r.owner, r.source, r.policy,
+           CASE WHEN r.state = 'running' AND NOT EXISTS
+                     (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) r.pid)
+                THEN 'interrupted' ELSE r.state END AS state,
+           r.done, r.errors, r.total,
+           pg_catalog.round(100.0 * (r.done + r.errors) / GREATEST(r.total, 1), 1) AS percent,
+           pg_catalog.round(((r.done + r.errors) /
+                 GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS per_second,
+           CASE WHEN r.state = 'done' THEN interval '0'
+                WHEN r.state = 'stopped' OR r.done + r.errors = 0 THEN NULL
+                ELSE (r.updated_at - r.started_at) *
+                     ((r.total - r.done - r.errors)::float8 / (r.done + r.errors))
+           END AS eta,
+           r.requests, r.cached, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,
+           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at, r.stop_reason
+      FROM rbr.run r
+     WHERE pg_catalog.pg_has_role(r.owner::pg_catalog.oid, 'USAGE');
+
+CREATE OR REPLACE VIEW rbr.featurize_progress AS
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state, p.done, p.errors, p.total, p.percent,
+           p.per_second AS values_per_second, p.eta, p.requests, p.cached, p.prompt_tokens,
+           p.completion_tokens, p.cached_tokens, p.reasoning_tokens, p.chunks, p.started_at, p.updated_at,
+           p.finished_at, p.stop_reason
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'featurize';
+
+CREATE OR REPLACE VIEW rbr.synth_progress AS
+    SELECT p.run_id, p.owner, p.source, p.policy, p.state,
+           p.done AS accepted, COALESCE((p.counters ->> 'gave_up')::bigint, 0) AS gave_up, p.errors,
+           p.total,
+           pg_catalog.round(100.0 * (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors)
+                            / GREATEST(p.total, 1), 1) AS percent,
+           CASE WHEN p.state = 'done' THEN interval '0'
+                WHEN p.state = 'stopped' OR p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
+                ELSE (p.updated_at - p.started_at) *
+                     ((p.total - p.done - COALESCE((p.counters ->> 'gave_up')::bigint, 0) - p.errors)::float8
+                      / (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors))
+           END AS eta,
+           COALESCE((p.counters ->> 'candidates')::bigint, 0) AS candidates,
+           COALESCE((p.counters ->> 'rejections')::bigint, 0) AS rejections,
+           COALESCE((p.counters ->> 'generator_requests')::bigint, 0) AS generator_requests,
+           COALESCE((p.counters ->> 'generator_cached')::bigint, 0) AS generator_cached,
+           COALESCE((p.counters ->> 'grader_requests')::bigint, 0) AS grader_requests,
+           COALESCE((p.counters ->> 'grader_cached')::bigint, 0) AS grader_cached,
+           p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.reasoning_tokens,
+           p.chunks, p.started_at, p.updated_at, p.finished_at, p.stop_reason
+      FROM rbr.run_progress p
+     WHERE p.kind OPERATOR(pg_catalog.=) 'synthesize';
+
+CREATE OR REPLACE PROCEDURE rbr.run_drive(run bigint)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r rbr.run;
+    reasons text;
+BEGIN
+    r := rbr.run_get(run);
+    LOOP
+        IF r.kind OPERATOR(pg_catalog.=) 'featurize' THEN
+            EXIT WHEN rbr.featurize_chunk(run) OPERATOR(pg_catalog.=) 0;
+        ELSE
+            EXIT WHEN rbr.synth_chunk(run) OPERATOR(pg_catalog.=) 0;
+        END IF;
+        COMMIT;
+        -- a budget reached (rbr.featurize_budget): the run ends here
+        EXIT WHEN rbr.run_stopped(run);
+    END LOOP;
+    IF rbr.run_stopped(run) THEN
+        PERFORM rbr.run_stopped_report(run);
+        RETURN;
+    END IF;
+    r := rbr.run_finish(run);
+    COMMIT;
+    reasons := rbr.run_error_reasons(run);
+    IF r.errors OPERATOR(pg_catalog.>) 0 THEN
+        RAISE WARNING '% %: % of % % ended with an error',
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END,
+                      r.source, r.errors, r.total,
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'values' ELSE 'slots' END
+            USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
+                  HINT = rbr.run_error_query(run);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION rbr.featurize_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    chunk int;
+    mode text := COALESCE(options->>'class_mode', 'product');
+    which text := COALESCE(options->>'propositions', 'needed');
+    rt_expr text;
+    unknown_rt bigint;
+    ftab text;
+    gtab text;
+    cols text[];
+    col text;
+    bad text;
+    t text;
+    nulls_expr text;
+    total bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_featurize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, dry_run, max_requests, max_tokens.';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
+    END IF;
+    BEGIN
+        chunk := COALESCE((options->>'chunk_rows')::int, 64);
+    EXCEPTION WHEN others THEN
+        chunk := 0;
+    END;
+    IF chunk NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'chunk_rows must be an integer between 1 and 100000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
+    IF length(rel) > 63 - length('_features') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_features', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    ftab := format('%I.%I', nsp, rel || '_features');
+    gtab := format('%I.%I', nsp, rel || '_grades');
+    SELECT array_agg(x ORDER BY o) INTO cols FROM (
+        SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
+        UNION ALL
+        SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
+    IF keycol = ANY (cols || 'response_type'::text) THEN
+        RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
+            USING ERRCODE = 'duplicate_column',
+                  HINT = '<source>_features holds the key, response_type and one column per feature; rename the key column.';
+    END IF;
+    IF 'response_type' = ANY (cols) THEN
+        RAISE EXCEPTION 'policy % names a proposition or class response_type', polref
+            USING ERRCODE = 'duplicate_column',
+                  HINT = '<source>_features keeps each row''s response type in column response_type; rename the proposition.';
+    END IF;
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+    PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, response_type text)', ftab, keycol, keytype);
+    -- features tables of 0.2.0: the folded response type, the bookkeeping claims read
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS response_type text', ftab);
+    FOREACH col IN ARRAY cols LOOP
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
+    END LOOP;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        proposition text NOT NULL,
+        status text NOT NULL CHECK (status IN (''ok'', ''error'')),
+        probability float8 CHECK ((status = ''ok'') = (probability IS NOT NULL)),
+        method text,
+        yes_no_mass float8,
+        model text,
+        error text,
+        attempts int NOT NULL,
+        prompt_tokens int,
+        completion_tokens int,
+        cached boolean NOT NULL,
+        graded_at timestamptz NOT NULL,
+        samples int,
+        cached_tokens int,
+        reasoning_tokens int,
+        PRIMARY KEY (%I, proposition))', gtab, keycol, keytype, keycol);
+    -- grades tables of 0.1.0: the columns of 0.2.0 (method's sample count, token kinds)
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = gtab::regclass AND a.attname = 'samples'
+                                                 AND NOT a.attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
+                       ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
+    END IF;
+    -- one row per source row with its folded response type: the only pass over
+    -- the source; chunks claim from this (local) table and read just the
+    -- claimed source rows by key, so the source may be a distributed table
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    EXECUTE format('INSERT INTO %1$s AS f (%2$I, response_type) SELECT s.%2$I, %3$s FROM %4$s s'
+                   ' ON CONFLICT (%2$I) DO UPDATE SET response_type = EXCLUDED.response_type'
+                   ' WHERE f.response_type IS DISTINCT FROM EXCLUDED.response_type',
+                   ftab, keycol, rt_expr, source);
+
+    -- the needed values still missing, counted per row's response type
+    nulls_expr := rbr.featurize_need_sql(info, which, 'f.response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f', nulls_expr, ftab) INTO total;
+    IF which = 'needed' THEN
+        EXECUTE format('SELECT count(*) FROM %s f WHERE f.response_type IS NULL OR NOT ($1 ? f.response_type)', ftab)
+            INTO unknown_rt USING info->'response_types';
+        IF unknown_rt > 0 THEN
+            RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
+                source, unknown_rt, polref
+                USING HINT = format('Its response types are %s. Fix column %I, or pass {"propositions": "all"} to grade every simple proposition of every row.',
+                                    (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k), rcol);
+        END IF;
+    END IF;
+    RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
+                                            'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
+                                            'propositions', which) || rbr.cost_run_options(options),
+                         total);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION rbr.featurize_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    props text[];
+    classes text[];
+    nulls_cond text;
+    prompt_expr text;
+    compl_expr text;
+    ptype text;
+    ctype text;
+    claim text;
+    fetch_sql text;
+    claimed_keys text[];
+    claimed_cur jsonb[];
+    src jsonb;
+    k int;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    rts text[] := '{}';
+    q_idx int[] := '{}';
+    q_prop text[] := '{}';
+    q_prompt jsonb[] := '{}';
+    q_compl text[] := '{}';
+    vals jsonb[] := '{}';
+    nrows int := 0;
+    i int;
+    p text;
+    n_ok bigint := 0;
+    n_err bigint := 0;
+    n_cached bigint := 0;
+    n_req bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
+    upd_props text;
+    upd_classes text;
+    rt text;
+    needed text[];
+    probs jsonb;
+    cp jsonb;
+    cur jsonb;
+    elapsed float8;
+    rate float8;
+    remaining bigint;
+    kept int[];
+BEGIN
+    r := rbr.run_get(featurize_chunk.run_id);
+    o := r.options;
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.run_source_key(r.source) k;
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
+    SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
+    -- a row is claimed while one of its needed values is missing
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.response_type',
+                                         'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
+
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'completion_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+    -- a jsonb completion: the content of its last message (or the string itself)
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END',
+                              o->>'completion_column')
+                       ELSE format('s.%I::text', o->>'completion_column') END;
+
+    -- claim rows of the (local) features table, then read just those source
+    -- rows by key (on Citus: the shards that hold them)
+    claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur FROM %2$s f'
+                    ' WHERE ($1 IS NULL OR f.%1$I > $1::%3$s) AND (%4$s)'
+                    ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
+                    keycol, r.outputs[1], keytype, nulls_cond);
+    claimed_keys := '{}';
+    claimed_cur := '{}';
+    FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
+        claimed_keys := claimed_keys || rec.key;
+        claimed_cur := claimed_cur || rec.cur;
+    END LOOP;
+    IF pg_catalog.cardinality(claimed_keys) = 0 THEN
+        RETURN 0;
+    END IF;
+    fetch_sql := format('SELECT COALESCE(pg_catalog.jsonb_object_agg(s.%1$I::text, pg_catalog.jsonb_build_array(%2$s, %3$s, %4$s)), ''{}'')'
+                        ' FROM %5$s s WHERE s.%1$I OPERATOR(pg_catalog.=) ANY ($1::%6$s[])',
+                        keycol, prompt_expr, compl_expr,
+                        rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+                        r.source, keytype);
+    EXECUTE fetch_sql INTO src USING claimed_keys;
+    FOR k IN 1 .. pg_catalog.cardinality(claimed_keys) LOOP
+        -- a row deleted from the source since the run began: nothing to grade
+        CONTINUE WHEN NOT src ? claimed_keys[k];
+        SELECT claimed_keys[k] AS key, claimed_cur[k] AS cur, NULLIF(src->claimed_keys[k]->0, 'null'::jsonb) AS prompt,
+               src->claimed_keys[k]->>1 AS completion, src->claimed_keys[k]->>2 AS rt INTO rec;
+        nrows := nrows + 1;
+        keys := keys || rec.key;
+        rts := rts || rec.rt;
+        vals := vals || '{}'::jsonb;
+        IF COALESCE(o->>'propositions', 'needed') = 'all' THEN
+            needed := props;
+        ELSE
+            SELECT COALESCE(array_agg(x), '{}') INTO needed
+              FROM jsonb_array_elements_text(info->'response_types'->rec.rt->'graded_propositions') x;
+        END IF;
+        FOREACH p IN ARRAY needed LOOP
+            IF rec.cur->p <> 'null'::jsonb THEN
+                CONTINUE;
+            ELSIF rec.completion IS NULL OR rec.prompt IS NULL THEN
+                -- recorded as an error with the reason, never silently skipped
+                EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, error, attempts, cached, graded_at)'
+                               ' VALUES ($1::%s, $2, ''error'', $3, 0, false, clock_timestamp())'
+                               ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                               ' probability = NULL, error = EXCLUDED.error, graded_at = EXCLUDED.graded_at',
+                               r.outputs[2], keycol, keytype, keycol)
+                    USING rec.key, p,
+                          format('cannot grade: the %s is NULL (column %I of %s)',
+                                 CASE WHEN rec.prompt IS NULL THEN 'prompt' ELSE 'completion' END,
+                                 CASE WHEN rec.prompt IS NULL THEN o->>'prompt_column' ELSE o->>'completion_column' END,
+                                 r.source);
+                n_err := n_err + 1;
+            ELSE
+                q_idx := q_idx || nrows;
+                q_prop := q_prop || p;
+                q_prompt := q_prompt || rec.prompt;
+                q_compl := q_compl || rec.completion;
+            END IF;
+        END LOOP;
+    END LOOP;
+    IF nrows = 0 THEN
+        PERFORM rbr.run_advance(featurize_chunk.run_id, 0, 0, 0, 0, 0, 0, 0, 0, NULL,
+                                claimed_keys[pg_catalog.cardinality(claimed_keys)]);
+        RETURN pg_catalog.cardinality(claimed_keys);
+    END IF;
+
+    -- a budget (max_requests, max_tokens): only the questions it still allows
+    kept := rbr.featurize_budget(featurize_chunk.run_id, q_prop, q_prompt, q_compl);
+    IF kept IS NOT NULL THEN
+        q_idx := ARRAY(SELECT q_idx[x] FROM unnest(kept) x);
+        q_prop := ARRAY(SELECT q_prop[x] FROM unnest(kept) x);
+        q_prompt := ARRAY(SELECT q_prompt[x] FROM unnest(kept) x);
+        q_compl := ARRAY(SELECT q_compl[x] FROM unnest(kept) x);
+    END IF;
+
+    -- ask the grader (cache first), then record every answer or error
+    FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+        i := q_idx[g.ord];
+        EXECUTE format('INSERT INTO %s AS t (%I, proposition, status, probability, method, yes_no_mass, model, error,'
+                       ' attempts, prompt_tokens, completion_tokens, cached, graded_at, samples, cached_tokens,'
+                       ' reasoning_tokens)'
+                       ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp(), $13, $14, $15)'
+                       ' ON CONFLICT (%I, proposition) DO UPDATE SET status = EXCLUDED.status,'
+                       ' probability = EXCLUDED.probability, method = EXCLUDED.method,'
+                       ' yes_no_mass = EXCLUDED.yes_no_mass, model = EXCLUDED.model, error = EXCLUDED.error,'
+                       ' attempts = t.attempts + EXCLUDED.attempts,'
+                       ' prompt_tokens = COALESCE(t.prompt_tokens, 0) + COALESCE(EXCLUDED.prompt_tokens, 0),'
+                       ' completion_tokens = COALESCE(t.completion_tokens, 0) + COALESCE(EXCLUDED.completion_tokens, 0),'
+                       ' cached = EXCLUDED.cached, graded_at = EXCLUDED.graded_at, samples = EXCLUDED.samples,'
+                       ' cached_tokens = COALESCE(t.cached_tokens, 0) + COALESCE(EXCLUDED.cached_tokens, 0),'
+                       ' reasoning_tokens = COALESCE(t.reasoning_tokens, 0) + COALESCE(EXCLUDED.reasoning_tokens, 0)',
+                       r.outputs[2], keycol, keytype, keycol)
+            USING keys[i], g.proposition, g.status, g.probability, g.method, g.yes_no_mass, g.model, g.error,
+                  g.attempts, g.prompt_tokens, g.completion_tokens, g.cached, g.samples, g.cached_tokens,
+                  g.reasoning_tokens;
+        IF g.status = 'ok' THEN
+            vals[i] := vals[i] || jsonb_build_object(g.proposition, g.probability);
+            n_ok := n_ok + 1;
+        ELSE
+            n_err := n_err + 1;
+        END IF;
+        n_cached := n_cached + (g.cached)::int;
+        n_req := n_req + g.attempts;
+        n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+        n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+        n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+        n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
+    END LOOP;
+
+    -- values, then class probabilities of rows whose needed propositions are all graded
+    SELECT string_agg(format('%1$I = COALESCE(f.%1$I, ($2->>%2$L)::float8)', x, x), ', ') INTO upd_props FROM unnest(props) x;
+    SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
+    FOR i IN 1 .. nrows LOOP
+        rt := rts[i];
+        EXECUTE format('UPDATE %s f SET response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+                       r.outputs[1], upd_props, keycol, keytype)
+            INTO cur USING keys[i], vals[i], rt;
+        IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
+            CONTINUE;
+        END IF;
+        SELECT array_agg(x) INTO needed FROM jsonb_array_elements_text(info->'response_types'->rt->'propositions') x;
+        SELECT jsonb_object_agg(x, cur->x) INTO probs FROM unnest(needed) x WHERE cur->x <> 'null'::jsonb;
+        IF COALESCE(array_length(needed, 1), 0) = (SELECT count(*) FROM jsonb_object_keys(COALESCE(probs, '{}')))
+        THEN
+            cp := @extschema@.rbr_class_probs(r.policy, rt, COALESCE(probs, '{}'), o->>'class_mode');
+            EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s', r.outputs[1], upd_classes, keycol, keytype)
+                USING keys[i], cp;
+        END IF;
+    END LOOP;
+
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, n_cat, n_rt, NULL,
+                         claimed_keys[pg_catalog.cardinality(claimed_keys)]);
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := (r.done + r.errors) / elapsed;
+    remaining := greatest(r.total - r.done - r.errors, 0);
+    RAISE NOTICE 'rbr_featurize %: % of % values processed (done %, errors %, cached %), % values/s, ETA %',
+        r.source, r.done + r.errors, r.total, r.done, r.errors, r.cached,
+        round(rate::numeric, 1),
+        CASE WHEN rate > 0 THEN make_interval(secs => round(remaining / rate)) END;
+    RETURN pg_catalog.cardinality(claimed_keys);
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    -- {"dry_run": true}: what the call would send, reported; nothing sent or written
+    IF rbr.cost_dry_run(options) THEN
+        PERFORM rbr.featurize_dry_run(source, policy, options);
+        RETURN;
+    END IF;
+    PERFORM rbr.featurize_check_transaction();
+    run := rbr.featurize_start(source, policy, options);
+    COMMIT;
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified
+    CALL rbr.run_drive(run);
+END
+$$;
+
+-- A dry run ({"dry_run": true}) reports what a call would send without
+-- sending anything or writing any table; a budget ({"max_requests": N},
+-- {"max_tokens": N}) ends a call before it would pass N requests or N
+-- (prompt + completion) tokens, counted over that call, with state
+-- 'stopped' and the reason in rbr.run_progress: CALL again with a larger
+-- budget to go on (only missing values are graded). Both count a question
+-- as free when rbr_grade_many would not send it (cached, or asked earlier in
+-- the same batch) and estimate tokens from the very request bodies rbr
+-- would send (src/cost.c: characters of the messages' text / 4, rounded up,
+-- + 3 per message + 3 per request; completion tokens: the upper bound
+-- rbr.grader_max_answer_tokens per answer).
+
+-- Per question of a batch: free (cached or a repeat), the requests it would
+-- send and their estimated tokens. Sends nothing.
+CREATE FUNCTION rbr.grade_plan(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT free boolean, OUT requests int, OUT prompt_tokens int, OUT completion_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_plan'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.grade_plan(text, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- Mark a run of the caller's stopped, with the reason; returns the row.
+CREATE FUNCTION rbr.run_stop(run_id bigint, reason text) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_stop'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- Whether a run of the caller's was stopped (at a budget).
+CREATE FUNCTION rbr.run_stopped(run bigint) RETURNS boolean
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT (rbr.run_get(run)).state = 'stopped'
+$$;
+
+-- The WARNING that ends a stopped run: where it stopped, how to go on.
+CREATE FUNCTION rbr.run_stopped_report(run bigint) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+    proc text := CASE WHEN r.kind = 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END;
+BEGIN
+    RAISE WARNING '% %: stopped at the budget: %; % of % % processed, % requests, % prompt + % completion tokens',
+                  proc, r.source, r.stop_reason, r.done + r.errors, r.total,
+                  CASE WHEN r.kind = 'featurize' THEN 'values' ELSE 'slots' END,
+                  r.requests, r.prompt_tokens, r.completion_tokens
+        USING DETAIL = format('Run %s, state ''stopped'' in rbr.run_progress.', r.run_id),
+              HINT = format('CALL %s again with a larger max_requests / max_tokens (or none): only what is still missing is sent. See what is left with {"dry_run": true}.', proc);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.run_stop(bigint, text), rbr.run_stopped(bigint),
+                           rbr.run_stopped_report(bigint) FROM PUBLIC;
+
+-- Check the cost options of a bulk call: dry_run a boolean, max_requests
+-- and max_tokens whole numbers >= 0.
+CREATE FUNCTION rbr.cost_check_options(options jsonb) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    k text;
+BEGIN
+    IF options ? 'dry_run' AND jsonb_typeof(options->'dry_run') <> 'boolean' THEN
+        RAISE EXCEPTION 'dry_run must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH k IN ARRAY ARRAY['max_requests', 'max_tokens'] LOOP
+        IF options ? k AND (jsonb_typeof(options->k) <> 'number' OR (options->>k)::numeric < 0
+                            OR (options->>k)::numeric <> trunc((options->>k)::numeric)
+                            OR (options->>k)::numeric > 9e18) THEN
+            RAISE EXCEPTION '% must be a whole number >= 0', k USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'A budget counts the requests (max_requests) or prompt + completion tokens (max_tokens) of one call.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The budget options a run keeps (in rbr.run.options).
+CREATE FUNCTION rbr.cost_run_options(options jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_object_agg(k, options->k), '{}') FROM unnest(ARRAY['max_requests', 'max_tokens']) k
+     WHERE options ? k
+$$;
+
+-- Whether the options ask for a dry run.
+CREATE FUNCTION rbr.cost_dry_run(options jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_typeof(options) = 'object' AND options->'dry_run' = 'true'::jsonb, false)
+$$;
+
+-- The questions of one chunk of a run that its budget still allows, as
+-- positions into the arrays (NULL: the run has no budget). When some are
+-- left out the run is marked stopped with the reason.
+CREATE FUNCTION rbr.featurize_budget(run_id bigint, propositions text[], prompts jsonb[], completions text[])
+    RETURNS int[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(featurize_budget.run_id);
+    max_req bigint := (r.options->>'max_requests')::bigint;
+    max_tok bigint := (r.options->>'max_tokens')::bigint;
+    req bigint := r.requests;
+    tok bigint := r.prompt_tokens + r.completion_tokens;
+    kept int[] := '{}';
+    left_out bigint := 0;
+    pl record;
+BEGIN
+    IF max_req IS NULL AND max_tok IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR pl IN SELECT * FROM rbr.grade_plan(r.policy, propositions, prompts, completions) p ORDER BY p.ord LOOP
+        IF (max_req IS NULL OR req + pl.requests <= max_req)
+           AND (max_tok IS NULL OR tok + pl.prompt_tokens + pl.completion_tokens <= max_tok) THEN
+            kept := kept || pl.ord;
+            req := req + pl.requests;
+            tok := tok + pl.prompt_tokens + pl.completion_tokens;
+        ELSE
+            left_out := left_out + 1;
+        END IF;
+    END LOOP;
+    IF left_out > 0 THEN
+        PERFORM rbr.run_stop(featurize_budget.run_id,
+            concat_ws(' and ',
+                      CASE WHEN max_req IS NOT NULL THEN format('max_requests %s', max_req) END,
+                      CASE WHEN max_tok IS NOT NULL THEN format('max_tokens %s', max_tok) END)
+            || format(' reached before %s more question(s)', left_out));
+    END IF;
+    RETURN kept;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_budget(bigint, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- What CALL rbr_featurize(source, policy, options) would do now, without
+-- sending anything or writing any table: the needed values missing, how
+-- many of them the cache (or an identical question) answers, how many
+-- cannot be graded (NULL prompt or completion: they become errors), the
+-- requests it would send and their estimated prompt tokens and (at most)
+-- completion tokens, with the grader settings in force. Retries are not
+-- foreseen.
+CREATE FUNCTION @extschema@.rbr_featurize_estimate(source regclass, policy text, options jsonb DEFAULT '{}',
+    OUT missing bigint, OUT cached bigint, OUT not_gradable bigint, OUT requests bigint,
+    OUT prompt_tokens bigint, OUT completion_tokens bigint)
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    which text := COALESCE(options->>'propositions', 'needed');
+    bad text;
+    ftab text;
+    ptype text;
+    ctype text;
+    prompt_expr text;
+    compl_expr text;
+    q text;
+    rec record;
+    pl record;
+    b_prop text[] := '{}';
+    b_prompt jsonb[] := '{}';
+    b_compl text[] := '{}';
+    n_send bigint := 0;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'rbr_featurize_estimate() needs a source, a policy and an options object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the options of rbr_featurize (those of batch mode do not change the counts)
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens', 'mode', 'wait');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    info := @extschema@.rbr_policy_info(policy);
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
+    ftab := format('%I.%I', nsp, rel || '_features');
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+
+    -- the values a run would grade, read as featurize_chunk reads them
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = pcol AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = ccol AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', pcol)
+                        ELSE format('to_jsonb(s.%I::text)', pcol) END;
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END', ccol)
+                       ELSE format('s.%I::text', ccol) END;
+    q := format('SELECT p.prop, NULLIF(%s, ''null''::jsonb) AS prompt, %s AS completion FROM %s s',
+                prompt_expr, compl_expr, source);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' LEFT JOIN %s f ON f.%I OPERATOR(pg_catalog.=) s.%I', ftab, keycol, keycol);
+    END IF;
+    q := q || format(' CROSS JOIN LATERAL jsonb_array_elements_text(%s) p(prop)',
+                     CASE WHEN which = 'all' THEN '$1'
+                          ELSE format('$2 -> %s -> ''graded_propositions''', rbr.fold_name_sql(format('s.%I', rcol))) END);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' WHERE f.%I IS NULL OR COALESCE(to_jsonb(f) -> p.prop, ''null''::jsonb) = ''null''::jsonb', keycol);
+    END IF;
+
+    missing := 0; not_gradable := 0; requests := 0; prompt_tokens := 0; completion_tokens := 0;
+    -- identical questions are asked once
+    FOR rec IN EXECUTE format('SELECT q.prop, q.prompt, q.completion COLLATE "C" AS completion, count(*) AS n'
+                              ' FROM (%s) q GROUP BY 1, 2, 3', q)
+        USING info->'simple_propositions', info->'response_types'
+    LOOP
+        missing := missing + rec.n;
+        IF rec.prompt IS NULL OR rec.completion IS NULL THEN
+            not_gradable := not_gradable + rec.n;
+            CONTINUE;
+        END IF;
+        b_prop := b_prop || rec.prop;
+        b_prompt := b_prompt || rec.prompt;
+        b_compl := b_compl || rec.completion;
+        IF cardinality(b_prop) >= 256 THEN
+            FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+                n_send := n_send + (NOT pl.free)::int;
+                requests := requests + pl.requests;
+                prompt_tokens := prompt_tokens + pl.prompt_tokens;
+                completion_tokens := completion_tokens + pl.completion_tokens;
+            END LOOP;
+            b_prop := '{}'; b_prompt := '{}'; b_compl := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(b_prop) > 0 THEN
+        FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+            n_send := n_send + (NOT pl.free)::int;
+            requests := requests + pl.requests;
+            prompt_tokens := prompt_tokens + pl.prompt_tokens;
+            completion_tokens := completion_tokens + pl.completion_tokens;
+        END LOOP;
+    END IF;
+    cached := missing - not_gradable - n_send;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_featurize_estimate(regclass, text, jsonb) FROM PUBLIC;
+
+-- CALL rbr_featurize(..., '{"dry_run": true}'): the estimate, as a NOTICE.
+CREATE FUNCTION rbr.featurize_dry_run(source regclass, policy text, options jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    e record;
+BEGIN
+    SELECT * INTO e FROM @extschema@.rbr_featurize_estimate(source, policy, options);
+    RAISE NOTICE 'rbr_featurize % (dry run, nothing sent): % values missing, % answered by the cache, % not gradable; would send % requests, about % prompt tokens and at most % completion tokens',
+                 source, e.missing, e.cached, e.not_gradable, e.requests, e.prompt_tokens, e.completion_tokens
+        USING HINT = format('The same figures as data: SELECT * FROM rbr_featurize_estimate(%L, %L, %L). Prompt tokens are estimated as characters / 4 of the request messages.',
+                            source::text, policy, options::text);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_dry_run(regclass, text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OUT object text, OUT privileges text)
+    RETURNS SETOF record
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    VALUES
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade(text, text, jsonb, text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'PROCEDURE', '@extschema@.rbr_featurize(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_featurize_estimate(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_dry_run(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_budget(bigint, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.grade_plan(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
+        ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_start(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_chunk(bigint)', 'EXECUTE'),
+        ('policies', 'TABLE', 'rbr.policy_version', 'INSERT'),
+        ('models', 'TABLE', 'rbr.model', 'INSERT, UPDATE, DELETE')
+    UNION ALL
+    SELECT c, k, o, p
+      FROM (VALUES ('grade'), ('synthesize')) AS c(c),
+           (VALUES ('FUNCTION', 'rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_get(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_advance(bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, jsonb, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_finish(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
+                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stop(bigint, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped_report(bigint)', 'EXECUTE')) AS r(k, o, p)
+$$;
+
+-- Roles holding grade or synthesize get the functions those capabilities
+-- now include.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT c.cap, a.grantee::pg_catalog.regrole AS role
+               FROM (VALUES ('grade', '@extschema@.rbr_featurize(regclass, text, jsonb)'::pg_catalog.regprocedure),
+                            ('synthesize', '@extschema@.rbr_synthesize(regclass, text, jsonb)'::pg_catalog.regprocedure)) c(cap, fn)
+               JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) c.fn,
+                    pg_catalog.aclexplode(p.proacl) a
+              WHERE a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner LOOP
+        PERFORM @extschema@.rbr_grant(g.role, g.cap);
+    END LOOP;
+END
+$$;
 
 -------------------------------------------------------------------------------
 -- Citus: policies and models on every node

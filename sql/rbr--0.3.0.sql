@@ -550,7 +550,7 @@ CREATE TABLE rbr.run (
     policy            text        NOT NULL,     -- name@version, fixed for the run
     options           jsonb       NOT NULL,
     pid               int         NOT NULL,
-    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done', 'stopped')),
     total             bigint      NOT NULL,     -- work missing when the run started (values or slots)
     done              bigint      NOT NULL DEFAULT 0,
     errors            bigint      NOT NULL DEFAULT 0,
@@ -565,7 +565,8 @@ CREATE TABLE rbr.run (
     last_key          text,
     started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    finished_at       timestamptz
+    finished_at       timestamptz,
+    stop_reason       text                      -- state 'stopped': why (a budget reached)
 );
 COMMENT ON TABLE rbr.run IS 'rbr_featurize and rbr_synthesize runs, updated per committed chunk';
 REVOKE ALL ON rbr.run FROM PUBLIC;
@@ -608,12 +609,12 @@ CREATE VIEW rbr.run_progress AS
            pg_catalog.round(((r.done + r.errors) /
                  GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS per_second,
            CASE WHEN r.state = 'done' THEN interval '0'
-                WHEN r.done + r.errors = 0 THEN NULL
+                WHEN r.state = 'stopped' OR r.done + r.errors = 0 THEN NULL
                 ELSE (r.updated_at - r.started_at) *
                      ((r.total - r.done - r.errors)::float8 / (r.done + r.errors))
            END AS eta,
            r.requests, r.cached, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,
-           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at
+           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at, r.stop_reason
       FROM rbr.run r
      WHERE pg_catalog.pg_has_role(r.owner::pg_catalog.oid, 'USAGE');
 GRANT SELECT ON rbr.run_progress TO PUBLIC;
@@ -703,7 +704,13 @@ BEGIN
             EXIT WHEN rbr.synth_chunk(run) OPERATOR(pg_catalog.=) 0;
         END IF;
         COMMIT;
+        -- a budget reached (rbr.featurize_budget): the run ends here
+        EXIT WHEN rbr.run_stopped(run);
     END LOOP;
+    IF rbr.run_stopped(run) THEN
+        PERFORM rbr.run_stopped_report(run);
+        RETURN;
+    END IF;
     r := rbr.run_finish(run);
     COMMIT;
     reasons := rbr.run_error_reasons(run);
@@ -865,7 +872,7 @@ CREATE VIEW rbr.featurize_progress AS
     SELECT p.run_id, p.owner, p.source, p.policy, p.state, p.done, p.errors, p.total, p.percent,
            p.per_second AS values_per_second, p.eta, p.requests, p.cached, p.prompt_tokens,
            p.completion_tokens, p.cached_tokens, p.reasoning_tokens, p.chunks, p.started_at, p.updated_at,
-           p.finished_at
+           p.finished_at, p.stop_reason
       FROM rbr.run_progress p
      WHERE p.kind OPERATOR(pg_catalog.=) 'featurize';
 GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
@@ -993,11 +1000,12 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
-                     'propositions');
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions.';
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, dry_run, max_requests, max_tokens.';
     END IF;
+    PERFORM rbr.cost_check_options(options);
     IF which NOT IN ('needed', 'all') THEN
         RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
             HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
@@ -1100,7 +1108,7 @@ BEGIN
     RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
                          jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
                                             'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                            'propositions', which),
+                                            'propositions', which) || rbr.cost_run_options(options),
                          total);
 END
 $$;
@@ -1162,6 +1170,7 @@ DECLARE
     elapsed float8;
     rate float8;
     remaining bigint;
+    kept int[];
 BEGIN
     r := rbr.run_get(featurize_chunk.run_id);
     o := r.options;
@@ -1251,6 +1260,15 @@ BEGIN
         PERFORM rbr.run_advance(featurize_chunk.run_id, 0, 0, 0, 0, 0, 0, 0, 0, NULL,
                                 claimed_keys[pg_catalog.cardinality(claimed_keys)]);
         RETURN pg_catalog.cardinality(claimed_keys);
+    END IF;
+
+    -- a budget (max_requests, max_tokens): only the questions it still allows
+    kept := rbr.featurize_budget(featurize_chunk.run_id, q_prop, q_prompt, q_compl);
+    IF kept IS NOT NULL THEN
+        q_idx := ARRAY(SELECT q_idx[x] FROM unnest(kept) x);
+        q_prop := ARRAY(SELECT q_prop[x] FROM unnest(kept) x);
+        q_prompt := ARRAY(SELECT q_prompt[x] FROM unnest(kept) x);
+        q_compl := ARRAY(SELECT q_compl[x] FROM unnest(kept) x);
     END IF;
 
     -- ask the grader (cache first), then record every answer or error
@@ -1345,6 +1363,11 @@ CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options
 DECLARE
     run bigint;
 BEGIN
+    -- {"dry_run": true}: what the call would send, reported; nothing sent or written
+    IF rbr.cost_dry_run(options) THEN
+        PERFORM rbr.featurize_dry_run(source, policy, options);
+        RETURN;
+    END IF;
     PERFORM rbr.featurize_check_transaction();
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
@@ -1426,7 +1449,7 @@ CREATE VIEW rbr.synth_progress AS
            pg_catalog.round(100.0 * (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors)
                             / GREATEST(p.total, 1), 1) AS percent,
            CASE WHEN p.state = 'done' THEN interval '0'
-                WHEN p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
+                WHEN p.state = 'stopped' OR p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
                 ELSE (p.updated_at - p.started_at) *
                      ((p.total - p.done - COALESCE((p.counters ->> 'gave_up')::bigint, 0) - p.errors)::float8
                       / (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors))
@@ -1438,7 +1461,7 @@ CREATE VIEW rbr.synth_progress AS
            COALESCE((p.counters ->> 'grader_requests')::bigint, 0) AS grader_requests,
            COALESCE((p.counters ->> 'grader_cached')::bigint, 0) AS grader_cached,
            p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.reasoning_tokens,
-           p.chunks, p.started_at, p.updated_at, p.finished_at
+           p.chunks, p.started_at, p.updated_at, p.finished_at, p.stop_reason
       FROM rbr.run_progress p
      WHERE p.kind OPERATOR(pg_catalog.=) 'synthesize';
 GRANT SELECT ON rbr.synth_progress TO PUBLIC;
@@ -3056,6 +3079,10 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_featurize_estimate(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_dry_run(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_budget(bigint, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.grade_plan(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
@@ -3072,7 +3099,10 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
                    ('FUNCTION', 'rbr.run_finish(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
-                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE')) AS r(k, o, p)
+                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stop(bigint, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped_report(bigint)', 'EXECUTE')) AS r(k, o, p)
 $$;
 
 -- Whether a role holds every privilege of a capability.
@@ -3174,6 +3204,279 @@ $$;
 -- Cost before and after: dry runs, budgets, prompt caching
 -------------------------------------------------------------------------------
 -- (section: cost)
+-- A dry run ({"dry_run": true}) reports what a call would send without
+-- sending anything or writing any table; a budget ({"max_requests": N},
+-- {"max_tokens": N}) ends a call before it would pass N requests or N
+-- (prompt + completion) tokens, counted over that call, with state
+-- 'stopped' and the reason in rbr.run_progress: CALL again with a larger
+-- budget to go on (only missing values are graded). Both count a question
+-- as free when rbr_grade_many would not send it (cached, or asked earlier in
+-- the same batch) and estimate tokens from the very request bodies rbr
+-- would send (src/cost.c: characters of the messages' text / 4, rounded up,
+-- + 3 per message + 3 per request; completion tokens: the upper bound
+-- rbr.grader_max_answer_tokens per answer).
+
+-- Per question of a batch: free (cached or a repeat), the requests it would
+-- send and their estimated tokens. Sends nothing.
+CREATE FUNCTION rbr.grade_plan(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT free boolean, OUT requests int, OUT prompt_tokens int, OUT completion_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_plan'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.grade_plan(text, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- Mark a run of the caller's stopped, with the reason; returns the row.
+CREATE FUNCTION rbr.run_stop(run_id bigint, reason text) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_stop'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- Whether a run of the caller's was stopped (at a budget).
+CREATE FUNCTION rbr.run_stopped(run bigint) RETURNS boolean
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT (rbr.run_get(run)).state = 'stopped'
+$$;
+
+-- The WARNING that ends a stopped run: where it stopped, how to go on.
+CREATE FUNCTION rbr.run_stopped_report(run bigint) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+    proc text := CASE WHEN r.kind = 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END;
+BEGIN
+    RAISE WARNING '% %: stopped at the budget: %; % of % % processed, % requests, % prompt + % completion tokens',
+                  proc, r.source, r.stop_reason, r.done + r.errors, r.total,
+                  CASE WHEN r.kind = 'featurize' THEN 'values' ELSE 'slots' END,
+                  r.requests, r.prompt_tokens, r.completion_tokens
+        USING DETAIL = format('Run %s, state ''stopped'' in rbr.run_progress.', r.run_id),
+              HINT = format('CALL %s again with a larger max_requests / max_tokens (or none): only what is still missing is sent. See what is left with {"dry_run": true}.', proc);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.run_stop(bigint, text), rbr.run_stopped(bigint),
+                           rbr.run_stopped_report(bigint) FROM PUBLIC;
+
+-- Check the cost options of a bulk call: dry_run a boolean, max_requests
+-- and max_tokens whole numbers >= 0.
+CREATE FUNCTION rbr.cost_check_options(options jsonb) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    k text;
+BEGIN
+    IF options ? 'dry_run' AND jsonb_typeof(options->'dry_run') <> 'boolean' THEN
+        RAISE EXCEPTION 'dry_run must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH k IN ARRAY ARRAY['max_requests', 'max_tokens'] LOOP
+        IF options ? k AND (jsonb_typeof(options->k) <> 'number' OR (options->>k)::numeric < 0
+                            OR (options->>k)::numeric <> trunc((options->>k)::numeric)
+                            OR (options->>k)::numeric > 9e18) THEN
+            RAISE EXCEPTION '% must be a whole number >= 0', k USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'A budget counts the requests (max_requests) or prompt + completion tokens (max_tokens) of one call.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The budget options a run keeps (in rbr.run.options).
+CREATE FUNCTION rbr.cost_run_options(options jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_object_agg(k, options->k), '{}') FROM unnest(ARRAY['max_requests', 'max_tokens']) k
+     WHERE options ? k
+$$;
+
+-- Whether the options ask for a dry run.
+CREATE FUNCTION rbr.cost_dry_run(options jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_typeof(options) = 'object' AND options->'dry_run' = 'true'::jsonb, false)
+$$;
+
+-- The questions of one chunk of a run that its budget still allows, as
+-- positions into the arrays (NULL: the run has no budget). When some are
+-- left out the run is marked stopped with the reason.
+CREATE FUNCTION rbr.featurize_budget(run_id bigint, propositions text[], prompts jsonb[], completions text[])
+    RETURNS int[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(featurize_budget.run_id);
+    max_req bigint := (r.options->>'max_requests')::bigint;
+    max_tok bigint := (r.options->>'max_tokens')::bigint;
+    req bigint := r.requests;
+    tok bigint := r.prompt_tokens + r.completion_tokens;
+    kept int[] := '{}';
+    left_out bigint := 0;
+    pl record;
+BEGIN
+    IF max_req IS NULL AND max_tok IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR pl IN SELECT * FROM rbr.grade_plan(r.policy, propositions, prompts, completions) p ORDER BY p.ord LOOP
+        IF (max_req IS NULL OR req + pl.requests <= max_req)
+           AND (max_tok IS NULL OR tok + pl.prompt_tokens + pl.completion_tokens <= max_tok) THEN
+            kept := kept || pl.ord;
+            req := req + pl.requests;
+            tok := tok + pl.prompt_tokens + pl.completion_tokens;
+        ELSE
+            left_out := left_out + 1;
+        END IF;
+    END LOOP;
+    IF left_out > 0 THEN
+        PERFORM rbr.run_stop(featurize_budget.run_id,
+            concat_ws(' and ',
+                      CASE WHEN max_req IS NOT NULL THEN format('max_requests %s', max_req) END,
+                      CASE WHEN max_tok IS NOT NULL THEN format('max_tokens %s', max_tok) END)
+            || format(' reached before %s more question(s)', left_out));
+    END IF;
+    RETURN kept;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_budget(bigint, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- What CALL rbr_featurize(source, policy, options) would do now, without
+-- sending anything or writing any table: the needed values missing, how
+-- many of them the cache (or an identical question) answers, how many
+-- cannot be graded (NULL prompt or completion: they become errors), the
+-- requests it would send and their estimated prompt tokens and (at most)
+-- completion tokens, with the grader settings in force. Retries are not
+-- foreseen.
+CREATE FUNCTION @extschema@.rbr_featurize_estimate(source regclass, policy text, options jsonb DEFAULT '{}',
+    OUT missing bigint, OUT cached bigint, OUT not_gradable bigint, OUT requests bigint,
+    OUT prompt_tokens bigint, OUT completion_tokens bigint)
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    which text := COALESCE(options->>'propositions', 'needed');
+    bad text;
+    ftab text;
+    ptype text;
+    ctype text;
+    prompt_expr text;
+    compl_expr text;
+    q text;
+    rec record;
+    pl record;
+    b_prop text[] := '{}';
+    b_prompt jsonb[] := '{}';
+    b_compl text[] := '{}';
+    n_send bigint := 0;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'rbr_featurize_estimate() needs a source, a policy and an options object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the options of rbr_featurize (those of batch mode do not change the counts)
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens', 'mode', 'wait');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    info := @extschema@.rbr_policy_info(policy);
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
+    ftab := format('%I.%I', nsp, rel || '_features');
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+
+    -- the values a run would grade, read as featurize_chunk reads them
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = pcol AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = ccol AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', pcol)
+                        ELSE format('to_jsonb(s.%I::text)', pcol) END;
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END', ccol)
+                       ELSE format('s.%I::text', ccol) END;
+    q := format('SELECT p.prop, NULLIF(%s, ''null''::jsonb) AS prompt, %s AS completion FROM %s s',
+                prompt_expr, compl_expr, source);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' LEFT JOIN %s f ON f.%I OPERATOR(pg_catalog.=) s.%I', ftab, keycol, keycol);
+    END IF;
+    q := q || format(' CROSS JOIN LATERAL jsonb_array_elements_text(%s) p(prop)',
+                     CASE WHEN which = 'all' THEN '$1'
+                          ELSE format('$2 -> %s -> ''graded_propositions''', rbr.fold_name_sql(format('s.%I', rcol))) END);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' WHERE f.%I IS NULL OR COALESCE(to_jsonb(f) -> p.prop, ''null''::jsonb) = ''null''::jsonb', keycol);
+    END IF;
+
+    missing := 0; not_gradable := 0; requests := 0; prompt_tokens := 0; completion_tokens := 0;
+    -- identical questions are asked once
+    FOR rec IN EXECUTE format('SELECT q.prop, q.prompt, q.completion COLLATE "C" AS completion, count(*) AS n'
+                              ' FROM (%s) q GROUP BY 1, 2, 3', q)
+        USING info->'simple_propositions', info->'response_types'
+    LOOP
+        missing := missing + rec.n;
+        IF rec.prompt IS NULL OR rec.completion IS NULL THEN
+            not_gradable := not_gradable + rec.n;
+            CONTINUE;
+        END IF;
+        b_prop := b_prop || rec.prop;
+        b_prompt := b_prompt || rec.prompt;
+        b_compl := b_compl || rec.completion;
+        IF cardinality(b_prop) >= 256 THEN
+            FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+                n_send := n_send + (NOT pl.free)::int;
+                requests := requests + pl.requests;
+                prompt_tokens := prompt_tokens + pl.prompt_tokens;
+                completion_tokens := completion_tokens + pl.completion_tokens;
+            END LOOP;
+            b_prop := '{}'; b_prompt := '{}'; b_compl := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(b_prop) > 0 THEN
+        FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+            n_send := n_send + (NOT pl.free)::int;
+            requests := requests + pl.requests;
+            prompt_tokens := prompt_tokens + pl.prompt_tokens;
+            completion_tokens := completion_tokens + pl.completion_tokens;
+        END LOOP;
+    END IF;
+    cached := missing - not_gradable - n_send;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_featurize_estimate(regclass, text, jsonb) FROM PUBLIC;
+
+-- CALL rbr_featurize(..., '{"dry_run": true}'): the estimate, as a NOTICE.
+CREATE FUNCTION rbr.featurize_dry_run(source regclass, policy text, options jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    e record;
+BEGIN
+    SELECT * INTO e FROM @extschema@.rbr_featurize_estimate(source, policy, options);
+    RAISE NOTICE 'rbr_featurize % (dry run, nothing sent): % values missing, % answered by the cache, % not gradable; would send % requests, about % prompt tokens and at most % completion tokens',
+                 source, e.missing, e.cached, e.not_gradable, e.requests, e.prompt_tokens, e.completion_tokens
+        USING HINT = format('The same figures as data: SELECT * FROM rbr_featurize_estimate(%L, %L, %L). Prompt tokens are estimated as characters / 4 of the request messages.',
+                            source::text, policy, options::text);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_dry_run(regclass, text, jsonb) FROM PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Citus: policies and models on every node

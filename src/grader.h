@@ -73,6 +73,10 @@ extern char *rbr_grader_scrub(const char *msg);
 extern void rbr_grader_endpoint(RbrEndpoint *ep);
 extern int	rbr_prompt_messages(Jsonb *prompt, char ***roles, char ***contents);
 extern void rbr_grader_cache_key(RbrGradeJob *job);
+extern bool rbr_grader_one_sample_per_request(void);
+
+/* cost.c */
+extern int	rbr_estimate_prompt_tokens(const char *body);
 extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 							   double *mass, bool *found);
 

@@ -1,0 +1,210 @@
+# Cost before and after: a dry run of rbr_featurize ({"dry_run": true} and
+# rbr_featurize_estimate) sends nothing and writes nothing, and its figures
+# are what the real run then sends; budgets (max_requests, max_tokens) stop
+# a run at the budget and a second call finishes it; with a provider prefix
+# cache (simulated by the test grader) cached prompt tokens are recorded per
+# grade and per run; requests for one proposition share a prefix holding the
+# template and the question.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::Bin;
+use RbrTest;
+use Test::More;
+
+# the estimator's stated error against the test grader's counts (characters / 4)
+my $TOKEN_TOLERANCE = 0.05;
+
+new_db('rbr_tap_cost');
+my ($base) = start_server('--labels', REFERENCE . '/gold_train.jsonl');
+my $gold = REFERENCE . '/gold_train.jsonl';
+psql_ok(<<"SQL");
+CREATE TABLE raw (line jsonb);
+\\copy raw FROM '$gold' WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')
+CREATE TABLE gold (id int PRIMARY KEY, response_type text, prompt jsonb, completion jsonb);
+INSERT INTO gold SELECT row_number() OVER (), line->>'response_type', line->'prompt', line->'completion' FROM raw;
+-- the same rows with other completions (nothing of them is cached)
+CREATE TABLE g2 AS SELECT id, response_type, prompt, (completion->0->>'content') || ' (second set)' AS completion FROM gold;
+ALTER TABLE g2 ADD PRIMARY KEY (id);
+CREATE TABLE g3 AS SELECT id, response_type, prompt, completion || ' (third set)' AS completion FROM g2;
+ALTER TABLE g3 ADD PRIMARY KEY (id);
+CREATE TABLE g4 AS SELECT id, response_type, prompt, completion || ' (fourth set)' AS completion FROM g2;
+ALTER TABLE g4 ADD PRIMARY KEY (id);
+SQL
+my $NEEDED = psql_ok(<<'SQL');
+SELECT sum(jsonb_array_length(rbr_policy_info('ref')->'response_types'->rt->'graded_propositions'))
+  FROM (SELECT lower(replace(response_type, ' ', '_')) AS rt FROM gold) g
+SQL
+my $set = "SET rbr.grader_url = '$base/v1'; SET client_min_messages = warning;";
+my $state_sql = "SELECT (SELECT count(*) FROM rbr.run), (SELECT count(*) FROM rbr.grade_cache),"
+    . " to_regclass('gold_features') IS NULL, to_regclass('gold_grades') IS NULL";
+
+sub estimate {
+    my ($t, $opts) = @_;
+    $opts //= '{}';
+    return split /\|/, psql_ok("$set SELECT missing, cached, not_gradable, requests, prompt_tokens, completion_tokens"
+                               . " FROM rbr_featurize_estimate('$t', 'ref', '$opts')");
+}
+sub run_row {
+    my ($t) = @_;
+    return split /\|/, psql_ok("SELECT state, done, errors, total, requests, cached, prompt_tokens, completion_tokens,"
+        . " cached_tokens, COALESCE(stop_reason, '') FROM rbr.featurize_progress WHERE source = '$t'::regclass"
+        . " ORDER BY run_id DESC LIMIT 1");
+}
+sub near {
+    my ($got, $want) = @_;
+    return abs($got - $want) <= $TOKEN_TOLERANCE * $want;
+}
+
+# --- a dry run sends nothing and changes nothing
+server_reset($base);
+my $before = psql_ok($state_sql);
+my ($out, $err, $rc) = psql("SET rbr.grader_url = '$base/v1'; CALL rbr_featurize('gold', 'ref', '{\"dry_run\": true}')");
+is($rc, 0, 'CALL rbr_featurize with dry_run succeeds') or diag($err);
+like($err, qr/dry run, nothing sent\): $NEEDED values missing, \d+ answered by the cache, 0 not gradable; would send \d+ requests, about \d+ prompt tokens/,
+     'the dry run reports missing values, cache answers and requests in a NOTICE');
+my ($missing, $cached, $ng, $ereq, $ept, $ect) = estimate('gold');
+is($missing, $NEEDED, 'estimate: every needed value is missing');
+is($ng, 0, 'estimate: nothing ungradable');
+ok($cached > 0 && $cached < 40, "estimate: identical questions are asked once ($cached answered by another)");
+is($ereq, $missing - $cached, 'estimate: one request per question to send');
+is(server_stats($base)->{chat_requests}, 0, 'the dry run and the estimate sent no request');
+is(psql_ok($state_sql), $before, 'no run recorded, the cache unchanged, no features or grades table created');
+like($err, qr/would send $ereq requests, about $ept prompt tokens and at most $ect completion tokens/,
+     'the NOTICE carries the figures of rbr_featurize_estimate');
+is($ect, $ereq * psql_ok('SHOW rbr.grader_max_answer_tokens'), 'completion tokens: max answer tokens per request');
+
+# --- the real run sends what the dry run said
+psql_ok("$set CALL rbr_featurize('gold', 'ref')");
+my $st = server_stats($base);
+my ($state, $done, $errors, $total, $req, $rcached, $pt, $ct) = run_row('gold');
+is($state, 'done', 'the real run is done');
+is($total, $missing, 'the run\'s total = the estimate\'s missing values');
+is($req, $ereq, 'the run sent exactly the requests the estimate foresaw');
+is($st->{chat_requests}, $ereq, 'the server received exactly the requests the estimate foresaw');
+is($rcached, $cached, 'the run\'s cached answers = the estimate\'s');
+ok(near($pt, $ept), sprintf('prompt tokens: estimate %d vs server %d (%.1f%%, within %d%%)', $ept, $pt,
+                            100 * ($ept - $pt) / $pt, 100 * $TOKEN_TOLERANCE));
+ok($ct <= $ect && $ct > 0, "completion tokens $ct within the estimate's upper bound $ect");
+my @again = estimate('gold');
+is("@again", '0 0 0 0 0 0', 'after the run the estimate finds nothing missing');
+
+# a fresh table of the same rows: everything from rbr's cache
+psql_ok('CREATE TABLE gold_copy AS SELECT * FROM gold; ALTER TABLE gold_copy ADD PRIMARY KEY (id)');
+my @copy = estimate('gold_copy');
+is("@copy[0..3]", "$NEEDED $NEEDED 0 0", 'the same questions again: all answered by the cache, 0 requests');
+
+# --- option checks
+($out, $err, $rc) = psql("$set CALL rbr_featurize('g2', 'ref', '{\"max_requests\": -1}')");
+like($err, qr/max_requests must be a whole number >= 0/, 'a negative budget is refused');
+($out, $err, $rc) = psql("$set CALL rbr_featurize('g2', 'ref', '{\"dry_run\": \"yes\"}')");
+like($err, qr/dry_run must be true or false/, 'dry_run must be a boolean');
+($out, $err, $rc) = psql("$set SELECT * FROM rbr_featurize_estimate('g2', 'ref', '{\"propositons\": \"all\"}')");
+like($err, qr/unknown rbr_featurize option\(s\): propositons/, 'the estimate refuses unknown options');
+
+# --- max_requests: stops at the budget, a second call finishes
+my @e2 = estimate('g2');
+server_reset($base);
+($out, $err, $rc) = psql("SET rbr.grader_url = '$base/v1'; CALL rbr_featurize('g2', 'ref', '{\"max_requests\": 100, \"chunk_rows\": 16}')");
+is($rc, 0, 'a run with max_requests ends without error') or diag($err);
+like($err, qr/WARNING:.*stopped at the budget: max_requests 100 reached/, 'a WARNING says the run stopped at the budget');
+like($err, qr/HINT:.*again with a larger max_requests/, 'its hint says how to continue');
+my @r2 = run_row('g2');
+is($r2[0], 'stopped', 'the run shows state stopped');
+like($r2[9], qr/^max_requests 100 reached before \d+ more question/, 'rbr.featurize_progress shows why');
+is($r2[4], 100, 'the run sent exactly its budget of requests');
+is(server_stats($base)->{chat_requests}, 100, 'the server received 100 requests');
+my @left = estimate('g2');
+is($left[3], $e2[3] - 100, 'the estimate now foresees the rest');
+psql_ok("$set CALL rbr_featurize('g2', 'ref')");
+@r2 = run_row('g2');
+is($r2[0], 'done', 'a second call without a budget finishes');
+is($r2[4], $e2[3] - 100, 'the second call sends only what was missing');
+is(server_stats($base)->{chat_requests}, $e2[3], 'over both calls, exactly the requests first foreseen');
+is(psql_ok("SELECT count(*) FROM g2_grades WHERE status = 'ok'"), $NEEDED, 'every needed value graded once');
+# a budget of 0 still takes what the cache answers
+psql_ok('CREATE TABLE g2_copy AS SELECT * FROM g2; ALTER TABLE g2_copy ADD PRIMARY KEY (id)');
+server_reset($base);
+psql_ok("$set CALL rbr_featurize('g2_copy', 'ref', '{\"max_requests\": 0}')");
+@r2 = run_row('g2_copy');
+is("$r2[0] $r2[1] $r2[4]", "done $NEEDED 0", 'max_requests 0 with everything cached: done, no request');
+is(server_stats($base)->{chat_requests}, 0, 'the server saw nothing');
+
+# --- max_tokens
+my @e3 = estimate('g3');
+my $budget = int($e3[4] / 3);
+server_reset($base);
+($out, $err, $rc) = psql("SET rbr.grader_url = '$base/v1'; CALL rbr_featurize('g3', 'ref', '{\"max_tokens\": $budget}')");
+like($err, qr/stopped at the budget: max_tokens $budget reached/, 'max_tokens stops the run');
+my @r3 = run_row('g3');
+is($r3[0], 'stopped', 'state stopped');
+ok($r3[6] + $r3[7] <= $budget, "tokens spent (" . ($r3[6] + $r3[7]) . ") within max_tokens $budget");
+ok($r3[6] + $r3[7] > $budget * 0.9, 'and close to it (the run went on until the next question did not fit)');
+psql_ok("$set CALL rbr_featurize('g3', 'ref', '{\"max_tokens\": " . (4 * $e3[4]) . "}')");
+@r3 = run_row('g3');
+is($r3[0], 'done', 'a second call with a larger budget finishes');
+is(server_stats($base)->{chat_requests}, $e3[3], 'over both calls, exactly the requests first foreseen');
+
+# --- one proposition's requests share the template and the question as a prefix
+my $lcp = psql_ok(<<'SQL');
+WITH b AS (
+    SELECT p, rbr_grader_request('ref', p, g.prompt, g.completion->0->>'content')->'messages'->0->>'content' AS sys,
+           g.completion->0->>'content' AS compl
+      FROM gold g, jsonb_array_elements_text(rbr_policy_info('ref')->'simple_propositions') p
+     WHERE g.id IN (1, 2)),
+pairs AS (
+    SELECT a.p, a.sys AS s1, b.sys AS s2, a.compl
+      FROM b a JOIN b b ON a.p = b.p AND a.sys < b.sys),
+l AS (
+    SELECT p, s1, compl, (SELECT coalesce(min(i) - 1, length(s1)) FROM generate_series(1, length(s1)) i
+                           WHERE substr(s1, i, 1) IS DISTINCT FROM substr(s2, i, 1)) AS n
+      FROM pairs)
+SELECT count(*), count(*) FILTER (WHERE position(q.prompt IN left(l.s1, l.n)) > 0
+                                    AND position('# Context' IN left(l.s1, l.n)) = 1
+                                    AND l.n >= position(q.prompt IN l.s1) + length(q.prompt))
+  FROM l JOIN LATERAL (SELECT v.spec->'simple_propositions'->l.p->>'prompt' AS prompt
+                         FROM rbr.policy_version v WHERE v.policy = 'ref') q ON true
+SQL
+my ($npairs, $nshared) = split /\|/, $lcp;
+ok($npairs > 10, "pairs of requests for one proposition compared: $npairs");
+is($nshared, $npairs, 'each pair shares a prefix holding the template\'s head and the whole question');
+
+# --- provider prefix cache: cached tokens recorded per grade and per run
+server_config($base, '{"prefix_cache": true, "prefix_cache_min_tokens": 64, "prefix_cache_step_tokens": 16}');
+server_reset($base);
+psql_ok("$set CALL rbr_featurize('g4', 'ref')");
+my @r4 = run_row('g4');
+$st = server_stats($base);
+is($r4[0], 'done', 'run with the provider prefix cache done');
+ok($r4[8] > 0, "cached prompt tokens recorded for the run: $r4[8] of $r4[6]");
+is($r4[8], $st->{prefix_cache}{cached_tokens}, 'the run\'s cached tokens = what the server reported');
+is(psql_ok('SELECT sum(cached_tokens) FROM g4_grades'), $r4[8], 'per grade cached tokens add up to the run\'s');
+ok(psql_ok("SELECT count(*) FROM g4_grades WHERE cached_tokens > 0") > $NEEDED / 2,
+   'most grades reused the prefix of an earlier request for their proposition');
+is(psql_ok("SELECT cached_tokens FROM rbr.run_progress WHERE source = 'g4'::regclass"), $r4[8],
+   'rbr.run_progress shows the cached tokens');
+server_config($base, '{"prefix_cache": false}');
+
+# --- privileges: the estimate and the budget need the grade capability; runs are their owner's
+psql_ok(<<'SQL');
+CREATE ROLE cost_plain LOGIN;
+CREATE ROLE cost_grader LOGIN;
+SELECT rbr_grant('cost_grader', 'grade');
+GRANT SELECT ON gold TO cost_plain, cost_grader;
+GRANT CREATE ON SCHEMA public TO cost_grader;
+SQL
+($out, $err, $rc) = psql("SET ROLE cost_plain; SELECT * FROM rbr_featurize_estimate('gold', 'ref')");
+like($err, qr/permission denied for function rbr_featurize_estimate/, 'a role without grade cannot estimate (it reveals the cache)');
+($out, $err, $rc) = psql("SET ROLE cost_plain; SELECT * FROM rbr.grade_plan('ref', '{x}', '{}', '{}')");
+like($err, qr/permission denied/, 'nor call rbr.grade_plan');
+is(psql_ok("SELECT rbr_grant('cost_grader', 'policies'); SELECT spec AS s FROM rbr.policy_version WHERE policy = 'ref' \\gset\n"
+           . "SET ROLE cost_grader; SELECT rbr_policy_load('mine', :'s'::jsonb) \\g /dev/null\n"
+           . "SELECT missing FROM rbr_featurize_estimate('gold', 'mine')"), "t\n$NEEDED",
+   'a role with grade estimates another role\'s table it may read');
+my $other_run = psql_ok("SELECT max(run_id) FROM rbr.run");
+($out, $err, $rc) = psql("SET ROLE cost_grader; SELECT rbr.run_stop($other_run, 'stopped by someone else')");
+like($err, qr/permission denied for rbr run/, 'a role cannot stop another role\'s run');
+is(psql_ok("SELECT state FROM rbr.run WHERE run_id = $other_run"), 'done', 'the run is untouched');
+
+drop_db();
+done_testing();
