@@ -190,16 +190,18 @@ psql_ok(<<'SQL');
 CREATE ROLE cost_plain LOGIN;
 CREATE ROLE cost_grader LOGIN;
 SELECT rbr_grant('cost_grader', 'grade');
-GRANT SELECT ON gold TO cost_plain, cost_grader;
+CREATE TABLE g5 AS SELECT * FROM g2;
+ALTER TABLE g5 ADD PRIMARY KEY (id);
+GRANT SELECT ON g5 TO cost_plain, cost_grader;
 GRANT CREATE ON SCHEMA public TO cost_grader;
 SQL
-($out, $err, $rc) = psql("SET ROLE cost_plain; SELECT * FROM rbr_featurize_estimate('gold', 'ref')");
+($out, $err, $rc) = psql("SET ROLE cost_plain; SELECT * FROM rbr_featurize_estimate('g5', 'ref')");
 like($err, qr/permission denied for function rbr_featurize_estimate/, 'a role without grade cannot estimate (it reveals the cache)');
 ($out, $err, $rc) = psql("SET ROLE cost_plain; SELECT * FROM rbr.grade_plan('ref', '{x}', '{}', '{}')");
 like($err, qr/permission denied/, 'nor call rbr.grade_plan');
 is(psql_ok("SELECT rbr_grant('cost_grader', 'policies'); SELECT spec AS s FROM rbr.policy_version WHERE policy = 'ref' \\gset\n"
            . "SET ROLE cost_grader; SELECT rbr_policy_load('mine', :'s'::jsonb) \\g /dev/null\n"
-           . "SELECT missing FROM rbr_featurize_estimate('gold', 'mine')"), "t\n$NEEDED",
+           . "SELECT missing FROM rbr_featurize_estimate('g5', 'mine')"), "\n$NEEDED",
    'a role with grade estimates another role\'s table it may read');
 my $other_run = psql_ok("SELECT max(run_id) FROM rbr.run");
 ($out, $err, $rc) = psql("SET ROLE cost_grader; SELECT rbr.run_stop($other_run, 'stopped by someone else')");
