@@ -394,6 +394,10 @@ ALTER TABLE rbr.run DROP CONSTRAINT run_state_check,
     ADD CONSTRAINT run_state_check CHECK (state IN ('running', 'done', 'stopped')),
     ADD COLUMN stop_reason text;
 
+-- Changed in place: the progress views show stop_reason; rbr.run_drive ends
+-- a stopped run; rbr_featurize takes dry_run / max_requests / max_tokens and
+-- its chunks keep to the budget; rbr_synthesize's runs count cached and
+-- reasoning tokens.
 CREATE OR REPLACE VIEW rbr.run_progress AS
     SELECT r.run_id, r.kind, r.owner, r.source, r.policy,
            CASE WHEN r.state = 'running' AND NOT EXISTS
@@ -868,6 +872,282 @@ BEGIN
     -- no SET search_path here (a procedure with one cannot COMMIT): every
     -- name is qualified
     CALL rbr.run_drive(run);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION rbr.synth_chunk(run_id bigint) RETURNS int
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run;
+    info jsonb;
+    o jsonb;
+    keycol text;
+    keytype text;
+    prompt_expr text;
+    ptype text;
+    rec record;
+    g record;
+    keys text[] := '{}';
+    slots int[] := '{}';
+    rts text[] := '{}';
+    prompts jsonb[] := '{}';
+    instrs text[] := '{}';
+    intended text[] := '{}';
+    traits jsonb[] := '{}';
+    cands int[] := '{}';
+    nattempt int[] := '{}';
+    open_ boolean[] := '{}';
+    nslots int := 0;
+    max_att int;
+    seed int;
+    -- one round
+    idx int[];
+    gen_ok int[];
+    gen_text text[];
+    gen_finish text[];
+    gen_model text[];
+    gen_att int[];
+    gen_cached boolean[];
+    gen_pt int[];
+    gen_ct int[];
+    q_cand int[];
+    q_prop text[];
+    q_prompt jsonb[];
+    q_compl text[];
+    probs jsonb[];
+    grade_err text[];
+    i int;
+    k int;
+    p text;
+    props text[];
+    cls text;
+    cp jsonb;
+    failed jsonb;
+    outcome text;
+    reason text;
+    n_acc bigint := 0;
+    n_gave bigint := 0;
+    n_err bigint := 0;
+    n_cand bigint := 0;
+    n_rej bigint := 0;
+    n_genreq bigint := 0;
+    n_gencached bigint := 0;
+    n_grreq bigint := 0;
+    n_grcached bigint := 0;
+    n_pt bigint := 0;
+    n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
+    elapsed float8;
+    rate float8;
+    done_ bigint;
+BEGIN
+    r := rbr.run_get(synth_chunk.run_id);
+    o := r.options;
+    -- names and types from the catalogs, on every use
+    SELECT k.keycol, k.keytype INTO keycol, keytype FROM rbr.run_source_key(r.source) k;
+    max_att := (o->>'max_attempts')::int;
+    seed := (o->>'seed')::int;
+    info := @extschema@.rbr_policy_info(r.policy);
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = r.source AND a.attname = o->>'prompt_column' AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', o->>'prompt_column')
+                        ELSE format('to_jsonb(s.%I::text)', o->>'prompt_column') END;
+
+    FOR rec IN EXECUTE format(
+        'SELECT t.%1$I::text AS key, t.slot, t.response_type, t.intended_class, t.traits, t.instruction,'
+        ' t.candidates, %2$s AS prompt,'
+        ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
+        ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
+        ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
+        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2])
+        USING (o->>'chunk_slots')::int
+    LOOP
+        nslots := nslots + 1;
+        keys := keys || rec.key;
+        slots := slots || rec.slot;
+        rts := rts || rec.response_type;
+        prompts := prompts || rec.prompt;
+        instrs := instrs || rec.instruction;
+        intended := intended || rec.intended_class;
+        traits := traits || rec.traits;
+        cands := cands || rec.candidates;
+        nattempt := nattempt || rec.nattempt;
+        open_ := open_ || (rec.prompt IS NOT NULL);
+    END LOOP;
+    IF nslots = 0 THEN
+        RETURN 0;
+    END IF;
+
+    LOOP
+        -- generate one candidate per open slot; sample = seed, slot, candidate number
+        SELECT COALESCE(array_agg(s ORDER BY s), '{}') INTO idx FROM generate_subscripts(keys, 1) s WHERE open_[s];
+        EXIT WHEN cardinality(idx) = 0;
+        gen_text := array_fill(NULL::text, ARRAY[nslots]);
+        gen_finish := array_fill(NULL::text, ARRAY[nslots]);
+        gen_model := array_fill(NULL::text, ARRAY[nslots]);
+        gen_att := array_fill(NULL::int, ARRAY[nslots]);
+        gen_cached := array_fill(NULL::boolean, ARRAY[nslots]);
+        gen_pt := array_fill(NULL::int, ARRAY[nslots]);
+        gen_ct := array_fill(NULL::int, ARRAY[nslots]);
+        probs := array_fill(NULL::jsonb, ARRAY[nslots]);
+        grade_err := array_fill(NULL::text, ARRAY[nslots]);
+        q_cand := '{}'; q_prop := '{}'; q_prompt := '{}'; q_compl := '{}';
+        FOR g IN SELECT * FROM @extschema@.rbr_generate_many(
+                    (SELECT array_agg(prompts[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(instrs[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
+                    (SELECT array_agg(seed * 1000000 + slots[s] * 1000 + cands[s] ORDER BY n)
+                       FROM unnest(idx) WITH ORDINALITY u(s, n)))
+        LOOP
+            i := idx[g.ord];
+            n_cand := n_cand + 1;
+            n_genreq := n_genreq + g.attempts;
+            n_gencached := n_gencached + g.cached::int;
+            n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+            n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+            nattempt[i] := nattempt[i] + 1;
+            IF g.status <> 'ok' THEN
+                EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class,'
+                               ' generator_attempts, generator_cached, created_at)'
+                               ' VALUES ($1::%s, $2, $3, $4, ''generator_error'', $5, $6, $7, false, clock_timestamp())',
+                               r.outputs[2], keycol, keytype)
+                    USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], g.error,
+                          intended[i], g.attempts;
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+                CONTINUE;
+            END IF;
+            gen_text[i] := g.completion;
+            gen_finish[i] := g.finish_reason;
+            gen_model[i] := g.model;
+            gen_att[i] := g.attempts;
+            gen_cached[i] := g.cached;
+            gen_pt[i] := g.prompt_tokens;
+            gen_ct[i] := g.completion_tokens;
+            IF g.finish_reason IS NULL OR g.finish_reason = 'stop' THEN
+                SELECT array_agg(x) INTO props
+                  FROM jsonb_array_elements_text(info->'response_types'->rts[i]->'graded_propositions') x;
+                FOREACH p IN ARRAY props LOOP
+                    q_cand := q_cand || i;
+                    q_prop := q_prop || p;
+                    q_prompt := q_prompt || prompts[i];
+                    q_compl := q_compl || g.completion;
+                END LOOP;
+                probs[i] := '{}';
+            END IF;
+        END LOOP;
+
+        -- grade every candidate that ended normally
+        IF cardinality(q_cand) > 0 THEN
+            FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
+                i := q_cand[g.ord];
+                n_grreq := n_grreq + g.attempts;
+                n_grcached := n_grcached + g.cached::int;
+                n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
+                n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+                n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+                n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
+                IF g.status = 'ok' THEN
+                    probs[i] := probs[i] || jsonb_build_object(g.proposition, g.probability);
+                ELSIF grade_err[i] IS NULL THEN
+                    grade_err[i] := format('grading %s: %s', g.proposition, g.error);
+                END IF;
+            END LOOP;
+        END IF;
+
+        -- decide per candidate
+        FOREACH i IN ARRAY idx LOOP
+            CONTINUE WHEN NOT open_[i];
+            cls := NULL; cp := NULL; failed := NULL; reason := NULL;
+            IF gen_finish[i] IS NOT NULL AND gen_finish[i] <> 'stop' THEN
+                outcome := 'rejected';
+                reason := format('finish_reason %s', gen_finish[i]);
+            ELSIF grade_err[i] IS NOT NULL THEN
+                outcome := 'grader_error';
+                reason := grade_err[i];
+            ELSE
+                cp := @extschema@.rbr_class_probs(r.policy, rts[i], probs[i], o->>'class_mode');
+                IF o->>'verify' = 'hard' THEN
+                    BEGIN
+                        cls := @extschema@.rbr_classify(r.policy, rts[i], @extschema@.rbr_binarize(probs[i]));
+                    EXCEPTION WHEN invalid_parameter_value OR data_exception THEN
+                        cls := NULL;
+                    END;
+                ELSE
+                    SELECT e.key INTO cls FROM jsonb_each(cp) e
+                      JOIN jsonb_array_elements_text(info->'classes') WITH ORDINALITY c(name, n) ON c.name = e.key
+                     ORDER BY e.value::text::float8 DESC, c.n LIMIT 1;
+                END IF;
+                SELECT jsonb_object_agg(t.key, jsonb_build_object('wanted', t.value, 'p', probs[i]->t.key)) INTO failed
+                  FROM jsonb_each(traits[i]) t
+                 WHERE ((probs[i]->>t.key)::float8 > 0.5) <> t.value::boolean;
+                IF cls IS NOT DISTINCT FROM intended[i] THEN
+                    outcome := 'accepted';
+                ELSE
+                    outcome := 'rejected';
+                    reason := format('intended %s, graded %s%s', intended[i], COALESCE(cls, '(no single class)'),
+                                     CASE WHEN failed IS NOT NULL THEN '; traits missed: ' ||
+                                          (SELECT string_agg(k2, ', ' ORDER BY k2) FROM jsonb_object_keys(failed) k2)
+                                          ELSE '' END);
+                END IF;
+            END IF;
+            EXECUTE format('INSERT INTO %s (%I, slot, attempt, sample, outcome, reason, intended_class, graded_class,'
+                           ' failed, completion, finish_reason, probs, generator_attempts, generator_cached,'
+                           ' prompt_tokens, completion_tokens, created_at)'
+                           ' VALUES ($1::%s, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, clock_timestamp())',
+                           r.outputs[2], keycol, keytype)
+                USING keys[i], slots[i], nattempt[i], seed * 1000000 + slots[i] * 1000 + cands[i], outcome, reason,
+                      intended[i], cls, failed, gen_text[i], gen_finish[i], probs[i], gen_att[i],
+                      gen_cached[i], gen_pt[i], gen_ct[i];
+            IF outcome = 'accepted' THEN
+                EXECUTE format('UPDATE %s SET status = ''accepted'', completion = $3, sample = $4, graded_class = $5,'
+                               ' probs = $6, class_probs = $7, features = @extschema@.rbr_features($8, response_type, $6, $9),'
+                               ' candidates = candidates + 1, generator_model = $10, finish_reason = $11,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i], gen_text[i], seed * 1000000 + slots[i] * 1000 + cands[i], cls, probs[i], cp,
+                          r.policy, o->>'class_mode', gen_model[i], gen_finish[i];
+                open_[i] := false;
+                n_acc := n_acc + 1;
+            ELSIF outcome = 'grader_error' THEN
+                EXECUTE format('UPDATE %s SET status = ''error'', updated_at = clock_timestamp()'
+                               ' WHERE %I = $1::%s AND slot = $2', r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i];
+                open_[i] := false;
+                n_err := n_err + 1;
+            ELSE
+                n_rej := n_rej + 1;
+                cands[i] := cands[i] + 1;
+                EXECUTE format('UPDATE %s SET candidates = $3, status = CASE WHEN $3 >= $4 THEN ''rejected'' ELSE status END,'
+                               ' updated_at = clock_timestamp() WHERE %I = $1::%s AND slot = $2',
+                               r.outputs[1], keycol, keytype)
+                    USING keys[i], slots[i], cands[i], max_att;
+                IF cands[i] >= max_att THEN
+                    open_[i] := false;
+                    n_gave := n_gave + 1;
+                END IF;
+            END IF;
+        END LOOP;
+    END LOOP;
+
+    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, n_cat, n_rt,
+                         jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
+                                            'generator_requests', n_genreq, 'generator_cached', n_gencached,
+                                            'grader_requests', n_grreq, 'grader_cached', n_grcached),
+                         NULL);
+    done_ := r.done + (r.counters->>'gave_up')::bigint + r.errors;
+    elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
+    rate := done_ / elapsed;
+    RAISE NOTICE 'rbr_synthesize %: % of % slots processed (accepted %, gave up %, errors %; % candidates, % rejected), ETA %',
+        r.source, done_, r.total, r.done, r.counters->>'gave_up', r.errors, r.counters->>'candidates',
+        r.counters->>'rejections',
+        CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total - done_, 0) / rate)) END;
+    RETURN nslots;
 END
 $$;
 

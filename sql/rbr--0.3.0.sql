@@ -1743,6 +1743,8 @@ DECLARE
     n_grcached bigint := 0;
     n_pt bigint := 0;
     n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
     elapsed float8;
     rate float8;
     done_ bigint;
@@ -1853,6 +1855,8 @@ BEGIN
                 n_grcached := n_grcached + g.cached::int;
                 n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
                 n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+                n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+                n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
                 IF g.status = 'ok' THEN
                     probs[i] := probs[i] || jsonb_build_object(g.proposition, g.probability);
                 ELSIF grade_err[i] IS NULL THEN
@@ -1936,7 +1940,7 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, 0, 0,
+    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, n_cat, n_rt,
                          jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
                                             'generator_requests', n_genreq, 'generator_cached', n_gencached,
                                             'grader_requests', n_grreq, 'grader_cached', n_grcached),
