@@ -40,7 +40,7 @@ curl -s -X POST -H 'content-type: application/json' \
 
 db=rbr_bench_cost
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
-psql -X -q -At -d $db -v spec="$(cat "$ref/policy.json")" -v rows="$rows" >/dev/null <<SQL
+psql -X -q -At -v ON_ERROR_STOP=1 -d $db -v spec="$(cat "$ref/policy.json")" >/dev/null <<SQL
 CREATE EXTENSION rbr;
 SELECT rbr_policy_load('ref', :'spec'::jsonb);
 CREATE TEMP TABLE raw (line jsonb);
@@ -53,14 +53,14 @@ BEGIN
     EXECUTE format('CREATE TABLE %I (id int PRIMARY KEY, response_type text, prompt jsonb, completion text)', t);
     EXECUTE format('INSERT INTO %I SELECT i, g.line->>''response_type'', g.line->''prompt'','
                    ' (g.line->''completion''->0->>''content'') || '' ['' || \$1 || i || '']'''
-                   ' FROM generate_series(1, \$2) i JOIN gold g ON g.gid = (i - 1) % 351 + 1', t)
-        USING tag, :rows;
+                   ' FROM generate_series(1, \$2) i JOIN gold g ON g.gid = (i - 1) %% 351 + 1', t)
+        USING tag, $rows;
 END
 \$\$;
 SELECT mk('sample_a', 'a'), mk('sample_b', 'a'), mk('sample_c', 'c');
 SQL
 
-q() { psql -X -q -At -d $db -c "SET rbr.grader_url = '$base/v1'; SET rbr.grader_timeout_ms = 600000; SET client_min_messages = warning; $1"; }
+q() { psql -X -q -At -v ON_ERROR_STOP=1 -d $db <<<"SET rbr.grader_url = '$base/v1'; SET rbr.grader_timeout_ms = 600000; SET client_min_messages = warning; $1"; }
 results=$(mktemp /tmp/rbr-bench-cost-res.XXXXXX)
 trap 'kill $srv 2>/dev/null; rm -f "$log" "$results"' EXIT
 
