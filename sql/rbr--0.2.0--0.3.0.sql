@@ -943,6 +943,7 @@ DECLARE
     elapsed float8;
     rate float8;
     done_ bigint;
+    kept int[];
 BEGIN
     r := rbr.run_get(synth_chunk.run_id);
     o := r.options;
@@ -985,6 +986,18 @@ BEGIN
         -- generate one candidate per open slot; sample = seed, slot, candidate number
         SELECT COALESCE(array_agg(s ORDER BY s), '{}') INTO idx FROM generate_subscripts(keys, 1) s WHERE open_[s];
         EXIT WHEN cardinality(idx) = 0;
+        -- a budget (max_requests, max_tokens): only the slots it still allows; the others stay pending
+        kept := rbr.synth_budget(synth_chunk.run_id, n_genreq + n_grreq, n_pt + n_ct,
+                    ARRAY(SELECT prompts[s] FROM unnest(idx) s), ARRAY(SELECT instrs[s] FROM unnest(idx) s),
+                    ARRAY(SELECT seed * 1000000 + slots[s] * 1000 + cands[s] FROM unnest(idx) s),
+                    ARRAY(SELECT rts[s] FROM unnest(idx) s));
+        IF kept IS NOT NULL THEN
+            FOR k IN 1 .. cardinality(idx) LOOP
+                open_[idx[k]] := k = ANY (kept);
+            END LOOP;
+            idx := ARRAY(SELECT idx[x] FROM unnest(kept) x);
+            EXIT WHEN cardinality(idx) = 0;
+        END IF;
         gen_text := array_fill(NULL::text, ARRAY[nslots]);
         gen_finish := array_fill(NULL::text, ARRAY[nslots]);
         gen_model := array_fill(NULL::text, ARRAY[nslots]);
@@ -1148,6 +1161,205 @@ BEGIN
         r.counters->>'rejections',
         CASE WHEN rate > 0 THEN make_interval(secs => round(greatest(r.total - done_, 0) / rate)) END;
     RETURN nslots;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION rbr.synth_start(source regclass, policy text, options jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    polref text;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    mode text := COALESCE(options->>'class_mode', 'product');
+    verify text := COALESCE(options->>'verify', 'argmax');
+    labels jsonb := COALESCE(options->'labels', '{}');
+    n_ideal int;
+    n_flawed int;
+    n_disallowed int;
+    max_att int;
+    chunk int;
+    seed int;
+    rt_expr text;
+    stab text;
+    atab text;
+    col text;
+    t text;
+    bad text;
+    unknown_rt bigint;
+    total bigint;
+    run bigint;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'rbr_synthesize() arguments must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- every privilege the run needs, checked before anything is created, so that a role
+    -- without the capability gets one error saying how to get it
+    IF NOT (has_function_privilege('@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE')
+            AND has_function_privilege('@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE')
+            AND has_function_privilege('rbr.synth_chunk(bigint)', 'EXECUTE')
+            AND has_function_privilege('rbr.run_begin(text, regclass, regclass[], text, jsonb, bigint)', 'EXECUTE')) THEN
+        RAISE EXCEPTION 'permission denied to run rbr_synthesize: role % lacks the synthesize capability', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser grants it with SELECT rbr_grant(%L, ''synthesize'');', current_user);
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests', 'max_tokens');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, dry_run, max_requests, max_tokens.';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
+    n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
+    n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
+    max_att := rbr.synth_int_option(options, 'max_attempts', 3, 1, 100);
+    chunk := rbr.synth_int_option(options, 'chunk_slots', 16, 1, 10000);
+    seed := rbr.synth_int_option(options, 'seed', 0, 0, 999);
+    IF n_ideal + n_flawed + n_disallowed = 0 THEN
+        RAISE EXCEPTION 'nothing to generate: ideal, flawed and disallowed are all 0' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF n_ideal + n_flawed + n_disallowed > 200 THEN
+        RAISE EXCEPTION 'at most 200 completions per prompt (ideal + flawed + disallowed)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF verify NOT IN ('argmax', 'hard') THEN
+        RAISE EXCEPTION 'verify must be ''argmax'' or ''hard''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''argmax'': the class of highest probability; ''hard'': the class of the labels P(yes) > 0.5.';
+    END IF;
+    IF mode NOT IN ('product', 'exact') THEN
+        RAISE EXCEPTION 'class_mode must be ''product'' or ''exact''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(labels) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_each(labels) e WHERE jsonb_typeof(e.value) <> 'string') THEN
+        RAISE EXCEPTION 'labels must be an object {"class": "label", ...}' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    info := @extschema@.rbr_policy_info(policy);
+    polref := (info->>'name') || '@' || (info->>'version');
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(labels) k WHERE NOT (info->'classes') ? k;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'labels names unknown class(es): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_synthesize', rcol, ARRAY[pcol],
+           'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; response_type: text.');
+    IF length(rel) > 63 - length('_synth_attempts') THEN
+        RAISE EXCEPTION 'table name % is too long to derive %_synth_attempts', rel, rel USING ERRCODE = 'name_too_long';
+    END IF;
+    stab := format('%I.%I', nsp, rel || '_synth');
+    atab := format('%I.%I', nsp, rel || '_synth_attempts');
+
+    -- one set-up at a time per source table
+    PERFORM pg_advisory_xact_lock(hashtext('rbr.synthesize'), source::oid::int);
+    PERFORM rbr.check_own_table(stab, 'rbr_synthesize');
+    PERFORM rbr.check_own_table(atab, 'rbr_synthesize');
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        kind text NOT NULL CHECK (kind IN (''ideal'', ''flawed'', ''disallowed'')),
+        flaw text,
+        response_type text NOT NULL,
+        intended_class text NOT NULL,
+        label text NOT NULL,
+        tier int NOT NULL,
+        traits jsonb NOT NULL,
+        instruction text NOT NULL,
+        status text NOT NULL DEFAULT ''pending'' CHECK (status IN (''pending'', ''accepted'', ''rejected'', ''error'')),
+        completion text,
+        sample int,
+        graded_class text,
+        probs jsonb,
+        class_probs jsonb,
+        features float8[],
+        candidates int NOT NULL DEFAULT 0,
+        generator_model text,
+        finish_reason text,
+        updated_at timestamptz,
+        PRIMARY KEY (%I, slot),
+        CHECK ((status = ''accepted'') = (completion IS NOT NULL)))', stab, keycol, keytype, keycol);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (
+        %I %s NOT NULL,
+        slot int NOT NULL,
+        attempt int NOT NULL,
+        sample int NOT NULL,
+        outcome text NOT NULL CHECK (outcome IN (''accepted'', ''rejected'', ''generator_error'', ''grader_error'')),
+        reason text,
+        intended_class text NOT NULL,
+        graded_class text,
+        failed jsonb,
+        completion text,
+        finish_reason text,
+        probs jsonb,
+        generator_attempts int,
+        generator_cached boolean,
+        prompt_tokens int,
+        completion_tokens int,
+        created_at timestamptz NOT NULL,
+        PRIMARY KEY (%I, slot, attempt))', atab, keycol, keytype, keycol);
+
+    -- the planned slots of every row whose response type the policy knows
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+        INTO unknown_rt USING info->'response_types';
+    IF unknown_rt > 0 THEN
+        RAISE WARNING 'rbr_synthesize %: % row(s) have no response type of policy %; nothing is generated for them',
+            source, unknown_rt, polref
+            USING HINT = format('Its response types are %s.',
+                                (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(info->'response_types') k));
+    END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$I, slot, kind, flaw, response_type, intended_class, label, tier, traits, instruction)
+        SELECT s.%2$I, p.slot, p.kind, p.flaw, s.rt, p.intended_class,
+               COALESCE($3->>p.intended_class, p.intended_class),
+               @extschema@.rbr_label_tier($2, s.rt, COALESCE($3->>p.intended_class, p.intended_class)),
+               p.traits, p.instruction
+          FROM (SELECT s.%2$I, %3$s AS rt FROM %4$s s) s,
+               LATERAL @extschema@.rbr_synth_plan($2, s.rt, $4, $5, $6, s.%2$I::text || '':'' || $7) p
+         WHERE $1 ? s.rt
+        ON CONFLICT DO NOTHING', stab, keycol, rt_expr, source)
+        USING info->'response_types', polref, labels, n_ideal, n_flawed, n_disallowed, seed::text;
+    -- slots a generator or grader error ended are tried again
+    EXECUTE format('UPDATE %s SET status = ''pending'' WHERE status = ''error''', stab);
+    EXECUTE format('SELECT count(*) FROM %s WHERE status = ''pending''', stab) INTO total;
+
+    RETURN rbr.run_begin('synthesize', source, ARRAY[stab::regclass, atab::regclass], polref,
+                         jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
+                                            'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
+                                            'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
+                                            'class_mode', mode, 'seed', seed, 'labels', labels)
+                         || rbr.cost_run_options(options),
+                         total);
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, options jsonb DEFAULT '{}')
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    run bigint;
+BEGIN
+    -- {"dry_run": true}: what the call would send, reported; nothing sent or written
+    IF rbr.cost_dry_run(options) THEN
+        PERFORM rbr.synth_dry_run(source, policy, options);
+        RETURN;
+    END IF;
+    PERFORM rbr.featurize_check_transaction('rbr_synthesize');
+    run := rbr.synth_start(source, policy, options);
+    COMMIT;
+    -- no SET search_path here (a procedure with one cannot COMMIT): every
+    -- name is qualified
+    CALL rbr.run_drive(run);
 END
 $$;
 
@@ -1425,6 +1637,239 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION rbr.featurize_dry_run(regclass, text, jsonb) FROM PUBLIC;
 
+-- Per completion asked of the generator: free (cached or a repeat), the
+-- requests it would send and their estimated tokens. Sends nothing.
+CREATE FUNCTION rbr.generate_plan(prompts jsonb[], instructions text[], samples int[],
+    OUT ord int, OUT free boolean, OUT requests int, OUT prompt_tokens int, OUT completion_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_generate_plan'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.generate_plan(jsonb[], text[], int[]) FROM PUBLIC;
+
+-- What one candidate of each slot costs: its generation (rbr.generate_plan)
+-- and, unless that comes from the cache (its grades then came with it), the
+-- grading of the text with the proposition's of the slot's response type,
+-- counted with a completion as long as rbr.generator_max_tokens allows (an
+-- upper bound; it appears twice in a grading request). One row per slot.
+CREATE FUNCTION rbr.synth_plan_cost(policy text, prompts jsonb[], instructions text[], samples int[],
+                                    response_types text[],
+                                    OUT ord int, OUT gen_free boolean, OUT gen_requests int, OUT gen_tokens bigint,
+                                    OUT grade_requests bigint, OUT grade_tokens bigint)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb := @extschema@.rbr_policy_info(policy);
+    gen_max int := current_setting('rbr.generator_max_tokens')::int;
+    g record;
+    props text[];
+BEGIN
+    FOR g IN SELECT * FROM rbr.generate_plan(prompts, instructions, samples) p ORDER BY p.ord LOOP
+        ord := g.ord;
+        gen_free := g.free;
+        gen_requests := g.requests;
+        gen_tokens := g.prompt_tokens + g.completion_tokens;
+        grade_requests := 0;
+        grade_tokens := 0;
+        IF NOT g.free THEN
+            SELECT COALESCE(array_agg(x), '{}') INTO props
+              FROM jsonb_array_elements_text(info->'response_types'->response_types[g.ord]->'graded_propositions') x;
+            IF cardinality(props) > 0 THEN
+                SELECT COALESCE(sum(p.requests), 0),
+                       COALESCE(sum(p.prompt_tokens + p.completion_tokens + p.requests * 2 * gen_max), 0)
+                  INTO grade_requests, grade_tokens
+                  FROM rbr.grade_plan(policy, props, array_fill(prompts[g.ord], ARRAY[cardinality(props)]),
+                                      array_fill(''::text, ARRAY[cardinality(props)])) p;
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_plan_cost(text, jsonb[], text[], int[], text[]) FROM PUBLIC;
+
+-- The slots of one round of a synthesize chunk that its budget still allows,
+-- as positions into the arrays (NULL: no budget), given what the chunk spent
+-- so far; when some are left out the run is marked stopped.
+CREATE FUNCTION rbr.synth_budget(run_id bigint, spent_requests bigint, spent_tokens bigint, prompts jsonb[],
+                                 instructions text[], samples int[], response_types text[]) RETURNS int[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(synth_budget.run_id);
+    max_req bigint := (r.options->>'max_requests')::bigint;
+    max_tok bigint := (r.options->>'max_tokens')::bigint;
+    req bigint := r.requests + spent_requests;
+    tok bigint := r.prompt_tokens + r.completion_tokens + spent_tokens;
+    kept int[] := '{}';
+    left_out bigint := 0;
+    c record;
+BEGIN
+    IF max_req IS NULL AND max_tok IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR c IN SELECT * FROM rbr.synth_plan_cost(r.policy, prompts, instructions, samples, response_types) LOOP
+        IF (max_req IS NULL OR req + c.gen_requests + c.grade_requests <= max_req)
+           AND (max_tok IS NULL OR tok + c.gen_tokens + c.grade_tokens <= max_tok) THEN
+            kept := kept || c.ord;
+            req := req + c.gen_requests + c.grade_requests;
+            tok := tok + c.gen_tokens + c.grade_tokens;
+        ELSE
+            left_out := left_out + 1;
+        END IF;
+    END LOOP;
+    IF left_out > 0 THEN
+        PERFORM rbr.run_stop(synth_budget.run_id,
+            concat_ws(' and ',
+                      CASE WHEN max_req IS NOT NULL THEN format('max_requests %s', max_req) END,
+                      CASE WHEN max_tok IS NOT NULL THEN format('max_tokens %s', max_tok) END)
+            || format(' reached before %s more candidate(s)', left_out));
+    END IF;
+    RETURN kept;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_budget(bigint, bigint, bigint, jsonb[], text[], int[], text[]) FROM PUBLIC;
+
+-- What CALL rbr_synthesize(source, policy, options) would do now, for the
+-- first candidate of every slot still to do, without sending anything or
+-- writing any table: slots (pending or errored, or not planned yet), their
+-- generations answered by the generation cache, the generation requests and
+-- their estimated prompt tokens and (at most) completion tokens, the grading
+-- requests of the generated texts and their tokens (an upper bound: texts
+-- as long as rbr.generator_max_tokens allows). A rejected candidate is
+-- replaced, up to max_attempts per slot: a run can cost up to that many
+-- times the first round.
+CREATE FUNCTION @extschema@.rbr_synthesize_estimate(source regclass, policy text, options jsonb DEFAULT '{}',
+    OUT slots bigint, OUT generations_cached bigint, OUT generation_requests bigint,
+    OUT generation_prompt_tokens bigint, OUT generation_completion_tokens bigint,
+    OUT grading_requests bigint, OUT grading_tokens bigint, OUT max_attempts int)
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    n_ideal int;
+    n_flawed int;
+    n_disallowed int;
+    seed int;
+    stab text;
+    ptype text;
+    prompt_expr text;
+    rt_expr text;
+    bad text;
+    q text;
+    rec record;
+    c record;
+    gen_max int := current_setting('rbr.generator_max_tokens')::int;
+    b_prompt jsonb[] := '{}';
+    b_instr text[] := '{}';
+    b_sample int[] := '{}';
+    b_rt text[] := '{}';
+    gp record;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'rbr_synthesize_estimate() needs a source, a policy and an options object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests',
+                     'max_tokens', 'mode', 'wait');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
+    n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
+    n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
+    max_attempts := rbr.synth_int_option(options, 'max_attempts', 3, 1, 100);
+    seed := rbr.synth_int_option(options, 'seed', 0, 0, 999);
+    info := @extschema@.rbr_policy_info(policy);
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_synthesize', rcol, ARRAY[pcol],
+           'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; response_type: text.');
+    stab := format('%I.%I', nsp, rel || '_synth');
+    PERFORM rbr.check_own_table(stab, 'rbr_synthesize');
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = pcol AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', pcol)
+                        ELSE format('to_jsonb(s.%I::text)', pcol) END;
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+
+    -- the slots a run would work on, as synth_start plans them and synth_chunk reads them
+    q := format('SELECT %1$s AS prompt, p.instruction, p.slot, 0 AS candidates, %2$s AS rt FROM %3$s s,'
+                ' LATERAL @extschema@.rbr_synth_plan($2, %2$s, $3, $4, $5, s.%4$I::text || '':'' || $6) p'
+                ' WHERE $1 ? %2$s', prompt_expr, rt_expr, source, keycol);
+    IF to_regclass(stab) IS NOT NULL THEN
+        q := q || format(' AND NOT EXISTS (SELECT 1 FROM %1$s t WHERE t.%2$I OPERATOR(pg_catalog.=) s.%2$I'
+                         ' AND t.slot OPERATOR(pg_catalog.=) p.slot)'
+                         ' UNION ALL SELECT %3$s, t.instruction, t.slot, t.candidates, t.response_type'
+                         ' FROM %1$s t JOIN %4$s s ON s.%2$I OPERATOR(pg_catalog.=) t.%2$I'
+                         ' WHERE t.status IN (''pending'', ''error'')', stab, keycol, prompt_expr, source);
+    END IF;
+    slots := 0; generations_cached := 0; generation_requests := 0; generation_prompt_tokens := 0;
+    generation_completion_tokens := 0; grading_requests := 0; grading_tokens := 0;
+    FOR rec IN EXECUTE q USING info->'response_types', policy, n_ideal, n_flawed, n_disallowed, seed::text LOOP
+        slots := slots + 1;
+        CONTINUE WHEN rec.prompt IS NULL OR rec.prompt = 'null'::jsonb;
+        b_prompt := b_prompt || rec.prompt;
+        b_instr := b_instr || rec.instruction;
+        b_sample := b_sample || (seed * 1000000 + rec.slot * 1000 + rec.candidates);
+        b_rt := b_rt || rec.rt;
+        IF cardinality(b_prompt) >= 64 THEN
+            FOR c IN SELECT * FROM rbr.synth_plan_cost(policy, b_prompt, b_instr, b_sample, b_rt) LOOP
+                generations_cached := generations_cached + c.gen_free::int;
+                generation_requests := generation_requests + c.gen_requests;
+                generation_completion_tokens := generation_completion_tokens + CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+                generation_prompt_tokens := generation_prompt_tokens + c.gen_tokens - CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+                grading_requests := grading_requests + c.grade_requests;
+                grading_tokens := grading_tokens + c.grade_tokens;
+            END LOOP;
+            b_prompt := '{}'; b_instr := '{}'; b_sample := '{}'; b_rt := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(b_prompt) > 0 THEN
+        FOR c IN SELECT * FROM rbr.synth_plan_cost(policy, b_prompt, b_instr, b_sample, b_rt) LOOP
+            generations_cached := generations_cached + c.gen_free::int;
+            generation_requests := generation_requests + c.gen_requests;
+            generation_completion_tokens := generation_completion_tokens + CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+            generation_prompt_tokens := generation_prompt_tokens + c.gen_tokens - CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+            grading_requests := grading_requests + c.grade_requests;
+            grading_tokens := grading_tokens + c.grade_tokens;
+        END LOOP;
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_synthesize_estimate(regclass, text, jsonb) FROM PUBLIC;
+
+-- CALL rbr_synthesize(..., '{"dry_run": true}'): the estimate, as a NOTICE.
+CREATE FUNCTION rbr.synth_dry_run(source regclass, policy text, options jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    e record;
+BEGIN
+    SELECT * INTO e FROM @extschema@.rbr_synthesize_estimate(source, policy, options);
+    RAISE NOTICE 'rbr_synthesize % (dry run, nothing sent): % slots to do, % first candidates in the generation cache; the first round would send % generation requests (about % prompt tokens, at most % completion tokens) and at most % grading requests (at most % tokens)',
+                 source, e.slots, e.generations_cached, e.generation_requests, e.generation_prompt_tokens,
+                 e.generation_completion_tokens, e.grading_requests, e.grading_tokens
+        USING DETAIL = format('A rejected candidate is replaced up to max_attempts (%s) per slot: a run can cost up to that many times the first round.', e.max_attempts),
+              HINT = format('The same figures as data: SELECT * FROM rbr_synthesize_estimate(%L, %L, %L).',
+                            source::text, policy, options::text);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_dry_run(regclass, text, jsonb) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OUT object text, OUT privileges text)
     RETURNS SETOF record
     LANGUAGE sql IMMUTABLE
@@ -1447,6 +1892,12 @@ CREATE OR REPLACE FUNCTION rbr.capability_privileges(OUT capability text, OUT ki
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', 'rbr.synth_start(regclass, text, jsonb)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', 'rbr.synth_chunk(bigint)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_synthesize_estimate(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_dry_run(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_budget(bigint, bigint, bigint, jsonb[], text[], int[], text[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_plan_cost(text, jsonb[], text[], int[], text[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.generate_plan(jsonb[], text[], int[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.grade_plan(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('policies', 'TABLE', 'rbr.policy_version', 'INSERT'),
         ('models', 'TABLE', 'rbr.model', 'INSERT, UPDATE, DELETE')
     UNION ALL

@@ -201,3 +201,92 @@ rbr_grade_plan(PG_FUNCTION_ARGS)
 	hash_destroy(seen);
 	PG_RETURN_NULL();
 }
+
+PG_FUNCTION_INFO_V1(rbr_generate_plan);
+/*
+ * rbr.generate_plan(prompts jsonb[], instructions text[], samples int[]): per
+ * completion asked (ord = 1-based position) whether it is free (in the
+ * generation cache, or asked earlier in the arrays), the requests it would
+ * send and their estimated prompt tokens and (at most) completion tokens,
+ * rbr.generator_max_tokens. Sends nothing.
+ */
+Datum
+rbr_generate_plan(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum	   *d_prompts,
+			   *d_instr,
+			   *d_samples;
+	bool	   *n_prompts,
+			   *n_instr,
+			   *n_samples;
+	int			n,
+				n2,
+				n3;
+	RbrGradeJob *jobs;
+	int		   *est;
+	HTAB	   *seen;
+	HASHCTL		hctl;
+	MemoryContext work,
+				old;
+
+	InitMaterializedSRF(fcinfo, 0);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(0), JSONBOID, -1, false, TYPALIGN_INT, &d_prompts, &n_prompts, &n);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT, &d_instr, &n_instr, &n2);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), INT4OID, 4, true, TYPALIGN_INT, &d_samples, &n_samples, &n3);
+	if (n != n2 || n != n3)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("prompts, instructions and samples must have the same length"),
+				 errdetail("They have %d, %d and %d elements.", n, n2, n3)));
+	jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
+	est = palloc0(sizeof(int) * Max(n, 1));
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = 32;
+	hctl.entrysize = sizeof(PlanSeenKey);
+	hctl.hcxt = CurrentMemoryContext;
+	seen = hash_create("rbr plan keys", Max(n, 16), &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	work = AllocSetContextCreate(CurrentMemoryContext, "rbr generate plan", ALLOCSET_DEFAULT_SIZES);
+
+	for (int i = 0; i < n; i++)
+	{
+		bool		found;
+
+		CHECK_FOR_INTERRUPTS();
+		if (n_prompts[i] || n_instr[i] || n_samples[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("element %d of the arguments is NULL", i + 1)));
+		/* the request as rbr_generate_many builds it, keyed the same way */
+		old = MemoryContextSwitchTo(work);
+		jobs[i].messages_json = rbr_generator_messages_json(DatumGetJsonbP(d_prompts[i]),
+															TextDatumGetCString(d_instr[i]));
+		jobs[i].sample = DatumGetInt32(d_samples[i]);
+		rbr_gen_cache_key(&jobs[i]);
+		est[i] = rbr_estimate_prompt_tokens(rbr_generator_body(&jobs[i], RBR_TOKENS_MAX_COMPLETION_TOKENS));
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(work);
+		jobs[i].messages_json = NULL;
+		hash_search(seen, jobs[i].key, HASH_ENTER, &found);
+		if (found)
+			jobs[i].done = true;
+	}
+	rbr_gen_cache_lookup(jobs, n);
+
+	for (int i = 0; i < n; i++)
+	{
+		bool		free_ = jobs[i].done;
+		Datum		v[5];
+		bool		nulls[5] = {0};
+
+		v[0] = Int32GetDatum(i + 1);
+		v[1] = BoolGetDatum(free_);
+		v[2] = Int32GetDatum(free_ ? 0 : 1);
+		v[3] = Int32GetDatum(free_ ? 0 : est[i]);
+		v[4] = Int32GetDatum(free_ ? 0 : rbr_generator_max_tokens);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
+	}
+	MemoryContextDelete(work);
+	hash_destroy(seen);
+	PG_RETURN_NULL();
+}

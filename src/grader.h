@@ -100,6 +100,7 @@ extern bool rbr_check_request_options(char **newval, void **extra, GucSource sou
 extern void rbr_generator_init_settings(void);
 extern void rbr_generator_endpoint(RbrEndpoint *ep);
 extern char *rbr_generator_body(RbrGradeJob *job, int token_param);
+extern char *rbr_generator_messages_json(Jsonb *prompt, const char *instruction);
 /* grader.c reads the generator's answers too (same JSON helpers) */
 extern bool rbr_generator_parse_answer(const char *body, size_t len, RbrGradeResult *res,
 									   void **json_holder);

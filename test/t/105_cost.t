@@ -185,6 +185,49 @@ is(psql_ok("SELECT cached_tokens FROM rbr.run_progress WHERE source = 'g4'::regc
    'rbr.run_progress shows the cached tokens');
 server_config($base, '{"prefix_cache": false}');
 
+# --- rbr_synthesize: dry run and budget
+my ($gen) = start_server();
+my $sset = "SET rbr.grader_url = '$base/v1'; SET rbr.generator_url = '$gen/v1'; SET client_min_messages = warning;";
+mk_prompts('sp', 8);
+server_reset($_) for $gen, $base;
+($out, $err, $rc) = psql("SET rbr.grader_url = '$base/v1'; SET rbr.generator_url = '$gen/v1';"
+                         . " CALL rbr_synthesize('sp', 'ref', '{\"dry_run\": true}')");
+is($rc, 0, 'CALL rbr_synthesize with dry_run succeeds') or diag($err);
+like($err, qr/rbr_synthesize (?:public\.)?sp \(dry run, nothing sent\): 40 slots to do, 0 first candidates in the generation cache; the first round would send 40 generation requests/,
+     'the synthesize dry run reports slots and generation requests') or diag($err);
+my ($sslots, $sgcached, $sgreq, $sgpt, $sgct, $sgrreq, $sgrtok) =
+    split /\|/, psql_ok("$sset SELECT slots, generations_cached, generation_requests, generation_prompt_tokens,"
+                        . " generation_completion_tokens, grading_requests, grading_tokens FROM rbr_synthesize_estimate('sp', 'ref')");
+my $sneeded = psql_ok("SELECT 5 * sum(jsonb_array_length(rbr_policy_info('ref')->'response_types'->"
+                      . "lower(replace(response_type, ' ', '_'))->'graded_propositions')) FROM sp");
+is("$sslots $sgreq $sgrreq", "40 40 $sneeded", 'estimate: 40 slots, 40 generations, the graded propositions of each');
+is(server_stats($gen)->{chat_requests} + server_stats($base)->{chat_requests}, 0, 'the synthesize dry run sent nothing');
+is(psql_ok("SELECT to_regclass('sp_synth') IS NULL"), 't', 'and created no table');
+psql_ok("$sset CALL rbr_synthesize('sp', 'ref')");
+my ($sacc, $sgr, $sgrr, $spt, $sct, $sstate) = synth_run_row('sp', 'accepted, generator_requests, grader_requests, prompt_tokens, completion_tokens, state');
+is("$sstate $sacc", 'done 40', 'the real synthesize run accepted every slot');
+is($sgr, $sgreq, 'it sent the generation requests the estimate foresaw');
+is($sgrr, $sgrreq, 'and the grading requests of a first round');
+ok($spt + $sct <= $sgpt + $sgct + $sgrtok, "its tokens ($spt + $sct) within the estimate's upper bound");
+my @sagain = split /\|/, psql_ok("$sset SELECT slots, generation_requests FROM rbr_synthesize_estimate('sp', 'ref')");
+is("@sagain", '0 0', 'after the run nothing is left to do');
+
+mk_prompts('sb', 8, 'budget');
+server_reset($_) for $gen, $base;
+($out, $err, $rc) = psql("SET rbr.grader_url = '$base/v1'; SET rbr.generator_url = '$gen/v1';"
+                         . " CALL rbr_synthesize('sb', 'ref', '{\"max_requests\": 60}')");
+like($err, qr/rbr_synthesize (?:public\.)?sb: stopped at the budget: max_requests 60 reached before \d+ more candidate/,
+     'max_requests stops rbr_synthesize') or diag($err);
+my ($bstate, $breq, $bacc, $breason) = synth_run_row('sb', 'state, generator_requests + grader_requests, accepted, stop_reason');
+is($bstate, 'stopped', 'the synthesize run shows state stopped');
+ok($breq <= 60 && $breq > 0, "it sent $breq requests, within the budget of 60");
+is(server_stats($gen)->{chat_requests} + server_stats($base)->{chat_requests}, $breq, 'the servers saw those requests');
+like($breason, qr/^max_requests 60 reached/, 'rbr.synth_progress shows why');
+is(psql_ok("SELECT count(*) FROM sb_synth WHERE status = 'pending'"), 40 - $bacc, 'the slots not reached stay pending');
+psql_ok("$sset CALL rbr_synthesize('sb', 'ref')");
+($bstate, $bacc) = synth_run_row('sb', 'state, accepted');
+is("$bstate " . psql_ok("SELECT count(*) FROM sb_synth WHERE status = 'accepted'"), 'done 40', 'a second call finishes: 40 accepted');
+
 # --- privileges: the estimate and the budget need the grade capability; runs are their owner's
 psql_ok(<<'SQL');
 CREATE ROLE cost_plain LOGIN;
