@@ -88,7 +88,9 @@ run_mode() {
 echo "command: $0 $rows $p_in $p_cached $p_out $lat"
 echo "rows: $rows completions of the 351 gold rows, policy ../shared/reference/policy.json, grader settings as installed"
 echo "prices (inputs, per million tokens): input $p_in, cached input $p_cached, output $p_out; server latency $lat ms"
+t0=$(date +%s.%N)
 est=$(q "SELECT missing, cached, requests, prompt_tokens, completion_tokens FROM rbr_featurize_estimate('sample_a', 'ref')")
+est_secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b - a}')
 run_mode a_online sample_a '{}'
 run_mode b_cached_rerun sample_b '{}'
 batch=$(run_mode c_batch sample_c '{"mode": "batch", "wait": true}')
@@ -97,7 +99,7 @@ batch=$(run_mode c_batch sample_c '{"mode": "batch", "wait": true}')
 IFS='|' read -r e_missing e_cached e_req e_pt e_ct <<<"$est"
 read -r _ _ a_req a_pt a_ct _ _ _ < <(grep '^a_online' "$results")
 echo
-echo "dry run of (a): $e_missing values missing, $e_cached from the cache, $e_req requests, ~$e_pt prompt tokens, <= $e_ct completion tokens"
+echo "dry run of (a), ${est_secs} s: $e_missing values missing, $e_cached from the cache, $e_req requests, ~$e_pt prompt tokens, <= $e_ct completion tokens"
 echo "(a) sent:       $a_req requests, $a_pt prompt tokens, $a_ct completion tokens (estimator error $(awk -v e="$e_pt" -v a="$a_pt" 'BEGIN {printf "%+.2f%%", a ? 100 * (e - a) / a : 0}'))"
 echo
 printf '%-16s %9s %10s %12s %12s %12s %9s %11s %10s %12s\n' mode requests "req/compl" "prompt/compl" "compl/compl" "cached/compl" "ms/compl" "req/M" "cost/compl" "cost/M"
