@@ -102,6 +102,20 @@ like($err, qr/dry_run must be true or false/, 'dry_run must be a boolean');
 ($out, $err, $rc) = psql("$set SELECT * FROM rbr_featurize_estimate('g2', 'ref', '{\"propositons\": \"all\"}')");
 like($err, qr/unknown rbr_featurize option\(s\): propositons/, 'the estimate refuses unknown options');
 
+# --- {"propositions": "all"} and sampled grading
+my @all = estimate('g4', '{"propositions": "all"}');
+is($all[0], 351 * 23, 'propositions all: every simple proposition of every row is missing');
+psql_ok('CREATE TABLE g6 AS SELECT id, response_type, prompt, completion || \' (sampled)\' AS completion FROM g2 WHERE id <= 20;'
+        . ' ALTER TABLE g6 ADD PRIMARY KEY (id)');
+my $sampled = "SET rbr.grader_method = 'sampled'; SET rbr.grader_samples = 5; SET rbr.grader_temperature = '1';";
+my @e6 = split /\|/, psql_ok("$set $sampled SELECT missing, requests, completion_tokens FROM rbr_featurize_estimate('g6', 'ref')");
+is($e6[2], 5 * $e6[1], 'sampled grading: completion tokens are max answer tokens x 5 samples per request');
+server_reset($base);
+psql_ok("$set $sampled CALL rbr_featurize('g6', 'ref')");
+my @r6 = run_row('g6');
+is("$r6[0] $r6[4]", "done $e6[1]", 'sampled grading sends the requests foreseen');
+is(server_stats($base)->{chat_requests}, $e6[1], 'the server agrees');
+
 # --- max_requests: stops at the budget, a second call finishes
 my @e2 = estimate('g2');
 server_reset($base);
