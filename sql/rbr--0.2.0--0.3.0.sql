@@ -558,24 +558,24 @@ BEGIN
         SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
         UNION ALL
         SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
-    IF keycol = ANY (cols || 'response_type'::text) THEN
+    IF keycol = ANY (cols || 'rbr_response_type'::text) THEN
         RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
             USING ERRCODE = 'duplicate_column',
-                  HINT = '<source>_features holds the key, response_type and one column per feature; rename the key column.';
+                  HINT = '<source>_features holds the key, rbr_response_type and one column per feature; rename the key column.';
     END IF;
-    IF 'response_type' = ANY (cols) THEN
-        RAISE EXCEPTION 'policy % names a proposition or class response_type', polref
+    IF 'rbr_response_type' = ANY (cols) THEN
+        RAISE EXCEPTION 'policy % names a proposition or class rbr_response_type', polref
             USING ERRCODE = 'duplicate_column',
-                  HINT = '<source>_features keeps each row''s response type in column response_type; rename the proposition.';
+                  HINT = '<source>_features keeps each row''s folded response type in column rbr_response_type; rename the proposition.';
     END IF;
 
     -- one set-up at a time per source table
     PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
     PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
     PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, response_type text)', ftab, keycol, keytype);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, rbr_response_type text)', ftab, keycol, keytype);
     -- features tables of 0.2.0: the folded response type, the bookkeeping claims read
-    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS response_type text', ftab);
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS rbr_response_type text', ftab);
     FOREACH col IN ARRAY cols LOOP
         EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
     END LOOP;
@@ -607,16 +607,16 @@ BEGIN
     -- the source; chunks claim from this (local) table and read just the
     -- claimed source rows by key, so the source may be a distributed table
     rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
-    EXECUTE format('INSERT INTO %1$s AS f (%2$I, response_type) SELECT s.%2$I, %3$s FROM %4$s s'
-                   ' ON CONFLICT (%2$I) DO UPDATE SET response_type = EXCLUDED.response_type'
-                   ' WHERE f.response_type IS DISTINCT FROM EXCLUDED.response_type',
+    EXECUTE format('INSERT INTO %1$s AS f (%2$I, rbr_response_type) SELECT s.%2$I, %3$s FROM %4$s s'
+                   ' ON CONFLICT (%2$I) DO UPDATE SET rbr_response_type = EXCLUDED.rbr_response_type'
+                   ' WHERE f.rbr_response_type IS DISTINCT FROM EXCLUDED.rbr_response_type',
                    ftab, keycol, rt_expr, source);
 
     -- the needed values still missing, counted per row's response type
-    nulls_expr := rbr.featurize_need_sql(info, which, 'f.response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    nulls_expr := rbr.featurize_need_sql(info, which, 'f.rbr_response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
     EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f', nulls_expr, ftab) INTO total;
     IF which = 'needed' THEN
-        EXECUTE format('SELECT count(*) FROM %s f WHERE f.response_type IS NULL OR NOT ($1 ? f.response_type)', ftab)
+        EXECUTE format('SELECT count(*) FROM %s f WHERE f.rbr_response_type IS NULL OR NOT ($1 ? f.rbr_response_type)', ftab)
             INTO unknown_rt USING info->'response_types';
         IF unknown_rt > 0 THEN
             RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
@@ -696,7 +696,7 @@ BEGIN
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
     -- a row is claimed while one of its needed values is missing
-    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.response_type',
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.rbr_response_type',
                                          'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
 
     SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
@@ -826,7 +826,7 @@ BEGIN
     SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
     FOR i IN 1 .. nrows LOOP
         rt := rts[i];
-        EXECUTE format('UPDATE %s f SET response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+        EXECUTE format('UPDATE %s f SET rbr_response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
                        r.outputs[1], upd_props, keycol, keytype)
             INTO cur USING keys[i], vals[i], rt;
         IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
