@@ -1030,16 +1030,24 @@ BEGIN
         SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
         UNION ALL
         SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
-    IF keycol = ANY (cols) THEN
+    IF keycol = ANY (cols || 'rbr_response_type'::text) THEN
         RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
-            USING ERRCODE = 'duplicate_column';
+            USING ERRCODE = 'duplicate_column',
+                  HINT = '<source>_features holds the key, rbr_response_type and one column per feature; rename the key column.';
+    END IF;
+    IF 'rbr_response_type' = ANY (cols) THEN
+        RAISE EXCEPTION 'policy % names a proposition or class rbr_response_type', polref
+            USING ERRCODE = 'duplicate_column',
+                  HINT = '<source>_features keeps each row''s folded response type in column rbr_response_type; rename the proposition.';
     END IF;
 
     -- one set-up at a time per source table
     PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
     PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
     PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY)', ftab, keycol, keytype);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, rbr_response_type text)', ftab, keycol, keytype);
+    -- features tables of 0.2.0: the folded response type, the bookkeeping claims read
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS rbr_response_type text', ftab);
     FOREACH col IN ARRAY cols LOOP
         EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
     END LOOP;
@@ -1067,16 +1075,20 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS samples int, ADD COLUMN IF NOT EXISTS cached_tokens int,'
                        ' ADD COLUMN IF NOT EXISTS reasoning_tokens int', gtab);
     END IF;
-    EXECUTE format('INSERT INTO %s (%I) SELECT s.%I FROM %s s ON CONFLICT DO NOTHING',
-                   ftab, keycol, keycol, source);
+    -- one row per source row with its folded response type: the only pass over
+    -- the source; chunks claim from this (local) table and read just the
+    -- claimed source rows by key, so the source may be a distributed table
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+    EXECUTE format('INSERT INTO %1$s AS f (%2$I, rbr_response_type) SELECT s.%2$I, %3$s FROM %4$s s'
+                   ' ON CONFLICT (%2$I) DO UPDATE SET rbr_response_type = EXCLUDED.rbr_response_type'
+                   ' WHERE f.rbr_response_type IS DISTINCT FROM EXCLUDED.rbr_response_type',
+                   ftab, keycol, rt_expr, source);
 
     -- the needed values still missing, counted per row's response type
-    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
-    nulls_expr := rbr.featurize_need_sql(info, which, rt_expr, 'f.%1$I', ', ', 'num_nulls(%s)', '0');
-    EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f JOIN %s s ON s.%I = f.%I',
-                   nulls_expr, ftab, source, keycol, keycol) INTO total;
+    nulls_expr := rbr.featurize_need_sql(info, which, 'f.rbr_response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f', nulls_expr, ftab) INTO total;
     IF which = 'needed' THEN
-        EXECUTE format('SELECT count(*) FROM %s s WHERE %s IS NULL OR NOT ($1 ? %s)', source, rt_expr, rt_expr)
+        EXECUTE format('SELECT count(*) FROM %s f WHERE f.rbr_response_type IS NULL OR NOT ($1 ? f.rbr_response_type)', ftab)
             INTO unknown_rt USING info->'response_types';
         IF unknown_rt > 0 THEN
             RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
@@ -1115,6 +1127,11 @@ DECLARE
     ptype text;
     ctype text;
     claim text;
+    fetch_sql text;
+    claimed_keys text[];
+    claimed_cur jsonb[];
+    src jsonb;
+    k int;
     rec record;
     g record;
     keys text[] := '{}';
@@ -1154,8 +1171,7 @@ BEGIN
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
     -- a row is claimed while one of its needed values is missing
-    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'),
-                                         rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.rbr_response_type',
                                          'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
 
     SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
@@ -1171,14 +1187,32 @@ BEGIN
                               o->>'completion_column')
                        ELSE format('s.%I::text', o->>'completion_column') END;
 
-    claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur, %2$s AS prompt, %3$s AS completion,'
-                    ' %4$s AS rt FROM %5$s f JOIN %6$s s ON s.%1$I = f.%1$I'
-                    ' WHERE ($1 IS NULL OR f.%1$I > $1::%7$s) AND (%8$s)'
+    -- claim rows of the (local) features table, then read just those source
+    -- rows by key (on Citus: the shards that hold them)
+    claim := format('SELECT f.%1$I::text AS key, to_jsonb(f) AS cur FROM %2$s f'
+                    ' WHERE ($1 IS NULL OR f.%1$I > $1::%3$s) AND (%4$s)'
                     ' ORDER BY f.%1$I LIMIT $2 FOR UPDATE OF f SKIP LOCKED',
-                    keycol, prompt_expr, compl_expr,
-                    rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
-                    r.outputs[1], r.source, keytype, nulls_cond);
+                    keycol, r.outputs[1], keytype, nulls_cond);
+    claimed_keys := '{}';
+    claimed_cur := '{}';
     FOR rec IN EXECUTE claim USING r.last_key, (o->>'chunk_rows')::int LOOP
+        claimed_keys := claimed_keys || rec.key;
+        claimed_cur := claimed_cur || rec.cur;
+    END LOOP;
+    IF pg_catalog.cardinality(claimed_keys) = 0 THEN
+        RETURN 0;
+    END IF;
+    fetch_sql := format('SELECT COALESCE(pg_catalog.jsonb_object_agg(s.%1$I::text, pg_catalog.jsonb_build_array(%2$s, %3$s, %4$s)), ''{}'')'
+                        ' FROM %5$s s WHERE s.%1$I OPERATOR(pg_catalog.=) ANY ($1::%6$s[])',
+                        keycol, prompt_expr, compl_expr,
+                        rbr.fold_name_sql(format('s.%I', o->>'response_type_column')),
+                        r.source, keytype);
+    EXECUTE fetch_sql INTO src USING claimed_keys;
+    FOR k IN 1 .. pg_catalog.cardinality(claimed_keys) LOOP
+        -- a row deleted from the source since the run began: nothing to grade
+        CONTINUE WHEN NOT src ? claimed_keys[k];
+        SELECT claimed_keys[k] AS key, claimed_cur[k] AS cur, NULLIF(src->claimed_keys[k]->0, 'null'::jsonb) AS prompt,
+               src->claimed_keys[k]->>1 AS completion, src->claimed_keys[k]->>2 AS rt INTO rec;
         nrows := nrows + 1;
         keys := keys || rec.key;
         rts := rts || rec.rt;
@@ -1214,7 +1248,9 @@ BEGIN
         END LOOP;
     END LOOP;
     IF nrows = 0 THEN
-        RETURN 0;
+        PERFORM rbr.run_advance(featurize_chunk.run_id, 0, 0, 0, 0, 0, 0, 0, 0, NULL,
+                                claimed_keys[pg_catalog.cardinality(claimed_keys)]);
+        RETURN pg_catalog.cardinality(claimed_keys);
     END IF;
 
     -- ask the grader (cache first), then record every answer or error
@@ -1255,10 +1291,10 @@ BEGIN
     SELECT string_agg(format('%1$I = COALESCE(f.%1$I, ($2->>%2$L)::float8)', x, x), ', ') INTO upd_props FROM unnest(props) x;
     SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
     FOR i IN 1 .. nrows LOOP
-        EXECUTE format('UPDATE %s f SET %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
-                       r.outputs[1], upd_props, keycol, keytype)
-            INTO cur USING keys[i], vals[i];
         rt := rts[i];
+        EXECUTE format('UPDATE %s f SET rbr_response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+                       r.outputs[1], upd_props, keycol, keytype)
+            INTO cur USING keys[i], vals[i], rt;
         IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
             CONTINUE;
         END IF;
@@ -1272,7 +1308,8 @@ BEGIN
         END IF;
     END LOOP;
 
-    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, n_cat, n_rt, NULL, keys[nrows]);
+    r := rbr.run_advance(featurize_chunk.run_id, n_ok, n_err, n_cached, n_req, n_pt, n_ct, n_cat, n_rt, NULL,
+                         claimed_keys[pg_catalog.cardinality(claimed_keys)]);
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := (r.done + r.errors) / elapsed;
     remaining := greatest(r.total - r.done - r.errors, 0);
@@ -1280,7 +1317,7 @@ BEGIN
         r.source, r.done + r.errors, r.total, r.done, r.errors, r.cached,
         round(rate::numeric, 1),
         CASE WHEN rate > 0 THEN make_interval(secs => round(remaining / rate)) END;
-    RETURN nrows;
+    RETURN pg_catalog.cardinality(claimed_keys);
 END
 $$;
 
