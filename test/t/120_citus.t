@@ -107,6 +107,8 @@ SQL
 is(q_ok($W1, "SELECT extversion FROM pg_extension WHERE extname = 'rbr'"), '0.3.0',
    'CREATE EXTENSION rbr on the coordinator installs it on the worker (Citus)');
 is(q_ok($W1, "SELECT count(*) FROM pg_roles WHERE rolname IN ('alice', 'bob')"), 2, 'the roles exist on the worker');
+q_ok($C, "CREATE ROLE team NOLOGIN; GRANT team TO alice");
+is(q_ok($W1, "SELECT pg_has_role('alice', 'team', 'USAGE')"), 't', 'so do their memberships');
 
 # --- policies and models follow the coordinator at commit
 my $load = "SELECT rbr_policy_load('paper', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)";
@@ -118,6 +120,10 @@ is(q_ok($W1, "SELECT count(*) FROM rbr.policy_version WHERE policy = 'gone'"), 0
    'a load that is rolled back is not copied (the copy is made at commit)');
 q_ok($C, "SELECT rbr_policy_load('bobs', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)", user => 'bob');
 is(q_ok($W1, "SELECT owner FROM rbr.policy_version WHERE policy = 'bobs'"), 'bob', "bob's policy on the worker is bob's");
+q_ok($C, "SELECT rbr_grant('team', 'policies')");
+alice("SET ROLE team; SELECT rbr_policy_load('teams', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)");
+is(join(' ', map { q_ok($W1, "SELECT count(*) FROM rbr.policy_version WHERE policy = 'teams'", user => $_) } qw(alice bob)),
+   '1 0', "on the worker, a policy of group team is seen by its member alice, not by bob");
 
 # attack: a name another role owns on a worker is never overwritten from the coordinator
 q_ok($W1, "INSERT INTO rbr.policy_version (policy, version, spec, owner) "
@@ -177,8 +183,8 @@ my $md_alice = alice("SELECT count(*) FROM rbr.model");
 is(alice("SELECT string_agg(format('%s %s %s %s', port, policy_versions, policy_versions_added, models), '; ' ORDER BY port) FROM rbr_citus_sync()"),
    "$W1 $pv_alice 0 $md_alice; $W2 $pv_alice $pv_alice $md_alice",
    "alice's rbr_citus_sync(): what she sees, added only where missing");
-is(q_ok($W2, "SELECT string_agg(DISTINCT owner::text, ',') FROM rbr.policy_version"), 'alice',
-   "... only alice's policies: bob's is not hers to copy");
+is(q_ok($W2, "SELECT string_agg(DISTINCT owner::text, ',') FROM rbr.policy_version"), 'alice,team',
+   "... only the policies alice sees (hers and her group's): bob's is not hers to copy");
 is(q_ok($W2, "SELECT string_agg(response_type || ':' || array_to_string(weights, ','), ' ' ORDER BY response_type) FROM rbr.model"),
    $models, '... and her model, weights exact');
 is(alice("SELECT string_agg(format('%s %s', policy_versions_added, models_changed), '; ') FROM rbr_citus_sync()"), '0 0; 0 0',
