@@ -13,7 +13,7 @@ OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
 DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
-REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures
+REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures citus
 REGRESS_OPTS = --inputdir=. --load-extension=rbr
 
 PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror
