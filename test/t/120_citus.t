@@ -40,6 +40,8 @@ die "unexpected quote tag in policy.json" if $policy =~ /\$rbrpolicy\$/;
 
 sub as_owner { return $root ? ('runuser', '-u', 'postgres', '--', @_) : @_ }
 
+sub slurp { my ($f) = @_; open my $fh, '<', $f or return ''; local $/; return scalar <$fh> }
+
 my @nodes;
 # initdb + start a node on a port, with Citus and rbr preloaded.
 sub start_node {
@@ -57,7 +59,8 @@ sub start_node {
            . "shared_preload_libraries = 'citus,rbr'\n";
     close $c;
     run([as_owner("$bindir/pg_ctl", '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', '60', 'start')],
-        '>', \$o, '2>', \$e) or die "pg_ctl start on port $p: $e";
+        '>', \$o, '2>', \$e)
+        or die "pg_ctl start on port $p: $e" . (slurp("$dir/server.log") =~ s/^/  /mgr);
     push @nodes, $dir;
 }
 END {
