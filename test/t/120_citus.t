@@ -58,9 +58,15 @@ sub start_node {
            . "log_line_prefix = '%m [%p] '\nlog_min_messages = warning\n"
            . "shared_preload_libraries = 'citus,rbr'\n";
     close $c;
-    run([as_owner("$bindir/pg_ctl", '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', '60', 'start')],
-        '>', \$o, '2>', \$e)
-        or die "pg_ctl start on port $p: $e" . (slurp("$dir/server.log") =~ s/^/  /mgr);
+    # the port may be in use for a moment as the local end of another connection: retry a few times
+    for my $try (1 .. 10) {
+        last if run([as_owner("$bindir/pg_ctl", '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', '60', 'start')],
+                    '>', \$o, '2>', \$e);
+        my $log = slurp("$dir/server.log");
+        die "pg_ctl start on port $p: $e" . ($log =~ s/^/  /mgr)
+            if $try == 10 || $log !~ /Address already in use/;
+        sleep 1;
+    }
     push @nodes, $dir;
 }
 END {
