@@ -180,6 +180,26 @@ alice("SELECT rbr_model_save('scratch', 'paper', response_type, report) FROM rbr
 is(q_ok($W1, "SELECT count(*) FROM rbr.model WHERE name = 'scratch'"), alice("SELECT count(*) FROM rbr.model WHERE name = 'v1'"),
    'a second model is copied');
 alice("DELETE FROM rbr.model WHERE name = 'scratch'");
+# attack, for models: a model name bob owns on a worker is not replaced by alice's
+q_ok($W1, "INSERT INTO rbr.model (name, response_type, policy, policy_version, feature_names, weights, report, owner) "
+        . "SELECT 'mtaken', response_type, policy, policy_version, feature_names, weights, report, 'bob' FROM rbr.model "
+        . "WHERE name = 'v1' LIMIT 1");
+my $w_before = q_ok($W1, "SELECT weights FROM rbr.model WHERE name = 'mtaken'");
+(undef, $e, $rc) = sq($C, "SELECT rbr_model_save('mtaken', 'paper', response_type, '{\"weights\": []}'::jsonb || "
+                        . "jsonb_build_object('weights', (SELECT jsonb_agg(0) FROM unnest(weights))) ) FROM rbr.model "
+                        . "WHERE name = 'v1' LIMIT 1", user => 'alice');
+ok($rc != 0 && $e =~ /model 'mtaken' belongs to another role/, "saving a model name that another role owns on a worker fails")
+    or diag($e);
+is(q_ok($W1, "SELECT owner::text || ' ' || (weights = '$w_before') FROM rbr.model WHERE name = 'mtaken'"), 'bob true',
+   "... and bob's model on the worker is unchanged");
+is(q_ok($C, "SELECT count(*) FROM rbr.model WHERE name = 'mtaken'"), 0, '... and nothing is stored on the coordinator');
+q_ok($W1, "DELETE FROM rbr.model WHERE name = 'mtaken'");
+# a role that exists on the coordinator only: its load fails and says why
+q_ok($C, "SET citus.enable_create_role_propagation = off; CREATE ROLE carol LOGIN; RESET citus.enable_create_role_propagation; "
+       . "SELECT rbr_grant('carol', 'policies')");
+(undef, $e, $rc) = sq($C, "SELECT rbr_policy_load('carols', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)", user => 'carol');
+ok($rc != 0 && $e =~ /role carol of a policy or model of the coordinator does not exist on this node/,
+   'a policy of a role missing on a worker is not loaded, and the error says why') or diag($e);
 is(q_ok($W1, "SELECT count(*) FROM rbr.model WHERE name = 'scratch'"), 0, 'deleting a model deletes it on the worker');
 
 # --- a worker added later has rbr but none of the rows, until rbr_citus_sync()
