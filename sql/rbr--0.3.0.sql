@@ -3244,10 +3244,6 @@ DECLARE
     md_changed int := 0;
     removed int := 0;
 BEGIN
-    IF rbr.citus_coordinator() THEN
-        RAISE EXCEPTION 'rbr.citus_apply() runs on Citus workers, not on the coordinator'
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
     FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e LOOP
         PERFORM rbr.citus_role(p ->> 'owner');
         row_pv := jsonb_populate_record(NULL::rbr.policy_version, p);
