@@ -330,4 +330,21 @@ for my $case (['rbr_fit', $fitq], ['rbr_pair_accuracy', $accq]) {
     }
 }
 
+# --- a worker that is down: the load fails; a worker that kept the failed load's version gets
+# the coordinator's next one (same name and number, another spec) in its place
+my $w2dir = $nodes[2];
+my ($so, $se) = ('', '');
+run([as_owner("$bindir/pg_ctl", '-D', "$w2dir/data", '-m', 'fast', '-w', 'stop')], '>', \$so, '2>', \$se) or die $se;
+(undef, $e, $rc) = sq($C, "SELECT rbr_policy_load('down', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)", user => 'alice');
+ok($rc != 0 && $e =~ /could not copy policies and models to every Citus worker/ && $e =~ /$W2/,
+   'with a worker down the load fails, naming the worker') or diag($e);
+is(q_ok($C, "SELECT count(*) FROM rbr.policy_version WHERE policy = 'down'"), 0, '... and the coordinator has no such policy');
+is(q_ok($W1, "SELECT count(*) FROM rbr.policy_version WHERE policy = 'down'"), 1, '... though the worker that was up kept it');
+run([as_owner("$bindir/pg_ctl", '-D', "$w2dir/data", '-l', "$w2dir/server.log", '-w', '-t', '60', 'start')],
+    '>', \$so, '2>', \$se) or die $se;
+alice("SELECT rbr_policy_load('down', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb || '{\"features\": {\"comply\": [\"apology\", \"ideal\"]}}')");
+my $spec_c = q_ok($C, "SELECT md5(spec::text) FROM rbr.policy_version WHERE policy = 'down' AND version = 1");
+is(on_workers("SELECT md5(spec::text) FROM rbr.policy_version WHERE policy = 'down'"), "$spec_c / $spec_c",
+   "once the worker is back, both workers have the coordinator's version 1 (the kept one replaced)");
+
 done_testing();
