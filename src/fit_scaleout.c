@@ -543,7 +543,7 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->l2_tiebreak = 1e-9;
 	o->validation_fraction = 0.05;
 	o->tol = 1e-9;
-	o->max_iter = 100;
+	o->max_iter = 200;
 	if (jb == NULL)
 		return;
 	if (!JB_ROOT_IS_OBJECT(jb))
@@ -1407,7 +1407,8 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 		 */
 		c_mu = Max(cur.sums[ST_GAP_TERMS] / cur.sums[ST_TRAIN_PAIRS] / mu, 1e-3);
 		target = 0.1 * o.tol * Max(cur.loss_used, 1e-6) / c_mu;
-		if (-dirderiv <= 0.5 * cur.sums[ST_GAP_TERMS] / cur.sums[ST_TRAIN_PAIRS] && mu > target)
+		if ((cur.gap <= 3 * cur.sums[ST_GAP_TERMS] / cur.sums[ST_TRAIN_PAIRS] ||
+			 -dirderiv <= 0.5 * cur.sums[ST_GAP_TERMS] / cur.sums[ST_TRAIN_PAIRS]) && mu > target)
 		{
 			mu = Max(mu * 0.1, target);
 			ttop = 1;
