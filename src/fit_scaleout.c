@@ -238,6 +238,9 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 		if (PG_ARGISNULL(i))
 			PG_RETURN_ARRAYTYPE_P(state);
 
+	/* a row with a NULL feature is skipped (the row check counted it) */
+	if (ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(5)) || ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(6)))
+		PG_RETURN_ARRAYTYPE_P(state);
 	key = PG_GETARG_TEXT_PP(2);
 	tier_a = PG_GETARG_INT32(3);
 	xa = float8_items(PG_GETARG_ARRAYTYPE_P(5), &na, "features");
@@ -770,8 +773,7 @@ so_pass_query(const char *src, const SoColumn *k, const SoColumn *t, const SoCol
 	{
 		const char *s = side == 0 ? "a" : "b";
 
-		appendStringInfo(&q, " AND %s.%s IS NOT NULL AND pg_catalog.array_position(%s.%s, NULL) IS NULL AND %s.%s IS NOT NULL",
-						 s, f->quoted, s, f->quoted, s, b->quoted);
+		appendStringInfo(&q, " AND %s.%s IS NOT NULL AND %s.%s IS NOT NULL", s, f->quoted, s, b->quoted);
 		if (wc)
 			appendStringInfo(&q, " AND %s.%s = CAST($2 AS %s)", s, wc->quoted, wtype);
 	}
