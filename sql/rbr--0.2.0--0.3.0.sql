@@ -27,6 +27,19 @@ CREATE AGGREGATE rbr.fit_pairs(params float8[], group_key text, tier_a int, tier
     COMBINEFUNC = rbr.fit_sums_combine,
     PARALLEL = SAFE
 );
+CREATE FUNCTION rbr.fit_band_transfn(float8[], float8[], text, int, int, float8[], float8[], float8, float8)
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_band_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_band_combine(float8[], float8[])
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_band_combine' LANGUAGE C STRICT PARALLEL SAFE;
+-- One working-set pass at the weights in params: the pairs near the kink
+-- one by one (a bounded working set), the active ones as sums, the losses.
+CREATE AGGREGATE rbr.fit_band(params float8[], group_key text, tier_a int, tier_b int,
+                              features_a float8[], features_b float8[], base_a float8, base_b float8) (
+    SFUNC = rbr.fit_band_transfn,
+    STYPE = float8[],
+    COMBINEFUNC = rbr.fit_band_combine,
+    PARALLEL = SAFE
+);
 CREATE FUNCTION rbr.fit_rows_transfn(float8[], int, float8[], float8, boolean)
     RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_rows_transfn' LANGUAGE C PARALLEL SAFE;
 CREATE FUNCTION rbr.fit_rows_combine(float8[], float8[])

@@ -72,6 +72,12 @@
 #define PAR_K 6
 #define PAR_HDR 7
 
+/* Most barrier passes before the working-set passes take over. */
+#define SO_BARRIER_PASSES 10
+
+/* Pairs of one working set. */
+#define SO_BAND_CAP 20000
+
 /* Most points one pass evaluates. */
 #define SO_MAX_K 16
 
@@ -377,6 +383,242 @@ rbr_fit_sums_combine(PG_FUNCTION_ARGS)
 				 errmsg("partial sums of rbr.fit_pairs differ in length")));
 	for (int i = 0; i < na; i++)
 		x[i] += y[i];
+	PG_RETURN_ARRAYTYPE_P(a);
+}
+
+
+/*
+ * The working-set pass (rbr.fit_band): at one point w, the pairs whose
+ * u = m - (s_a - s_b) is within tau of the kink are returned one by one (at
+ * most cap of them: the working set), the pairs beyond it on the active side
+ * only as sums (their hinge is linear there), with the losses at w and a
+ * histogram of |u| to choose the next tau.
+ *
+ * Parameters (float8[]): d, mu, margin, validation_fraction, seed,
+ * n_tier_margin, tau, cap, tier_margin[n_tier_margin], w[d].
+ * State: the header below, v_A = sum of z over the active pairs (d), the
+ * histogram (BAND_NBINS), then cap slots of (z (d), c, alpha at mu).
+ */
+#define BP_TAU 6
+#define BP_CAP 7
+#define BP_HDR 8
+
+#define B_TRAIN_PAIRS 0
+#define B_TRAIN_HINGE 1
+#define B_TRAIN_RIGHT 2
+#define B_TRAIN_ZERO 3
+#define B_VAL_PAIRS 4
+#define B_VAL_HINGE 5
+#define B_VAL_RIGHT 6
+#define B_NA 7
+#define B_AC 8
+#define B_OVERFLOW 9
+#define B_NBAND 10
+#define B_CAP 11
+#define B_D 12
+#define B_HDR 13
+#define BAND_NBINS 24
+#define BAND_MAX_CAP 200000
+
+/* Upper edge of histogram bin b of |u|: 10^(-8 + b/2); the last bin takes the rest. */
+static double
+band_edge(int b)
+{
+	return pow(10.0, -8 + 0.5 * b);
+}
+
+/* Length of a working-set state. */
+static int64
+band_len(int d, int cap)
+{
+	return B_HDR + d + BAND_NBINS + (int64) cap * (d + 2);
+}
+
+PG_FUNCTION_INFO_V1(rbr_fit_band_transfn);
+/*
+ * rbr.fit_band transition: one ordered pair (a better than b):
+ * (params, group_key, tier_a, tier_b, features_a, features_b, base_a, base_b).
+ */
+Datum
+rbr_fit_band_transfn(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+	ArrayType  *state;
+	double	   *st;
+	const double *par,
+			   *w,
+			   *xa,
+			   *xb;
+	int			npar,
+				d,
+				ntm,
+				cap,
+				na,
+				nb,
+				bin;
+	double		mu,
+				tau,
+				m,
+				sa,
+				sb,
+				u,
+				c;
+	int32		tier_a;
+	text	   *key;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("rbr.fit_band called in non-aggregate context")));
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("rbr.fit_band needs its parameters"),
+				 errhint("rbr.fit_band is a step of rbr_fit_table(); call that instead.")));
+	par = float8_items(PG_GETARG_ARRAYTYPE_P(1), &npar, "the parameters of rbr.fit_band");
+	if (npar < BP_HDR)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("rbr.fit_band parameters are too short")));
+	d = (int) par[PAR_D];
+	ntm = (int) par[PAR_NTM];
+	cap = (int) par[BP_CAP];
+	mu = par[PAR_MU];
+	tau = par[BP_TAU];
+	if (d < 0 || d > SO_MAX_D || ntm < 0 || ntm > 1001 || cap < 0 || cap > BAND_MAX_CAP ||
+		npar != BP_HDR + ntm + d || !(mu > 0) || !(tau >= 0))
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("rbr.fit_band parameters are malformed")));
+	w = par + BP_HDR + ntm;
+
+	if (PG_ARGISNULL(0))
+	{
+		MemoryContext old = MemoryContextSwitchTo(aggcxt);
+
+		if (band_len(d, cap) > (int64) (MaxAllocSize / sizeof(double)) - 64)
+			ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("rbr.fit_band working set is too large")));
+		state = zero_array((int) band_len(d, cap));
+		st = (double *) ARR_DATA_PTR(state);
+		st[B_CAP] = cap;
+		st[B_D] = d;
+		MemoryContextSwitchTo(old);
+	}
+	else
+		state = PG_GETARG_ARRAYTYPE_P(0);
+	st = (double *) ARR_DATA_PTR(state);
+	if (ARR_NDIM(state) != 1 || ARR_DIMS(state)[0] != band_len(d, cap) || st[B_D] != d || st[B_CAP] != cap)
+		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("rbr.fit_band state does not match its parameters")));
+
+	for (int i = 2; i <= 8; i++)
+		if (PG_ARGISNULL(i))
+			PG_RETURN_ARRAYTYPE_P(state);
+	if (ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(5)) || ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(6)))
+		PG_RETURN_ARRAYTYPE_P(state);
+	key = PG_GETARG_TEXT_PP(2);
+	tier_a = PG_GETARG_INT32(3);
+	xa = float8_items(PG_GETARG_ARRAYTYPE_P(5), &na, "features");
+	xb = float8_items(PG_GETARG_ARRAYTYPE_P(6), &nb, "features");
+	if (na != d || nb != d)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("feature arrays differ in length"),
+				 errhint("Fit one response type at a time (where_column => 'response_type'): each has its own feature list.")));
+
+	m = (tier_a < ntm && !isnan(par[BP_HDR + tier_a])) ? par[BP_HDR + tier_a] : par[PAR_MARGIN];
+	sa = PG_GETARG_FLOAT8(7);
+	sb = PG_GETARG_FLOAT8(8);
+	c = m - (sa - sb);
+	for (int j = 0; j < d; j++)
+	{
+		sa += w[j] * xa[j];
+		sb += w[j] * xb[j];
+	}
+	u = m - (sa - sb);
+	if (isnan(u) || isinf(u))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("a pair's score difference is not finite"),
+				 errhint("Features and base rewards must be finite numbers.")));
+
+	if (key_is_validation(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), (uint64) par[PAR_SEED], par[PAR_VF]))
+	{
+		st[B_VAL_PAIRS] += 1;
+		st[B_VAL_HINGE] += u > 0 ? u : 0;
+		st[B_VAL_RIGHT] += sa > sb;
+		PG_RETURN_ARRAYTYPE_P(state);
+	}
+	st[B_TRAIN_PAIRS] += 1;
+	st[B_TRAIN_HINGE] += u > 0 ? u : 0;
+	st[B_TRAIN_RIGHT] += sa > sb;
+	st[B_TRAIN_ZERO] += u <= 0;
+	for (bin = 0; bin < BAND_NBINS - 1 && fabs(u) > band_edge(bin); bin++)
+		;
+	st[B_HDR + d + bin] += 1;
+	if (u > tau)
+	{
+		double	   *vA = st + B_HDR;
+
+		st[B_NA] += 1;
+		st[B_AC] += c;
+		for (int j = 0; j < d; j++)
+			vA[j] += xa[j] - xb[j];
+	}
+	else if (u >= -tau)
+	{
+		if (st[B_NBAND] < cap)
+		{
+			double	   *slot = st + B_HDR + d + BAND_NBINS + (int64) st[B_NBAND] * (d + 2);
+			double		S = hypot(u, 2 * mu);
+			double		B = u >= 0 ? 4 * mu * mu / (u + S) : S - u;
+
+			for (int j = 0; j < d; j++)
+				slot[j] = xa[j] - xb[j];
+			slot[d] = c;
+			slot[d + 1] = 2 * mu / (B + 2 * mu);	/* the barrier multiplier, a warm start */
+			st[B_NBAND] += 1;
+		}
+		else
+			st[B_OVERFLOW] += 1;
+	}
+	PG_RETURN_ARRAYTYPE_P(state);
+}
+
+PG_FUNCTION_INFO_V1(rbr_fit_band_combine);
+/* Combine two working-set states: add the sums, join the working sets (up to cap). */
+Datum
+rbr_fit_band_combine(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+	ArrayType  *a;
+	double	   *x;
+	const double *y;
+	int			na,
+				nb,
+				d,
+				cap;
+	int64		nx,
+				ny,
+				take;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("rbr.fit_band_combine called in non-aggregate context")));
+	a = PG_GETARG_ARRAYTYPE_P(0);
+	x = float8_items(a, &na, "a working-set state");
+	y = float8_items(PG_GETARG_ARRAYTYPE_P(1), &nb, "a working-set state");
+	if (na != nb || na < B_HDR)
+		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("working-set states of rbr.fit_band differ in length")));
+	d = (int) x[B_D];
+	cap = (int) x[B_CAP];
+	if (y[B_D] != d || y[B_CAP] != cap || band_len(d, cap) != na)
+		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("malformed working-set state of rbr.fit_band")));
+	nx = (int64) x[B_NBAND];
+	ny = (int64) y[B_NBAND];
+	for (int i = 0; i < B_HDR + d + BAND_NBINS; i++)
+		if (i != B_NBAND && i != B_CAP && i != B_D)
+			x[i] += y[i];
+	take = Min(ny, cap - nx);
+	memcpy(x + B_HDR + d + BAND_NBINS + nx * (d + 2), y + B_HDR + d + BAND_NBINS, sizeof(double) * take * (d + 2));
+	x[B_NBAND] = nx + take;
+	x[B_OVERFLOW] += ny - take;
 	PG_RETURN_ARRAYTYPE_P(a);
 }
 
@@ -747,7 +989,7 @@ so_check_query(const char *src, const char *keytext, const char *tier, const cha
 
 /* The query text of one pass: every ordered pair, summed by rbr.fit_pairs($1, ...). */
 static char *
-so_pass_query(const char *src, const SoColumn *k, const SoColumn *t, const SoColumn *f,
+so_pass_query(const char *agg, const char *src, const SoColumn *k, const SoColumn *t, const SoColumn *f,
 			  const SoColumn *b, const SoColumn *wc, const char *wtype)
 {
 	StringInfoData q;
@@ -756,7 +998,7 @@ so_pass_query(const char *src, const SoColumn *k, const SoColumn *t, const SoCol
 	const char *fcast = f->base == FLOAT8ARRAYOID ? "" : "::pg_catalog.float8[]";
 
 	initStringInfo(&q);
-	appendStringInfoString(&q, "SELECT rbr.fit_pairs($1, ");
+	appendStringInfo(&q, "SELECT %s($1, ", agg);
 	if (k->base == TEXTOID)
 		appendStringInfo(&q, "a.%s, ", k->quoted);
 	else
@@ -795,6 +1037,7 @@ typedef struct SoSource
 	char	   *wtype;			/* qualified type name of the where column */
 	char	   *check_query;
 	char	   *pass_query;
+	char	   *band_query;
 } SoSource;
 
 /* Check the source and the columns (existence, types, the caller's SELECT privilege), build the queries. */
@@ -887,7 +1130,8 @@ so_source(FunctionCallInfo fcinfo, SoSource *s)
 	feat = psprintf("a.%s%s", s->f.quoted, fcast);
 	base = psprintf("a.%s::pg_catalog.float8", s->b.quoted);
 	s->check_query = so_check_query(s->src, keytext, tier, feat, base, s->k.quoted, filter);
-	s->pass_query = so_pass_query(s->src, &s->k, &s->t, &s->f, &s->b, s->has_where ? &s->w : NULL, s->wtype);
+	s->band_query = so_pass_query("rbr.fit_band", s->src, &s->k, &s->t, &s->f, &s->b, s->has_where ? &s->w : NULL, s->wtype);
+	s->pass_query = so_pass_query("rbr.fit_pairs", s->src, &s->k, &s->t, &s->f, &s->b, s->has_where ? &s->w : NULL, s->wtype);
 }
 
 /* Run one query of the driver with its two parameters; returns its single row. */
@@ -1114,6 +1358,196 @@ so_point(SoPoint *p, int d, const int *freej, int nf, double lambda)
 	p->gap = p->sums[ST_GAP_TERMS] / P + gg / (2 * lambda);
 }
 
+
+/*
+ * The model of a working-set pass, solved in memory by a primal-dual
+ * interior-point method: the pairs of the working set each with a hinge
+ * (slack xi_i, multiplier alpha_i in [0, 1]), the active pairs as the linear
+ * sums a_A, v_A (multiplier 1), the others left out (multiplier 0).  Every
+ * such alpha is dual-feasible for the whole problem, so D(alpha) is a lower
+ * bound on its optimum.  Each Newton step is a d x d system.  Returns D and
+ * sets w to the model's solution.
+ */
+static double
+so_model_solve(int nb, const double *slots, double aA, const double *vA, double P, int d,
+			   const int *freej, int nf, double lambda, double tol, double *w, int *iters_out)
+{
+	double	   *al = palloc(sizeof(double) * Max(nb, 1));
+	double	   *xi = palloc(sizeof(double) * Max(nb, 1));
+	double	   *sl = palloc(sizeof(double) * Max(nb, 1));
+	double	   *th = palloc(sizeof(double) * Max(nb, 1));
+	double	   *rho = palloc(sizeof(double) * Max(nb, 1));
+	double	   *dal = palloc(sizeof(double) * Max(nb, 1));
+	double	   *zw = palloc(sizeof(double) * Max(nb, 1));
+	double	   *A = palloc(sizeof(double) * Max(nf * nf, 1));
+	double	   *rhs = palloc(sizeof(double) * Max(nf, 1));
+	double	   *wf = palloc(sizeof(double) * Max(nf, 1));
+	double	   *F1 = palloc(sizeof(double) * Max(nf, 1));
+	double		D = -INFINITY;
+	double		lP = lambda * P;
+	int			it;
+
+#define ZF(i, k) (slots[(int64) (i) * (d + 2) + freej[k]])
+#define CI(i) (slots[(int64) (i) * (d + 2) + d])
+	for (int k = 0; k < nf; k++)
+		wf[k] = w[freej[k]];
+	for (int i = 0; i < nb; i++)
+	{
+		double		r = CI(i);
+
+		for (int k = 0; k < nf; k++)
+			r -= wf[k] * ZF(i, k);
+		xi[i] = Max(r, 0) + 0.1;
+		sl[i] = xi[i] - r;
+		al[i] = Min(0.9, Max(0.1, slots[(int64) i * (d + 2) + d + 1]));
+	}
+	for (it = 0; it < 200; it++)
+	{
+		double		mu = 0,
+					M,
+					ww = 0,
+					wvA = 0,
+					hsum = 0,
+					acsum = 0,
+					step = 1,
+					sigma;
+		double	   *wa = rhs;	/* scratch: w(alpha) */
+
+		CHECK_FOR_INTERRUPTS();
+		/* the certificate of this iterate: M(w) against D(alpha) */
+		for (int k = 0; k < nf; k++)
+		{
+			double		v = vA[freej[k]];
+
+			for (int i = 0; i < nb; i++)
+				v += al[i] * ZF(i, k);
+			wa[k] = v / lP;
+			ww += wa[k] * wa[k];
+		}
+		for (int i = 0; i < nb; i++)
+			acsum += al[i] * CI(i);
+		D = (aA + acsum) / P - lambda / 2 * ww;
+		ww = 0;
+		for (int k = 0; k < nf; k++)
+		{
+			ww += wf[k] * wf[k];
+			wvA += wf[k] * vA[freej[k]];
+		}
+		for (int i = 0; i < nb; i++)
+		{
+			double		u = CI(i);
+
+			for (int k = 0; k < nf; k++)
+				u -= wf[k] * ZF(i, k);
+			zw[i] = CI(i) - u;	/* z.w */
+			hsum += u > 0 ? u : 0;
+		}
+		M = (aA - wvA + hsum) / P + lambda / 2 * ww;
+		if (M - D <= 0.01 * tol * Max(M, 1e-6))
+			break;
+
+		/* residuals and the central path target */
+		for (int i = 0; i < nb; i++)
+			mu += sl[i] * al[i] + xi[i] * (1 - al[i]);
+		mu /= 2 * Max(nb, 1);
+		sigma = it < 3 ? 0.3 : 0.1;
+		for (int k = 0; k < nf; k++)
+		{
+			F1[k] = lP * wf[k] - vA[freej[k]];
+			for (int i = 0; i < nb; i++)
+				F1[k] -= al[i] * ZF(i, k);
+		}
+		memset(A, 0, sizeof(double) * nf * nf);
+		for (int k = 0; k < nf; k++)
+		{
+			A[k * nf + k] = lP;
+			rhs[k] = -F1[k];
+		}
+		for (int i = 0; i < nb; i++)
+		{
+			double		F2 = xi[i] + zw[i] - CI(i) - sl[i];
+			double		F3 = sl[i] * al[i] - sigma * mu;
+			double		F4 = xi[i] * (1 - al[i]) - sigma * mu;
+
+			th[i] = 1 / (xi[i] / (1 - al[i]) + sl[i] / al[i]);
+			rho[i] = -F2 + F4 / (1 - al[i]) - F3 / al[i];
+			for (int k = 0; k < nf; k++)
+			{
+				double		tz = th[i] * ZF(i, k);
+
+				rhs[k] += tz * rho[i];
+				for (int l = k; l < nf; l++)
+					A[k * nf + l] += tz * ZF(i, l);
+			}
+		}
+		for (int k = 0; k < nf; k++)
+			for (int l = 0; l < k; l++)
+				A[k * nf + l] = A[l * nf + k];
+		if (!so_cholesky(A, nf))
+			break;
+		so_cholesky_solve(A, nf, rhs);	/* rhs = dw */
+		/* the per-pair steps, and the longest step that keeps the iterate interior */
+		for (int i = 0; i < nb; i++)
+		{
+			double		F3 = sl[i] * al[i] - sigma * mu;
+			double		F4 = xi[i] * (1 - al[i]) - sigma * mu;
+			double		zdw = 0,
+						ds,
+						dx;
+
+			for (int k = 0; k < nf; k++)
+				zdw += ZF(i, k) * rhs[k];
+			dal[i] = th[i] * (rho[i] - zdw);
+			ds = (-F3 - sl[i] * dal[i]) / al[i];
+			dx = (-F4 + xi[i] * dal[i]) / (1 - al[i]);
+			if (dal[i] < 0)
+				step = Min(step, -0.99 * al[i] / dal[i]);
+			if (dal[i] > 0)
+				step = Min(step, 0.99 * (1 - al[i]) / dal[i]);
+			if (ds < 0)
+				step = Min(step, -0.99 * sl[i] / ds);
+			if (dx < 0)
+				step = Min(step, -0.99 * xi[i] / dx);
+			zw[i] = ds;			/* keep ds */
+			th[i] = dx;			/* keep dxi */
+		}
+		for (int i = 0; i < nb; i++)
+		{
+			al[i] = Min(Max(al[i] + step * dal[i], 1e-300), 1 - 1e-16);
+			sl[i] = Max(sl[i] + step * zw[i], 1e-300);
+			xi[i] = Max(xi[i] + step * th[i], 1e-300);
+		}
+		for (int k = 0; k < nf; k++)
+			wf[k] += step * rhs[k];
+	}
+#undef ZF
+#undef CI
+	for (int k = 0; k < nf; k++)
+		if (isnan(wf[k]) || isinf(wf[k]))
+			D = NAN;
+	if (isnan(D) || isinf(D))
+		D = -INFINITY;			/* broke down: no bound, w unchanged */
+	else
+	{
+		memset(w, 0, sizeof(double) * d);
+		for (int k = 0; k < nf; k++)
+			w[freej[k]] = wf[k];
+	}
+	*iters_out = it;
+	pfree(al);
+	pfree(xi);
+	pfree(sl);
+	pfree(th);
+	pfree(rho);
+	pfree(dal);
+	pfree(zw);
+	pfree(A);
+	pfree(rhs);
+	pfree(wf);
+	pfree(F1);
+	return D;
+}
+
 PG_FUNCTION_INFO_V1(rbr_fit_table_pass_query);
 /* rbr.fit_table_pass_query(...): the text of one pass's query ($1 the parameters, $2 where_value), for EXPLAIN. */
 Datum
@@ -1167,7 +1601,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 	SoPoint		cur,
 				best;
 	SoDual		dual;
-	double		dual_value;
+	double		dual_value = -INFINITY;
 	bool		converged = false;
 	ArrayType  *pararr;
 	StringInfoData buf;
@@ -1358,6 +1792,9 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			converged = true;
 			break;
 		}
+		/* close enough for a working set: the pairs near the kink are few and known */
+		if (best.gap <= 1e-3 * Max(best.loss_used, 1e-6) || iter + 1 >= SO_BARRIER_PASSES)
+			break;
 		/* the next line search starts a little above the step that worked */
 		ttop = iter == 0 ? 1 : Min(1.0, ts[kbest] * 4);
 
@@ -1415,6 +1852,127 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			mu = Max(mu * 0.1, target);
 			ttop = 1;
 		}
+	}
+
+	/*
+	 * Working-set passes: at the best point, the pairs near the kink one by
+	 * one, the rest as sums; the model they make is solved in memory, its
+	 * dual value is a lower bound, the next pass evaluates its solution.
+	 */
+	if (!converged && nf > 0)
+	{
+		double		lb = dual_value;
+		double		tau = band_edge(BAND_NBINS - 1);
+		double	   *wcur = palloc(sizeof(double) * Max(d, 1));
+		int			bpar = BP_HDR + o.ntm + d;
+		double	   *bp = palloc0(sizeof(double) * bpar);
+
+		memcpy(wcur, best.w, sizeof(double) * d);
+		memcpy(bp, par, sizeof(double) * PAR_HDR);
+		for (int i = 0; i < o.ntm; i++)
+			bp[BP_HDR + i] = o.tier_margin[i];
+		while (passes < o.max_iter + 1)
+		{
+			ArrayType  *sa;
+			bool		isnull;
+			int			ns,
+						nb,
+						sweeps;
+			double	   *sv,
+						P,
+						L,
+						ww = 0,
+						cum = 0,
+						tau_next,
+						D;
+			Datum	   *elems;
+
+			CHECK_FOR_INTERRUPTS();
+			bp[PAR_MU] = Max(best.mu, 1e-12);
+			bp[BP_TAU] = tau;
+			bp[BP_CAP] = SO_BAND_CAP;
+			memcpy(bp + BP_HDR + o.ntm, wcur, sizeof(double) * d);
+			elems = palloc(sizeof(Datum) * bpar);
+			for (int i = 0; i < bpar; i++)
+				elems[i] = Float8GetDatum(bp[i]);
+			pararr = construct_array(elems, bpar, FLOAT8OID, sizeof(float8), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+			pfree(elems);
+			tup = so_run(s.band_query, PointerGetDatum(pararr), where_value, s.has_where, &td);
+			passes++;
+			sa = DatumGetArrayTypeP(SPI_getbinval(tup, td, 1, &isnull));
+			if (isnull)
+				elog(ERROR, "rbr_fit_table: a working-set pass returned nothing");
+			sa = (ArrayType *) PG_DETOAST_DATUM_COPY(PointerGetDatum(sa));
+			SPI_freetuptable(SPI_tuptable);
+			sv = float8_items(sa, &ns, "the sums of a working-set pass");
+			if (ns != band_len(d, SO_BAND_CAP))
+				elog(ERROR, "rbr_fit_table: a working-set pass returned %d values", ns);
+			P = sv[B_TRAIN_PAIRS];
+			for (int j = 0; j < d; j++)
+				ww += wcur[j] * wcur[j];
+			L = sv[B_TRAIN_HINGE] / P + lambda / 2 * ww;
+			if (L < best.loss_used)
+			{
+				memcpy(best.w, wcur, sizeof(double) * d);
+				memset(best.sums, 0, sizeof(double) * slen);
+				best.sums[ST_TRAIN_PAIRS] = P;
+				best.sums[ST_TRAIN_HINGE] = sv[B_TRAIN_HINGE];
+				best.sums[ST_TRAIN_RIGHT] = sv[B_TRAIN_RIGHT];
+				best.sums[ST_TRAIN_ZERO] = sv[B_TRAIN_ZERO];
+				best.sums[ST_VAL_PAIRS] = sv[B_VAL_PAIRS];
+				best.sums[ST_VAL_HINGE] = sv[B_VAL_HINGE];
+				best.sums[ST_VAL_RIGHT] = sv[B_VAL_RIGHT];
+				best.loss_used = L;
+				best.gap = L - lb;
+			}
+			/* the next tau: the widest band of at most half the working set */
+			tau_next = band_edge(0);
+			for (int b = 0; b < BAND_NBINS - 1; b++)
+			{
+				cum += sv[B_HDR + d + b];
+				if (cum <= SO_BAND_CAP / 2)
+					tau_next = band_edge(b);
+			}
+			elog(DEBUG1, "rbr_fit_table working-set pass %d: tau %g loss %.17g lower bound %.17g gap %g band %.0f active %.0f overflow %.0f",
+				 passes, tau, L, lb, best.gap, sv[B_NBAND], sv[B_NA], sv[B_OVERFLOW]);
+			if (best.gap <= o.tol * Max(best.loss_used, 1e-6))
+			{
+				converged = true;
+				break;
+			}
+			if (passes >= o.max_iter + 1)
+				break;
+			if (sv[B_OVERFLOW] > 0)
+			{
+				/* the band was wider than the working set: again, narrower */
+				tau = Min(tau_next, tau / 10);
+				continue;
+			}
+			if (L > best.loss_used + 1e-12 * fabs(best.loss_used))
+			{
+				/* the model's step went too far: half of it */
+				for (int j = 0; j < d; j++)
+					wcur[j] = best.w[j] + 0.5 * (wcur[j] - best.w[j]);
+				tau = Max(tau_next, band_edge(0));
+				pfree(sa);
+				continue;
+			}
+			nb = (int) sv[B_NBAND];
+			D = so_model_solve(nb, sv + B_HDR + d + BAND_NBINS, sv[B_AC], sv + B_HDR, P, d,
+							   freej, nf, lambda, o.tol, wcur, &sweeps);
+			newton++;
+			lb = Max(lb, D);
+			best.gap = Min(best.gap, best.loss_used - lb);
+			elog(DEBUG1, "rbr_fit_table model: %d pairs, %d sweeps, dual %.17g, gap now %g", nb, sweeps, D, best.gap);
+			if (best.gap <= o.tol * Max(best.loss_used, 1e-6))
+			{
+				converged = true;
+				break;
+			}
+			tau = Max(tau_next, band_edge(0));
+			pfree(sa);
+		}
+		best.gap = Max(best.gap, 0);
 	}
 	SPI_finish();
 
