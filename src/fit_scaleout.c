@@ -73,13 +73,13 @@
 #define PAR_HDR 7
 
 /* Most barrier passes before the working-set passes take over. */
-#define SO_BARRIER_PASSES 10
+#define SO_BARRIER_PASSES 6
 
 /* Pairs of one working set. */
 #define SO_BAND_CAP 20000
 
 /* Most points one pass evaluates. */
-#define SO_MAX_K 16
+#define SO_MAX_K 8
 
 /*
  * Layout of the sums of one pass (float8[]): the header below, then
