@@ -339,18 +339,21 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 		sk[ST_TRAIN_RIGHT] += ts[k] == 0 ? sa > sb : m - u > 0;
 		sk[ST_TRAIN_ZERO] += u <= 0;
 		for (int i = 0; i < d; i++)
-		{
-			double		ci = curv * sc->z[i];
-
 			v[i] += alpha * sc->z[i];
-			if (ci == 0)
+		/* the curvature only at the first point (the driver's Newton matrix) */
+		if (k == 0)
+			for (int i = 0; i < d; i++)
 			{
-				kk += d - i;
-				continue;
+				double		ci = curv * sc->z[i];
+
+				if (ci == 0)
+				{
+					kk += d - i;
+					continue;
+				}
+				for (int j = i; j < d; j++)
+					H[kk++] += ci * sc->z[j];
 			}
-			for (int j = i; j < d; j++)
-				H[kk++] += ci * sc->z[j];
-		}
 	}
 	PG_RETURN_ARRAYTYPE_P(state);
 }
@@ -1593,6 +1596,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			   *hess,
 			   *step,
 			   *wbase,
+			   *sv0,
 				lambda,
 				mu,
 				ttop = 1,
@@ -1671,6 +1675,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 	hess = palloc(sizeof(double) * Max(nf * nf, 1));
 	step = palloc0(sizeof(double) * Max(d, 1));
 	wbase = palloc0(sizeof(double) * Max(d, 1));
+	sv0 = palloc0(sizeof(double) * slen);
 	memset(&cur, 0, sizeof(cur));
 	cur.w = palloc0(sizeof(double) * Max(d, 1));
 	cur.sums = palloc0(sizeof(double) * slen);
@@ -1780,6 +1785,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 		dual_value = so_dual_improve(&dual, freej, nf, lambda);
 		best.gap = Min(best.gap, best.loss_used - dual_value);
 		memcpy(cur.sums, sv + kbest * slen, sizeof(double) * slen);
+		memcpy(sv0, sv, sizeof(double) * slen);
 		SPI_freetuptable(SPI_tuptable);
 		for (int j = 0; j < d; j++)
 			cur.w[j] = wbase[j] + ts[kbest] * step[j];
@@ -1801,7 +1807,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 		/* the Newton step of F_mu from the chosen point */
 		newton++;
 		{
-			const double *H = cur.sums + ST_HDR + d;
+			const double *H = sv0 + ST_HDR + d;	/* the curvature of the first point */
 			double		P = cur.sums[ST_TRAIN_PAIRS];
 			double		ridge = 0;
 			double	   *rhs = palloc(sizeof(double) * Max(nf, 1));
