@@ -55,6 +55,17 @@ SELECT (t->'weights'->>2)::float8 AS fixed_weight, t->'options'->'fixed_zero' AS
   FROM (SELECT rbr_fit_table('comparisons', 'prompt', 'tier', 'features', 'rm',
                '{"l2": 0.001, "fixed_zero": [3], "validation_fraction": 0.2}', 'rt', 'comply') AS t) s;
 
+-- a small working set: the band around the kink is narrowed until it fits,
+-- the rest comes as sums; the optimum is the same
+SELECT s.*, (t->'options'->>'working_set')::int AS working_set
+  FROM (SELECT (SELECT a FROM so_fit1) AS a,
+               rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"working_set": 100}') AS t) x,
+       so_same(a, t) s;
+-- too few passes: not converged, and says so with its honest gap
+SELECT (t->>'converged')::boolean AS converged, (t->>'passes')::int AS passes,
+       (t->>'gap')::float8 > (t->'options'->>'tol')::float8 * (t->>'objective')::float8 AS gap_above_tol
+  FROM (SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"max_iter": 2}') AS t) s;
+
 -- rows with NULLs are skipped and counted, as rbr_fit does
 CREATE TABLE so_nulls AS SELECT * FROM so_comp;
 UPDATE so_nulls SET f = NULL WHERE prompt = '7' AND tier = 0;
@@ -100,6 +111,7 @@ SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"solver": "adamw"
 SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"lerning_rate": 1}');
 SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"fixed_zero": [4]}');
 SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '[]');
+SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', '{"working_set": 1}');
 SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', where_column => 'rt', where_value => 'no such type');
 -- no pairs: every group has a single tier
 SELECT rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm', where_column => 'tier', where_value => '1');

@@ -6,26 +6,31 @@
  *
  *     L(w) = (1/P) sum_pairs max(0, u_p(w)) + (l2/2)|w|^2,   u_p = m_p - (s_a - s_b)
  *
- * with a primal path-following barrier method.  Each pair's hinge is written
- * with a slack xi >= 0, xi >= u and the log barrier -mu (log xi + log(xi - u));
- * the slack has a closed form, so the barrier objective
+ * Every pass is one SQL query: a self-join of the table on the group key forms
+ * the ordered pairs where the rows are, and a plain aggregate (float8[] state,
+ * a combine function) sums what each pair contributes, so parallel query and
+ * Citus aggregate partially on the workers.  The driver (rbr_fit_table, run
+ * on the coordinator through SPI as the caller) works between the passes:
  *
- *     F_mu(w) = (1/P) sum_pairs phi_mu(u_p(w)) + (l2/2)|w|^2
- *
- * is a smooth convex function of w alone.  Its gradient and Hessian are sums
- * over the pairs, and the barrier multiplier alpha_p = phi_mu'(u_p) lies in
- * (0, 1): a dual-feasible point, so every pass also certifies a duality gap
- *
- *     L(w) - D(alpha) = (1/P) sum_p (max(0, u_p) - alpha_p u_p) + |grad F_mu(w)|^2 / (2 l2),
- *
- * a sum of non-negative terms (no cancellation).  One Newton step is one SQL
- * pass: a self-join of the table on the group key forms the pairs where the
- * rows are, and the plain aggregate rbr.fit_pairs (float8[] state, a combine
- * function) sums each pair's contribution, so parallel query and Citus
- * aggregate partially on the workers.  The driver (rbr_fit_table, run on the
- * coordinator through SPI as the caller) solves the small d x d Newton system
- * between passes, lowers mu once the point is centred, and stops as soon as
- * the certified gap is within tol.
+ * 1. Barrier passes (rbr.fit_pairs), a few.  Each pair's hinge is written with
+ *    a slack xi >= 0, xi >= u and the log barrier -mu (log xi + log(xi - u));
+ *    the slack has a closed form, so the barrier objective
+ *        F_mu(w) = (1/P) sum_pairs phi_mu(u_p(w)) + (l2/2)|w|^2
+ *    is smooth in w alone, with gradient and Hessian summed over the pairs.  A
+ *    pass evaluates 8 points along the last Newton direction (a line search
+ *    in one pass).  The multipliers alpha_p = phi_mu'(u_p) lie in (0, 1), so
+ *    they are dual-feasible: every point evaluated also gives a lower bound
+ *    D(alpha), and mixtures of them (SoDual) better ones.
+ * 2. Working-set passes (rbr.fit_band), until the gap is certified.  At the
+ *    best point the pairs within tau of the kink come back one by one (at most
+ *    SO_BAND_CAP of them, tau chosen from a histogram of |u|), the pairs
+ *    beyond it on the active side as sums (their hinge is linear there).  The
+ *    model they make is solved in memory by a primal-dual interior-point
+ *    method (so_model_solve).  Its multipliers (1 for the active sums, 0 for
+ *    the rest) are dual-feasible for the whole problem, so its dual value is
+ *    a lower bound; the next pass evaluates the model's solution, an upper
+ *    bound.  Once the working set holds every pair whose side can change,
+ *    the two meet: gap = best L - best lower bound <= tol max(L, 1e-6).
  */
 #include "postgres.h"
 
@@ -742,6 +747,7 @@ typedef struct SoOptions
 	uint64		seed;
 	double		tol;
 	int			max_iter;
+	int			working_set;	/* pairs in one working set */
 	int			nnames;
 	char	  **names;
 	bool	   *fixed_zero;		/* d flags or NULL */
@@ -749,7 +755,7 @@ typedef struct SoOptions
 
 static const char *const so_option_keys[] = {
 	"solver", "margin", "tier_margin", "l2", "fixed_zero", "feature_names",
-	"validation_fraction", "seed", "tol", "max_iter", NULL
+	"validation_fraction", "seed", "tol", "max_iter", "working_set", NULL
 };
 
 /* ERROR about one option. */
@@ -792,6 +798,7 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->validation_fraction = 0.05;
 	o->tol = 1e-9;
 	o->max_iter = 200;
+	o->working_set = SO_BAND_CAP;
 	if (jb == NULL)
 		return;
 	if (!JB_ROOT_IS_OBJECT(jb))
@@ -811,7 +818,7 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("unknown rbr_fit_table option \"%s\"", items[i].key),
-					 errhint("Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter (AdamW is rbr_fit's alone).")));
+					 errhint("Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, working_set (AdamW is rbr_fit's alone).")));
 	}
 	if ((v = rbr_obj_get(c, "solver")) != NULL)
 	{
@@ -826,6 +833,7 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->seed = (uint64) so_option_number(c, "seed", 0, 0, 9007199254740992.0);
 	o->tol = so_option_number(c, "tol", o->tol, 1e-15, 1);
 	o->max_iter = (int) so_option_number(c, "max_iter", o->max_iter, 1, 1e6);
+	o->working_set = (int) so_option_number(c, "working_set", o->working_set, 16, BAND_MAX_CAP);
 
 	if ((v = rbr_obj_get(c, "feature_names")) != NULL)
 	{
@@ -1896,7 +1904,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			CHECK_FOR_INTERRUPTS();
 			bp[PAR_MU] = Max(best.mu, 1e-12);
 			bp[BP_TAU] = tau;
-			bp[BP_CAP] = SO_BAND_CAP;
+			bp[BP_CAP] = o.working_set;
 			memcpy(bp + BP_HDR + o.ntm, wcur, sizeof(double) * d);
 			elems = palloc(sizeof(Datum) * bpar);
 			for (int i = 0; i < bpar; i++)
@@ -1911,7 +1919,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			sa = (ArrayType *) PG_DETOAST_DATUM_COPY(PointerGetDatum(sa));
 			SPI_freetuptable(SPI_tuptable);
 			sv = float8_items(sa, &ns, "the sums of a working-set pass");
-			if (ns != band_len(d, SO_BAND_CAP))
+			if (ns != band_len(d, o.working_set))
 				elog(ERROR, "rbr_fit_table: a working-set pass returned %d values", ns);
 			P = sv[B_TRAIN_PAIRS];
 			for (int j = 0; j < d; j++)
@@ -1936,7 +1944,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			for (int b = 0; b < BAND_NBINS - 1; b++)
 			{
 				cum += sv[B_HDR + d + b];
-				if (cum <= SO_BAND_CAP / 2)
+				if (cum <= o.working_set / 2)
 					tau_next = band_edge(b);
 			}
 			elog(DEBUG1, "rbr_fit_table working-set pass %d: tau %g loss %.17g lower bound %.17g gap %g band %.0f active %.0f overflow %.0f",
@@ -1969,7 +1977,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 			newton++;
 			lb = Max(lb, D);
 			best.gap = Min(best.gap, best.loss_used - lb);
-			elog(DEBUG1, "rbr_fit_table model: %d pairs, %d sweeps, dual %.17g, gap now %g", nb, sweeps, D, best.gap);
+			elog(DEBUG1, "rbr_fit_table model: %d pairs, %d interior-point iterations, dual %.17g, gap now %g", nb, sweeps, D, best.gap);
 			if (best.gap <= o.tol * Max(best.loss_used, 1e-6))
 			{
 				converged = true;
@@ -2052,7 +2060,7 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 		appendStringInfo(&buf, ", \"validation_split\": \"groups\", \"seed\": %llu, \"tol\": ",
 						 (unsigned long long) o.seed);
 		so_json_number(&buf, o.tol);
-		appendStringInfo(&buf, ", \"max_iter\": %d}}", o.max_iter);
+		appendStringInfo(&buf, ", \"max_iter\": %d, \"working_set\": %d}}", o.max_iter, o.working_set);
 	}
 	MemoryContextSwitchTo(old);
 	result = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
