@@ -798,7 +798,8 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->validation_fraction = 0.05;
 	o->tol = 1e-9;
 	o->max_iter = 200;
-	o->working_set = SO_BAND_CAP;
+	/* at most 2^22 doubles (32 MB) in one working set */
+	o->working_set = Min(SO_BAND_CAP, (1 << 22) / (d + 2));
 	if (jb == NULL)
 		return;
 	if (!JB_ROOT_IS_OBJECT(jb))
@@ -1028,7 +1029,7 @@ so_pass_query(const char *agg, const char *src, const SoColumn *k, const SoColum
 
 		appendStringInfo(&q, " AND %s.%s IS NOT NULL AND %s.%s IS NOT NULL", s, f->quoted, s, b->quoted);
 		if (wc)
-			appendStringInfo(&q, " AND %s.%s = CAST($2 AS %s)", s, wc->quoted, wtype);
+			appendStringInfo(&q, " AND %s.%s OPERATOR(pg_catalog.=) CAST($2 AS %s)", s, wc->quoted, wtype);
 	}
 	return q.data;
 }
@@ -1133,7 +1134,7 @@ so_source(FunctionCallInfo fcinfo, SoSource *s)
 
 	initStringInfo(&fb);
 	if (s->has_where)
-		appendStringInfo(&fb, " WHERE a.%s = CAST($2 AS %s)", s->w.quoted, s->wtype);
+		appendStringInfo(&fb, " WHERE a.%s OPERATOR(pg_catalog.=) CAST($2 AS %s)", s->w.quoted, s->wtype);
 	filter = fb.data;
 	keytext = s->k.base == TEXTOID ? psprintf("a.%s", s->k.quoted) : psprintf("a.%s::pg_catalog.text", s->k.quoted);
 	fcast = s->f.base == FLOAT8ARRAYOID ? "" : "::pg_catalog.float8[]";
@@ -1288,6 +1289,8 @@ so_dual_improve(SoDual *du, const int *freej, int nf, double lambda)
 	for (int sweep = 0; sweep < 200; sweep++)
 	{
 		bool		moved = false;
+
+		CHECK_FOR_INTERRUPTS();
 
 		for (int k = 0; k < du->natoms; k++)
 		{
@@ -1480,6 +1483,8 @@ so_model_solve(int nb, const double *slots, double aA, const double *vA, double 
 			double		F3 = sl[i] * al[i] - sigma * mu;
 			double		F4 = xi[i] * (1 - al[i]) - sigma * mu;
 
+			if ((i & 255) == 255)
+				CHECK_FOR_INTERRUPTS();
 			th[i] = 1 / (xi[i] / (1 - al[i]) + sl[i] / al[i]);
 			rho[i] = -F2 + F4 / (1 - al[i]) - F3 / al[i];
 			for (int k = 0; k < nf; k++)
