@@ -86,6 +86,11 @@ SET max_parallel_workers_per_gather = 2;
 SELECT rbr.fit_table_pass_query('so_comp', 'prompt', 'tier', 'f', 'rm') AS pass_query \gset
 PREPARE so_pass(float8[], text) AS :pass_query;
 EXPLAIN (COSTS OFF) EXECUTE so_pass('{3,0.1,1,0.05,0,0,1,0,0,0,0,0,0,0}', NULL);
+-- the working-set pass too (its state: sums and a bounded working set)
+SELECT rbr.fit_table_pass_query('so_comp', 'prompt', 'tier', 'f', 'rm', pass => 'working_set') AS band_query \gset
+PREPARE so_band(float8[], text) AS :band_query;
+EXPLAIN (COSTS OFF) EXECUTE so_band('{3,1e-6,1,0.05,0,0,0.1,100,0,0,0}', NULL);
+SELECT rbr.fit_table_pass_query('so_comp', 'prompt', 'tier', 'f', 'rm', pass => 'final');
 -- (the same optimum, equal to rounding: the sums add up in another order)
 SELECT s.*, (SELECT bool_and(q.weights_close AND q.objective_close) FROM so_same((SELECT t FROM so_fit1), p) q) AS same_as_serial
   FROM (SELECT (SELECT a FROM so_fit1) AS a, rbr_fit_table('so_comp', 'prompt', 'tier', 'f', 'rm') AS p) x, so_same(a, p) s;

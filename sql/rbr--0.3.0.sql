@@ -3124,10 +3124,10 @@ $$;
 -- (section: fitting)
 
 -- Fitting without gathering
--- rbr_fit_table iterates over a table: each Newton step of its barrier method
--- is one SQL pass whose pairs are formed and summed where the rows are, by
--- plain aggregates with float8[] states and combine functions (parallel query
--- and Citus aggregate them partially on the workers).
+-- rbr_fit_table iterates over a table: each step (a few barrier Newton steps,
+-- then working-set passes) is one SQL pass whose pairs are formed and summed
+-- where the rows are, by plain aggregates with float8[] states and combine
+-- functions (parallel query and Citus aggregate them partially on the workers).
 CREATE FUNCTION rbr.fit_pairs_transfn(float8[], float8[], text, int, int, float8[], float8[], float8, float8)
     RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_pairs_transfn' LANGUAGE C PARALLEL SAFE;
 CREATE FUNCTION rbr.fit_sums_combine(float8[], float8[])
@@ -3174,10 +3174,12 @@ CREATE FUNCTION @extschema@.rbr_fit_table(source regclass, group_column name, ti
                                           where_column name DEFAULT NULL, where_value text DEFAULT NULL)
     RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_table' LANGUAGE C VOLATILE PARALLEL UNSAFE
     SET search_path = pg_catalog, pg_temp;
--- The query of one pass of rbr_fit_table ($1 its parameters, $2 where_value), to EXPLAIN.
+-- The query of one pass of rbr_fit_table ($1 its parameters, $2 where_value),
+-- to EXPLAIN: pass 'barrier' or 'working_set'.
 CREATE FUNCTION rbr.fit_table_pass_query(source regclass, group_column name, tier_column name,
                                          features_column name, base_column name, options jsonb DEFAULT '{}',
-                                         where_column name DEFAULT NULL, where_value text DEFAULT NULL)
+                                         where_column name DEFAULT NULL, where_value text DEFAULT NULL,
+                                         pass text DEFAULT 'barrier')
     RETURNS text AS 'MODULE_PATHNAME', 'rbr_fit_table_pass_query' LANGUAGE C STABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp;
 

@@ -1565,14 +1565,24 @@ so_model_solve(int nb, const double *slots, double aA, const double *vA, double 
 }
 
 PG_FUNCTION_INFO_V1(rbr_fit_table_pass_query);
-/* rbr.fit_table_pass_query(...): the text of one pass's query ($1 the parameters, $2 where_value), for EXPLAIN. */
+/* rbr.fit_table_pass_query(..., pass): the text of one pass's query ($1 the parameters, $2 where_value), for EXPLAIN. */
 Datum
 rbr_fit_table_pass_query(PG_FUNCTION_ARGS)
 {
 	SoSource	s;
 
+	const char *pass = PG_ARGISNULL(8) ? "barrier" : text_to_cstring(PG_GETARG_TEXT_PP(8));
+
 	so_source(fcinfo, &s);
-	PG_RETURN_TEXT_P(cstring_to_text(s.pass_query));
+	if (strcmp(pass, "barrier") == 0)
+		PG_RETURN_TEXT_P(cstring_to_text(s.pass_query));
+	if (strcmp(pass, "working_set") == 0)
+		PG_RETURN_TEXT_P(cstring_to_text(s.band_query));
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("unknown pass \"%s\"", pass),
+			 errhint("Pass 'barrier' or 'working_set'.")));
+	PG_RETURN_NULL();
 }
 
 PG_FUNCTION_INFO_V1(rbr_fit_table);
