@@ -1069,6 +1069,8 @@ so_source(FunctionCallInfo fcinfo, SoSource *s)
 			   *base;
 
 	memset(s, 0, sizeof(*s));
+	if (PG_NARGS() < 8)
+		elog(ERROR, "rbr_fit_table: called with %d arguments, not 8", PG_NARGS());
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("source must not be NULL")));
 	s->relid = PG_GETARG_OID(0);
@@ -1571,7 +1573,7 @@ rbr_fit_table_pass_query(PG_FUNCTION_ARGS)
 {
 	SoSource	s;
 
-	const char *pass = PG_ARGISNULL(8) ? "barrier" : text_to_cstring(PG_GETARG_TEXT_PP(8));
+	const char *pass = PG_NARGS() <= 8 || PG_ARGISNULL(8) ? "barrier" : text_to_cstring(PG_GETARG_TEXT_PP(8));
 
 	so_source(fcinfo, &s);
 	if (strcmp(pass, "barrier") == 0)
