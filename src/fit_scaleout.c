@@ -1187,6 +1187,8 @@ so_cholesky(double *a, int n)
 	{
 		double		s = a[j * n + j];
 
+		CHECK_FOR_INTERRUPTS();
+
 		for (int k = 0; k < j; k++)
 			s -= a[j * n + k] * a[j * n + k];
 		if (!(s > 0) || isinf(s))
