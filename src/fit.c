@@ -65,7 +65,7 @@ PG_FUNCTION_INFO_V1(rbr_fit_transfn);
 Datum
 rbr_fit_transfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_fit") : (RbrRowSet *) PG_GETARG_POINTER(0);
+	RbrRowSet  *rs = rbr_rowset_state(fcinfo, 0, "rbr_fit");
 	const double *x = NULL;
 	int			d = 0;
 
@@ -77,7 +77,7 @@ rbr_fit_transfn(PG_FUNCTION_ARGS)
 		!row_features(PG_GETARG_ARRAYTYPE_P(3), &x, &d))
 	{
 		rs->skipped++;
-		PG_RETURN_POINTER(rs);
+		PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 	}
 	else
 	{
@@ -89,7 +89,7 @@ rbr_fit_transfn(PG_FUNCTION_ARGS)
 		rbr_check_finite(base, "base_reward");
 		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), NULL, 0, tier, base, x, d);
 	}
-	PG_RETURN_POINTER(rs);
+	PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 }
 
 /* ---------------------------------------------------------------------------
@@ -337,7 +337,7 @@ PG_FUNCTION_INFO_V1(rbr_fit_finalfn);
 Datum
 rbr_fit_finalfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs;
+	const RbrRowSet *rs;
 	RbrSortedRows *s;
 	FitOptions	o;
 	RbrFitData	data;
@@ -354,7 +354,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
+	rs = rbr_rowset_read(PG_GETARG_DATUM(0));
 	if (rs->nrows == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
