@@ -823,3 +823,37 @@ rbr_fit_rows_recv(PG_FUNCTION_ARGS)
 	flat_check(v, &s);
 	PG_RETURN_POINTER(v);
 }
+
+/* ---------------------------------------------------------------------------
+ * The support functions of rbr 0.1 and 0.2 (state type internal), kept so
+ * that a database still at 0.2 keeps working with this library until
+ * ALTER EXTENSION rbr UPDATE; their bytea is the flat form.
+ * ------------------------------------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(rbr_rows_combine);
+/* Combine of rbr 0.2's aggregates (internal state). */
+Datum
+rbr_rows_combine(PG_FUNCTION_ARGS)
+{
+	return rbr_fit_rows_combine(fcinfo);
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_serialize);
+/* Serialize of rbr 0.2's aggregates: the flat form as bytea. */
+Datum
+rbr_rows_serialize(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_POINTER(flat_for_output(PG_GETARG_DATUM(0)));
+}
+
+PG_FUNCTION_INFO_V1(rbr_rows_deserialize);
+/* Deserialize of rbr 0.2's aggregates (validated). */
+Datum
+rbr_rows_deserialize(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "rbr_rows_deserialize called in non-aggregate context");
+	PG_RETURN_DATUM(RbrRowSetGetDatum(rowset_copy_datum(PG_GETARG_DATUM(0), aggcxt)));
+}
