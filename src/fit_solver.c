@@ -39,7 +39,8 @@
 
 #define RBR_CHECK_EVERY 65536  /* pair evaluations (or equivalent work) between interrupt checks */
 #define RBR_MAX_D 1024         /* the model algebra is dense in d: keep d small */
-#define RBR_DEFAULT_WS 4096    /* automatic working set: pairs in the band of the approach phase */
+#define RBR_MIN_WS 256         /* automatic working set (pairs in the band of the approach phase): */
+#define RBR_MAX_WS 4096        /* sqrt(training pairs) within [RBR_MIN_WS, RBR_MAX_WS] */
 #define RBR_EXACT_WS_FACTOR 4  /* the exact phase's band may hold this many times the working set */
 #define RBR_LEVEL_FACTOR 64    /* group sub-sampling factor between warm-start levels */
 #define RBR_MAX_LEVELS 8
@@ -1739,13 +1740,23 @@ static int solve_level(Ctx *c, const Prep *pr, const View *v, Work *wk, double *
     return RBR_FIT_OK;
 }
 
-/* Allocate the exact solver's work arrays. */
-static int work_init(Ctx *c, const Prep *pr, Work *wk, const RbrFitOptions *o)
+/* The automatic working set for P training pairs: about sqrt(P), so that a model solve (~ ws d^2 per
+ * interior-point iteration) stays cheap against a pass (~ P) at every size; measured best from 10^4 to
+ * 10^6 pairs with test/bench/fit_solver_bench.c. */
+static int auto_working_set(int64_t P)
+{
+    double ws = sqrt((double)P);
+
+    return ws < RBR_MIN_WS ? RBR_MIN_WS : ws > RBR_MAX_WS ? RBR_MAX_WS : (int)ws;
+}
+
+/* Allocate the exact solver's work arrays (P training pairs). */
+static int work_init(Ctx *c, const Prep *pr, Work *wk, const RbrFitOptions *o, int64_t P)
 {
     const size_t N = (size_t)(pr->N > 0 ? pr->N : 1), n = (size_t)(pr->n > 0 ? pr->n : 1);
 
     memset(wk, 0, sizeof(*wk));
-    wk->ws = o->working_set > 0 ? o->working_set : RBR_DEFAULT_WS;
+    wk->ws = o->working_set > 0 ? o->working_set : auto_working_set(P);
     wk->l2u = o->l2 > 0 ? o->l2 : o->l2_tiebreak;
     if (!(wk->Sc = ctx_alloc(c, N, sizeof(double))) || !(wk->Sn = ctx_alloc(c, N, sizeof(double))) ||
         !(wk->coef = ctx_alloc(c, N, sizeof(double))) ||
@@ -1804,7 +1815,7 @@ static int solve_exact(Ctx *c, const RbrFitData *data, const RbrFitOptions *o, R
         return fail(c, RBR_FIT_ENOPAIRS,
                     "no training pairs: each training group needs rows of at least two different tiers",
                     RBR_NO_NUM, "");
-    if ((rc = work_init(c, &pr, &wk, o)) != RBR_FIT_OK)
+    if ((rc = work_init(c, &pr, &wk, o, views[0].npairs)) != RBR_FIT_OK)
         return rc;
     if (!(w = ctx_alloc(c, (size_t)(pr.n > 0 ? pr.n : 1), sizeof(double))))
         return oom(c);

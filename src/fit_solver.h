@@ -110,7 +110,7 @@ typedef struct RbrFitOptions
     double tol;         /* relative tolerance on the certified gap; default 1e-9 */
     int max_iter;       /* cap on model solves at full size (sub-sample levels have their own); default 100 */
     double l2_tiebreak; /* l2 minimised with when l2 == 0; in (0, 1e12]; default 1e-9 */
-    int working_set;    /* pairs in the model's band (0 = automatic, 4096); larger: fewer passes, dearer
+    int working_set;    /* pairs in the model's band (0 = automatic: sqrt(training pairs) in [256, 4096]); larger: fewer passes, dearer
                          * model solves */
 
     /* ADAMW (the released fitter): full batch, weights from zero */
