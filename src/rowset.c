@@ -565,10 +565,26 @@ rbr_rowset_read(Datum d)
  * The canonical sort
  * ------------------------------------------------------------------------- */
 
-/* A row to sort, with what most comparisons need next to it (cache friendly). */
+/*
+ * The canonical order: group key (by hash, then bytes), then within a group
+ * tier, label, base and features. It depends only on the rows' values,
+ * never on the order they arrived in. The sort interns the group keys in a
+ * hash table (one probe per row, none for a row whose key is the previous
+ * row's), orders the distinct keys, places the rows by a counting sort on
+ * the key's rank, and sorts each group alone by a cheap inline comparison.
+ */
+
+/* A distinct group key. */
+typedef struct KeyEnt
+{
+	uint64		hash;
+	int64		off;			/* its offset in the keys arena */
+	int64		count;			/* rows; later the first position of the group */
+} KeyEnt;
+
+/* A row inside its group, with what the comparison needs first. */
 typedef struct SortItem
 {
-	uint64		key_hash;
 	int32		tier;
 	int32		pad;
 	double		base;
@@ -582,11 +598,7 @@ row_label(const RbrRowSet *rs, int64 i)
 	return (rs->label_off == NULL || rs->label_off[i] < 0) ? "" : rs->keys + rs->label_off[i];
 }
 
-/*
- * The canonical order: group key (by hash, then bytes), tier, label, base,
- * then features. It depends only on the rows' values, never on the order
- * they arrived in.
- */
+/* Order of two rows of one group: tier, label, base, features. */
 static inline int
 cmp_items(const SortItem *x, const SortItem *y, const RbrRowSet *rs)
 {
@@ -594,15 +606,10 @@ cmp_items(const SortItem *x, const SortItem *y, const RbrRowSet *rs)
 				j;
 	int			c;
 
-	if (x->key_hash != y->key_hash)
-		return x->key_hash < y->key_hash ? -1 : 1;
-	i = x->row;
-	j = y->row;
-	if (rs->key_off[i] != rs->key_off[j] &&
-		(c = strcmp(rs->keys + rs->key_off[i], rs->keys + rs->key_off[j])) != 0)
-		return c;
 	if (x->tier != y->tier)
 		return x->tier < y->tier ? -1 : 1;
+	i = x->row;
+	j = y->row;
 	if (rs->label_off && rs->label_off[i] != rs->label_off[j] &&
 		(c = strcmp(row_label(rs, i), row_label(rs, j))) != 0)
 		return c;
@@ -628,6 +635,24 @@ cmp_items(const SortItem *x, const SortItem *y, const RbrRowSet *rs)
 #define ST_DEFINE
 #include "lib/sort_template.h"
 
+/* Order of two distinct keys: hash, then bytes. */
+static inline int
+cmp_keys(const KeyEnt *x, const KeyEnt *y, const RbrRowSet *rs)
+{
+	if (x->hash != y->hash)
+		return x->hash < y->hash ? -1 : 1;
+	return strcmp(rs->keys + x->off, rs->keys + y->off);
+}
+
+#define ST_SORT sort_keys
+#define ST_ELEMENT_TYPE KeyEnt
+#define ST_COMPARE(a, b, arg) cmp_keys(a, b, arg)
+#define ST_COMPARE_ARG_TYPE const RbrRowSet
+#define ST_CHECK_FOR_INTERRUPTS
+#define ST_SCOPE static
+#define ST_DEFINE
+#include "lib/sort_template.h"
+
 /* The rows in canonical order, grouped. */
 RbrSortedRows *
 rbr_rowset_sort(const RbrRowSet *rs)
@@ -635,55 +660,135 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	RbrSortedRows *s = palloc0(sizeof(RbrSortedRows));
 	int			d = Max(rs->d, 0);
 	int64		n = rs->nrows;
-	SortItem   *perm = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(SortItem) * Max(n, 1));
-	bool		sorted = true;
+	int64	   *kid = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * Max(n, 1));
+	KeyEnt	   *keys = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(KeyEnt) * Max(n, 1));
+	int64	   *slot;
+	int64		nslot = 1024,
+				nkeys = 0;
+	SortItem   *items;
 
+	/* intern the keys: kid[i] is row i's key, keys[] the distinct keys */
+	slot = MemoryContextAllocExtended(CurrentMemoryContext, sizeof(int64) * nslot, MCXT_ALLOC_HUGE | MCXT_ALLOC_ZERO);
 	for (int64 i = 0; i < n; i++)
 	{
-		const char *key = rs->keys + rs->key_off[i];
+		const char *key;
+		uint64		h;
+		int64		p;
 
-		/* rows of one group usually arrive together: hash each key once */
-		perm[i].key_hash = (i > 0 && rs->key_off[i] == rs->key_off[i - 1]) ? perm[i - 1].key_hash
-			: hash_bytes_extended((const unsigned char *) key, strlen(key), 0);
-		perm[i].tier = rs->tier[i];
-		perm[i].pad = 0;
-		perm[i].base = rs->base[i];
-		perm[i].row = i;
-		if (sorted && i > 0 && cmp_items(&perm[i - 1], &perm[i], rs) > 0)
-			sorted = false;
+		if (i > 0 && rs->key_off[i] == rs->key_off[i - 1])
+		{
+			kid[i] = kid[i - 1];
+			keys[kid[i]].count++;
+			continue;
+		}
+		key = rs->keys + rs->key_off[i];
+		h = hash_bytes_extended((const unsigned char *) key, strlen(key), 0);
+		for (p = h & (nslot - 1); slot[p] != 0; p = (p + 1) & (nslot - 1))
+		{
+			KeyEnt	   *e = &keys[slot[p] - 1];
+
+			if (e->hash == h && (e->off == rs->key_off[i] || strcmp(rs->keys + e->off, key) == 0))
+				break;
+		}
+		if (slot[p] == 0)
+		{
+			keys[nkeys].hash = h;
+			keys[nkeys].off = rs->key_off[i];
+			keys[nkeys].count = 0;
+			slot[p] = ++nkeys;
+			if (nkeys * 2 > nslot)
+			{
+				/* grow the table and place every key again */
+				pfree(slot);
+				nslot *= 2;
+				slot = MemoryContextAllocExtended(CurrentMemoryContext, sizeof(int64) * nslot, MCXT_ALLOC_HUGE | MCXT_ALLOC_ZERO);
+				for (int64 k = 0; k < nkeys; k++)
+				{
+					int64		q;
+
+					for (q = keys[k].hash & (nslot - 1); slot[q] != 0; q = (q + 1) & (nslot - 1))
+						;
+					slot[q] = k + 1;
+				}
+			}
+			kid[i] = nkeys - 1;
+		}
+		else
+			kid[i] = slot[p] - 1;
+		keys[kid[i]].count++;
+		if ((i & 0xFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
 	}
-	if (!sorted)
-		sort_items(perm, n, rs);
+	pfree(slot);
+
+	/* order the distinct keys; a key's group starts after the groups of smaller keys */
+	{
+		KeyEnt	   *sorted;
+		int64		pos = 0;
+
+		/* sort copies carrying their id in count's place */
+		sorted = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(KeyEnt) * Max(nkeys, 1));
+		for (int64 k = 0; k < nkeys; k++)
+		{
+			sorted[k] = keys[k];
+			sorted[k].count = k;
+		}
+		sort_keys(sorted, nkeys, rs);
+		s->group_start = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * (nkeys + 1));
+		s->group_key = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(nkeys, 1));
+		for (int64 r = 0; r < nkeys; r++)
+		{
+			int64		k = sorted[r].count;
+
+			s->group_start[r] = pos;
+			s->group_key[r] = rs->keys + keys[k].off;
+			pos += keys[k].count;
+			keys[k].count = s->group_start[r];	/* next free position of the group */
+		}
+		s->group_start[nkeys] = pos;
+		pfree(sorted);
+	}
+
+	/* counting sort by group, then each group by its rows' values */
+	items = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(SortItem) * Max(n, 1));
+	for (int64 i = 0; i < n; i++)
+	{
+		SortItem   *it = &items[keys[kid[i]].count++];
+
+		it->tier = rs->tier[i];
+		it->pad = 0;
+		it->base = rs->base[i];
+		it->row = i;
+	}
+	pfree(kid);
+	for (int64 g = 0; g < nkeys; g++)
+	{
+		int64		gs = s->group_start[g],
+					ge = s->group_start[g + 1];
+
+		if (ge - gs > 1)
+			sort_items(items + gs, ge - gs, rs);
+	}
+	pfree(keys);
 
 	s->d = d;
 	s->nrows = n;
+	s->ngroups = nkeys;
 	s->x = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n * d, 1));
 	s->base = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n, 1));
 	s->tier = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int32) * Max(n, 1));
 	s->label = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
-	s->group_start = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * (n + 1));
-	s->group_key = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
 	for (int64 r = 0; r < n; r++)
 	{
-		int64		i = perm[r].row;
-		const char *key = rs->keys + rs->key_off[i];
+		int64		i = items[r].row;
 
 		if (d > 0)
 			memcpy(s->x + r * d, rs->x + i * d, sizeof(double) * d);
-		s->base[r] = perm[r].base;
-		s->tier[r] = perm[r].tier;
+		s->base[r] = items[r].base;
+		s->tier[r] = items[r].tier;
 		s->label[r] = (rs->label_off == NULL || rs->label_off[i] < 0) ? NULL : rs->keys + rs->label_off[i];
-		if (r == 0 || perm[r].key_hash != perm[r - 1].key_hash ||
-			(rs->key_off[i] != rs->key_off[perm[r - 1].row] &&
-			 strcmp(key, s->group_key[s->ngroups - 1]) != 0))
-		{
-			s->group_start[s->ngroups] = r;
-			s->group_key[s->ngroups] = key;
-			s->ngroups++;
-		}
 	}
-	s->group_start[s->ngroups] = n;
-	pfree(perm);
+	pfree(items);
 	return s;
 }
 
