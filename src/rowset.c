@@ -133,17 +133,85 @@ rbr_check_tier(int32 tier)
 				 errhint("Tiers are whole numbers, 0 for the best completions; rbr_label_tier() maps labels to tiers.")));
 }
 
-/* A new empty row set in its own small memory context under parent. */
+/* A new empty row set in the memory context cxt (which it does not own alone when shared). */
 static RbrRowSet *
-rowset_new(MemoryContext parent)
+rowset_new_in(MemoryContext cxt)
 {
-	MemoryContext cxt = AllocSetContextCreate(parent, "rbr.fit_rows", ALLOCSET_START_SMALL_SIZES);
 	RbrRowSet  *rs = MemoryContextAllocZero(cxt, sizeof(RbrRowSet));
 
 	EOH_init_header(&rs->hdr, &rowset_methods, cxt);
 	rs->d = -1;
 	rs->mcxt = cxt;
 	return rs;
+}
+
+/* A new empty row set in its own small memory context under parent. */
+static RbrRowSet *
+rowset_new(MemoryContext parent)
+{
+	return rowset_new_in(AllocSetContextCreate(parent, "rbr.fit_rows", ALLOCSET_START_SMALL_SIZES));
+}
+
+/*
+ * The states of one aggregate call site share one memory context under the
+ * aggregate context (cached in fn_extra, forgotten when the aggregate
+ * context is reset): a context per group would make nodeAgg's memory
+ * accounting, which walks every child context each time a hash table gets a
+ * new group, quadratic in the number of groups. A state in it is never
+ * handed to nodeAgg for deletion: the transition and combine functions
+ * always return the state they were given, once they have one.
+ */
+typedef struct StateCache
+{
+	MemoryContext aggcxt;
+	MemoryContext cxt;
+} StateCache;
+
+/* Forget the cached context when its aggregate context is reset (callback). */
+typedef struct StateCacheReset
+{
+	MemoryContextCallback cb;
+	StateCache *cache;
+	MemoryContext aggcxt;
+} StateCacheReset;
+
+/* Reset callback of StateCacheReset. */
+static void
+state_cache_reset(void *arg)
+{
+	StateCacheReset *r = arg;
+
+	if (r->cache->aggcxt == r->aggcxt)
+	{
+		r->cache->aggcxt = NULL;
+		r->cache->cxt = NULL;
+	}
+}
+
+/* The shared context of the states of this call site in aggcxt. */
+static MemoryContext
+states_context(FunctionCallInfo fcinfo, MemoryContext aggcxt)
+{
+	StateCache *c = fcinfo->flinfo->fn_extra;
+
+	if (c == NULL)
+	{
+		c = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(StateCache));
+		fcinfo->flinfo->fn_extra = c;
+	}
+	if (c->aggcxt != aggcxt || c->cxt == NULL)
+	{
+		StateCacheReset *r = MemoryContextAlloc(aggcxt, sizeof(StateCacheReset));
+
+		c->cxt = AllocSetContextCreate(aggcxt, "rbr.fit_rows states", ALLOCSET_DEFAULT_SIZES);
+		c->aggcxt = aggcxt;
+		r->cache = c;
+		r->aggcxt = aggcxt;
+		r->cb.func = state_cache_reset;
+		r->cb.arg = r;
+		MemoryContextRegisterResetCallback(aggcxt, &r->cb);
+	}
+	return c->cxt;
 }
 
 /* Give every row a label slot (-1) once the first label arrives. */
@@ -535,15 +603,11 @@ rbr_rowset_state(FunctionCallInfo fcinfo, int argno, const char *fname)
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("%s called in non-aggregate context", fname)));
 	if (PG_ARGISNULL(argno))
-		return rowset_new(aggcxt);
+		return rowset_new_in(states_context(fcinfo, aggcxt));
 	d = PG_GETARG_DATUM(argno);
-	if (VARATT_IS_EXTERNAL_EXPANDED_RW(DatumGetPointer(d)))
-	{
-		ExpandedObjectHeader *eoh = DatumGetEOHP(d);
-
-		if (eoh->eoh_methods == &rowset_methods && MemoryContextGetParent(eoh->eoh_context) == aggcxt)
-			return (RbrRowSet *) eoh;
-	}
+	if (VARATT_IS_EXTERNAL_EXPANDED_RW(DatumGetPointer(d)) &&
+		DatumGetEOHP(d)->eoh_methods == &rowset_methods)
+		return (RbrRowSet *) DatumGetEOHP(d);	/* ours: append in place */
 	return rowset_copy_datum(d, aggcxt);
 }
 
@@ -663,11 +727,13 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	int64	   *kid = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * Max(n, 1));
 	KeyEnt	   *keys = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(KeyEnt) * Max(n, 1));
 	int64	   *slot;
-	int64		nslot = 1024,
+	int64		nslot = 16,
 				nkeys = 0;
 	SortItem   *items;
 
 	/* intern the keys: kid[i] is row i's key, keys[] the distinct keys */
+	while (nslot < 2048 && nslot < n / 4)
+		nslot *= 2;
 	slot = MemoryContextAllocExtended(CurrentMemoryContext, sizeof(int64) * nslot, MCXT_ALLOC_HUGE | MCXT_ALLOC_ZERO);
 	for (int64 i = 0; i < n; i++)
 	{
