@@ -51,6 +51,8 @@ done
 ex_sorted=($(printf '%s\n' "${ex_runs[@]}" | sort -g))
 ex_s=${ex_sorted[1]}; ex_best=${ex_sorted[0]}
 read -r ad_s ad_hwm ad_shm <<<"$(fit adamw '{"solver": "adamw", "validation_fraction": 0}')"
+# what every fit pays before the solver: scan, collect and sort the rows (AdamW cut to one step)
+read -r co_s co_hwm co_shm <<<"$(fit collect '{"solver": "adamw", "steps": 1, "validation_fraction": 0}')"
 ex_acc=$(heldout exact); ad_acc=$(heldout adamw)
 # one small state per prompt (GROUP BY prompt): the aggregate's memory per group
 read -r pc_s pc_hwm pc_shm pc_acc <<<"$("${psql[@]}" -At <<SQL
@@ -75,9 +77,10 @@ printf '%-34s %10s %12s %14s\n' "fit (4 response types)" "time (s)" "held-out ac
 printf '%-34s %10s %12s %14.0f\n' "rbr_fit exact solver" "$(printf '%.3f [%.3f]' "$ex_s" "$ex_best")" "$ex_acc" "$(echo "($ex_hwm - $ex_shm) / 1024" | bc -l)"
 printf '%-34s %10.3f %12s %14.0f\n' "rbr_fit AdamW, 1000 steps" "$ad_s" "$ad_acc" "$(echo "($ad_hwm - $ad_shm) / 1024" | bc -l)"
 printf '%-34s %10s %12s %14s\n' "reward model alone" "-" "$rm_acc" "-"
+printf '%-34s %10.3f %12s %14.0f\n' "collect + sort only (AdamW, 1 step)" "$co_s" "-" "$(echo "($co_hwm - $co_shm) / 1024" | bc -l)"
 printf '%-34s %10.3f %12s %14.0f\n' "rbr_pair_accuracy GROUP BY prompt" "$pc_s" "-" "$(echo "($pc_hwm - $pc_shm) / 1024" | bc -l)"
 printf 'speed-up of the exact solver over AdamW: %.1fx (median exact), %.1fx (best exact)\n' \
     "$(echo "$ad_s / $ex_s" | bc -l)" "$(echo "$ad_s / $ex_best" | bc -l)"
 echo "exact solver: $conv"
 echo "(peak RSS = the backend's VmHWM minus its shared memory at the end)"
-"${psql[@]}" -c "DROP TABLE comparisons, fit_exact, fit_adamw"
+"${psql[@]}" -c "DROP TABLE comparisons, fit_exact, fit_adamw, fit_collect"
