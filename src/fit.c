@@ -51,6 +51,15 @@ row_features(ArrayType *a, const double **x, int *d)
 		return false;
 	*d = ARR_NDIM(a) == 0 ? 0 : ARR_DIMS(a)[0];
 	*x = (const double *) ARR_DATA_PTR(a);
+	{
+		/* v * 0 is 0 for a finite v, NaN otherwise: one test per row */
+		double		z = 0;
+
+		for (int i = 0; i < *d; i++)
+			z += (*x)[i] * 0.0;
+		if (z == 0.0)
+			return true;
+	}
 	for (int i = 0; i < *d; i++)
 		if (isnan((*x)[i]) || isinf((*x)[i]))
 			ereport(ERROR,
