@@ -85,6 +85,26 @@ SELECT sum((c).correct)::float8 / sum((c).pairs) = (SELECT rbr_pair_accuracy(pro
        sum((c).pairs) AS pairs, sum((c).tied) AS tied
   FROM (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) s;
 
+-- per-prompt states under every grouping strategy: hashed, hashed and spilled to disk, sorted;
+-- and as a window aggregate
+CREATE TABLE per_prompt AS SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt;
+SET enable_sort = off;
+SET work_mem = '64kB';
+SELECT count(*) AS prompts, bool_and(p.c = h.c) AS spilled_equal
+  FROM per_prompt p JOIN (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) h USING (prompt);
+RESET work_mem;
+RESET enable_sort;
+SET enable_hashagg = off;
+SELECT count(*) AS prompts, bool_and(p.c = g.c) AS sorted_equal
+  FROM per_prompt p JOIN (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) g USING (prompt);
+RESET enable_hashagg;
+SELECT count(DISTINCT a) AS distinct_values, bool_and(a = (SELECT rbr_pair_accuracy(prompt, tier, rm) FROM comp)) AS whole_frame_equal
+  FROM (SELECT rbr_pair_accuracy(prompt, tier, rm) OVER () AS a FROM comp) w;
+SELECT (array_agg(a ORDER BY n DESC))[1] = (SELECT rbr_pair_accuracy(prompt, tier, rm) FROM comp WHERE prompt::int > 290) AS moving_frame_equal
+  FROM (SELECT row_number() OVER (ORDER BY prompt::int, tier, rm) AS n,
+               rbr_pair_accuracy(prompt, tier, rm) OVER (ORDER BY prompt::int, tier, rm ROWS BETWEEN 89 PRECEDING AND CURRENT ROW) AS a
+          FROM comp) w;
+
 -- partitionwise aggregation over a partitioned table, grouped by something else than the
 -- partition key: partial aggregates per partition, combined; the same results
 CREATE TABLE comp_part (LIKE comp) PARTITION BY LIST (rt);
