@@ -32,7 +32,8 @@
  *   - Deterministic: the result depends only on the data in the order given and on the options.
  *   - Degenerate inputs: every feature fixed -> w = 0, gap 0; pairs with x_a = x_b (on the free
  *     features) and duplicate rows are handled exactly; no training pair -> RBR_FIT_ENOPAIRS.
- *   - Cost: about 5-7 passes over the pairs plus small dense d x d work (see fit_solver.c).
+ *   - Cost: about 5-11 passes over the pairs plus small dense d x d work on a working set of about
+ *     sqrt(pairs) pairs (see fit_solver.c).
  *
  * RBR_SOLVER_ADAMW is the paper's released fitter: full-batch AdamW (torch.optim.AdamW semantics:
  * decoupled weight decay, bias-corrected moments, eps added to the corrected square root) from w = 0
