@@ -371,10 +371,13 @@ rowset_merge_src(RbrRowSet *dst, const RowsSrc *src)
 	memcpy(dst->base + n0, src->base, sizeof(double) * src->nrows);
 	memcpy(dst->tier + n0, src->tier, sizeof(int32) * src->nrows);
 	for (int64 i = 0; i < src->nrows; i++)
+	{
 		dst->key_off[n0 + i] = src->key_off[i] + k0;
-	if (dst->label_off)
-		for (int64 i = 0; i < src->nrows; i++)
+		if (dst->label_off)
 			dst->label_off[n0 + i] = (src->label_off == NULL || src->label_off[i] < 0) ? -1 : src->label_off[i] + k0;
+		if ((i & 0xFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
+	}
 	memcpy(dst->keys + k0, src->keys, src->keys_len);
 	dst->keys_len = k0 + src->keys_len;
 	dst->nrows = n0 + src->nrows;
@@ -548,10 +551,16 @@ flat_check(const struct varlena *v, RowsSrc *s)
 			invalid_value("negative tier");
 		if (!isfinite(s->base[i]))
 			invalid_value("base reward or score is not finite");
+		if ((i & 0xFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
 	}
 	for (int64 i = 0; i < s->nrows * d; i++)
+	{
 		if (!isfinite(s->x[i]))
 			invalid_value("feature is not finite");
+		if ((i & 0xFFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
+	}
 }
 
 /* The flat value of a datum, detoasted and 8-aligned (copied if it was not). */
@@ -825,6 +834,8 @@ rbr_rowset_sort(const RbrRowSet *rs)
 		it->pad = 0;
 		it->base = rs->base[i];
 		it->row = i;
+		if ((i & 0xFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
 	}
 	pfree(kid);
 	for (int64 g = 0; g < nkeys; g++)
@@ -834,6 +845,8 @@ rbr_rowset_sort(const RbrRowSet *rs)
 
 		if (ge - gs > 1)
 			sort_items(items + gs, ge - gs, rs);
+		if ((g & 0xFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
 	}
 	pfree(keys);
 
@@ -853,6 +866,8 @@ rbr_rowset_sort(const RbrRowSet *rs)
 		s->base[r] = items[r].base;
 		s->tier[r] = items[r].tier;
 		s->label[r] = (rs->label_off == NULL || rs->label_off[i] < 0) ? NULL : rs->keys + rs->label_off[i];
+		if ((r & 0xFFFF) == 0)
+			CHECK_FOR_INTERRUPTS();
 	}
 	pfree(items);
 	return s;
