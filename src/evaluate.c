@@ -94,7 +94,7 @@ rbr_pair_accuracy_finalfn(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0))), count_right, &c);
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_right, &c);
 	if (c.pairs == 0)
 		PG_RETURN_NULL();
 	PG_RETURN_FLOAT8((double) c.right / (double) c.pairs);
@@ -117,7 +117,7 @@ rbr_pair_counts_finalfn(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "rbr_pair_counts must return a composite type");
-	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0))), count_right, &c);
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_right, &c);
 	values[0] = Int64GetDatum(c.right);
 	values[1] = Int64GetDatum(c.tied);
 	values[2] = Int64GetDatum(c.pairs);
@@ -250,7 +250,7 @@ rbr_pair_errors_finalfn(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	memset(&t, 0, sizeof(t));
-	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0))), count_errors, &t);
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_errors, &t);
 	if (t.all.pairs == 0)
 		PG_RETURN_NULL();
 

@@ -375,7 +375,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 	old = MemoryContextSwitchTo(work);
 
 	parse_fit_options(rs->options, rs->d, &o);
-	s = rbr_rowset_sort(rs);
+	s = rbr_rowset_sort(rs, false);
 	is_train = palloc(sizeof(bool) * Max(s->ngroups, 1));
 	for (int64 g = 0; g < s->ngroups; g++)
 	{
@@ -396,7 +396,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 	memset(&res, 0, sizeof(res));
 	res.w = palloc0(sizeof(double) * Max(s->d, 1));
 
-	rc = rbr_fit_solve(&data, &o.solver, &alloc, &res, errbuf, sizeof(errbuf));
+	rc = rbr_fit_solve_rows(&data, s->x_row, &o.solver, &alloc, &res, errbuf, sizeof(errbuf));
 	if (rc == RBR_FIT_ENOPAIRS)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),

@@ -62,6 +62,7 @@ typedef struct Ctx
     int64_t evals; /* pair evaluations */
     char *errbuf;
     size_t errlen;
+    const int64_t *xrow; /* rbr_fit_solve_rows: storage row of each row's features, or NULL */
 } Ctx;
 
 /* Count work and call check_interrupts when enough has accumulated. */
@@ -364,7 +365,14 @@ typedef struct Prep
     double *mb;     /* margin when the position is the better side */
     int64_t *wst;   /* first position of the group with a larger tier */
     int64_t *gpairs; /* pairs per group */
+    const int64_t *xrow; /* storage row of each row's features in data->x, NULL = the row itself */
 } Prep;
+
+/* The features (all d) of row `row`. */
+static inline const double *row_x(const Prep *pr, int64_t row)
+{
+    return pr->data->x + (pr->xrow ? pr->xrow[row] : row) * pr->d;
+}
 
 /* A set of groups and its pair count. */
 typedef struct View
@@ -441,6 +449,7 @@ static int prep_build(Ctx *c, Prep *pr, const RbrFitData *data, const RbrFitOpti
     pr->N = data->nrows;
     pr->G = data->ngroups;
     pr->gs = data->group_start;
+    pr->xrow = c->xrow;
     if (!(pr->freeidx = ctx_alloc(c, (size_t)(data->d > 0 ? data->d : 1), sizeof(int))))
         return oom(c);
     pr->n = 0;
@@ -576,7 +585,7 @@ static inline double row_score(const Prep *pr, const double *wfull, int64_t pos)
 
     if (d == 0)
         return pr->rb[pos];
-    xr = pr->data->x + pr->perm[pos] * d;
+    xr = row_x(pr, pr->perm[pos]);
     /* four independent sums: the loop is bound by the latency of the additions otherwise */
     for (j = 0; j + 4 <= d; j += 4)
     {
@@ -598,8 +607,8 @@ static bool pair_z_zero(const Prep *pr, int64_t pa, int64_t pb)
 
     if (pr->n == 0)
         return true;
-    xa = pr->data->x + pr->perm[pa] * pr->d;
-    xb = pr->data->x + pr->perm[pb] * pr->d;
+    xa = row_x(pr, pr->perm[pa]);
+    xb = row_x(pr, pr->perm[pb]);
     for (j = 0; j < pr->n; j++)
         if (xa[pr->freeidx[j]] != xb[pr->freeidx[j]])
             return false;
@@ -666,7 +675,7 @@ static void group_gradient(const Prep *pr, int64_t s, int64_t e, const double *c
 
         if (cf == 0)
             continue;
-        xr = pr->data->x + pr->perm[pos] * d;
+        xr = row_x(pr, pr->perm[pos]);
         if (n == d)
             for (j = 0; j < n; j++)
                 part[j] += cf * xr[j];
@@ -787,8 +796,8 @@ static void pass_run(Ctx *c, const Prep *pr, const View *v, const double *wfull,
 /* Fill z (free features) and b of the pair (pa better, pb worse). */
 static void pair_fill(const Prep *pr, int64_t pa, int64_t pb, double *z, double *b)
 {
-    const double *xa = pr->data->x + pr->perm[pa] * pr->d;
-    const double *xb = pr->data->x + pr->perm[pb] * pr->d;
+    const double *xa = row_x(pr, pr->perm[pa]);
+    const double *xb = row_x(pr, pr->perm[pb]);
     int j;
 
     for (j = 0; j < pr->n; j++)
@@ -2112,6 +2121,13 @@ static void result_reset(RbrFitResult *r)
 int rbr_fit_solve(const RbrFitData *data, const RbrFitOptions *opts, const RbrFitAlloc *alloc,
                   RbrFitResult *result, char *errbuf, size_t errlen)
 {
+    return rbr_fit_solve_rows(data, NULL, opts, alloc, result, errbuf, errlen);
+}
+
+/* Fit the weights with the features of row i stored at row x_row[i] of data->x (see the header). */
+int rbr_fit_solve_rows(const RbrFitData *data, const int64_t *x_row, const RbrFitOptions *opts,
+                       const RbrFitAlloc *alloc, RbrFitResult *result, char *errbuf, size_t errlen)
+{
     Ctx c;
     int rc;
 
@@ -2126,6 +2142,19 @@ int rbr_fit_solve(const RbrFitData *data, const RbrFitOptions *opts, const RbrFi
     result_reset(result);
     if ((rc = validate_common(&c, data, opts)) != RBR_FIT_OK || (rc = validate_solver(&c, opts)) != RBR_FIT_OK)
         return rc;
+    if (x_row && data->d > 0)
+    {
+        int64_t i;
+
+        for (i = 0; i < data->nrows; i++)
+        {
+            if (x_row[i] < 0 || x_row[i] >= data->nrows)
+                return fail(&c, RBR_FIT_EINVAL, "x_row of row ", i, " is not a row of x");
+            if ((i & 1023) == 0)
+                ctx_work(&c, 1024);
+        }
+        c.xrow = x_row;
+    }
     if (data->d > 0 && !result->w)
         return fail(&c, RBR_FIT_EINVAL, "result->w must not be NULL", RBR_NO_NUM, "");
     if (opts->solver == RBR_SOLVER_EXACT)

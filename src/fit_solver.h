@@ -150,6 +150,14 @@ void rbr_fit_options_default(RbrFitOptions *o);
 int rbr_fit_solve(const RbrFitData *data, const RbrFitOptions *opts, const RbrFitAlloc *alloc,
                   RbrFitResult *result, char *errbuf, size_t errlen);
 
+/* As rbr_fit_solve, but the features of row i (rows in the order of data: groups, tiers, base, the
+ * AdamW pair split all refer to that order) are stored at row x_row[i] of data->x: data->x holds
+ * nrows rows in any order and x_row maps each row to its storage row (each in 0 .. nrows-1, checked;
+ * normally a permutation).  x_row NULL is rbr_fit_solve.  Lets a caller that sorted its rows skip
+ * copying the features into that order; the result equals rbr_fit_solve on the copied features. */
+int rbr_fit_solve_rows(const RbrFitData *data, const int64_t *x_row, const RbrFitOptions *opts,
+                       const RbrFitAlloc *alloc, RbrFitResult *result, char *errbuf, size_t errlen);
+
 /* Evaluate a given w (d doubles, used as given: fixed_zero is ignored) with the EXACT split
  * (group_is_train), opts' margins and opts->l2: fills the pair counts, losses, accuracies, zero-loss
  * share and objective of result (result->w is not touched; gap NaN; no training pair gives NaN train

@@ -726,9 +726,9 @@ cmp_keys(const KeyEnt *x, const KeyEnt *y, const RbrRowSet *rs)
 #define ST_DEFINE
 #include "lib/sort_template.h"
 
-/* The rows in canonical order, grouped. */
+/* The rows in canonical order, grouped; the features copied in that order when copy_x. */
 RbrSortedRows *
-rbr_rowset_sort(const RbrRowSet *rs)
+rbr_rowset_sort(const RbrRowSet *rs, bool copy_x)
 {
 	RbrSortedRows *s = palloc0(sizeof(RbrSortedRows));
 	int			d = Max(rs->d, 0);
@@ -739,6 +739,8 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	int64		nslot = 16,
 				nkeys = 0;
 	SortItem   *items;
+	double	   *x_copy = NULL;
+	int64	   *x_row = NULL;
 
 	/* intern the keys: kid[i] is row i's key, keys[] the distinct keys */
 	while (nslot < 2048 && nslot < n / 4)
@@ -850,10 +852,29 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	}
 	pfree(keys);
 
+	/*
+	 * Without a copy the solver reads the features through x_row several
+	 * times: worth it only when the canonical order walks the state nearly
+	 * in storage order (rows of a group arrived together), else copy once.
+	 */
+	if (!copy_x && d > 0 && n > 1)
+	{
+		int64		near = 0;
+
+		for (int64 r = 1; r < n; r++)
+			near += Abs(items[r].row - items[r - 1].row) <= 64;
+		copy_x = near * 4 < (n - 1) * 3;
+	}
 	s->d = d;
 	s->nrows = n;
 	s->ngroups = nkeys;
-	s->x = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n * d, 1));
+	if (copy_x || d == 0)
+		s->x = x_copy = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n * d, 1));
+	else
+	{
+		s->x = rs->x;
+		s->x_row = x_row = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int64) * Max(n, 1));
+	}
 	s->base = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(double) * Max(n, 1));
 	s->tier = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(int32) * Max(n, 1));
 	s->label = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(char *) * Max(n, 1));
@@ -861,8 +882,10 @@ rbr_rowset_sort(const RbrRowSet *rs)
 	{
 		int64		i = items[r].row;
 
-		if (d > 0)
-			memcpy(s->x + r * d, rs->x + i * d, sizeof(double) * d);
+		if (x_copy && d > 0)
+			memcpy(x_copy + r * d, rs->x + i * d, sizeof(double) * d);
+		else if (x_row)
+			x_row[r] = i;
 		s->base[r] = items[r].base;
 		s->tier[r] = items[r].tier;
 		s->label[r] = (rs->label_off == NULL || rs->label_off[i] < 0) ? NULL : rs->keys + rs->label_off[i];

@@ -41,12 +41,18 @@ typedef struct RbrRowSet
 	MemoryContext mcxt;			/* where the arrays live (hdr.eoh_context) */
 } RbrRowSet;
 
-/* Rows sorted canonically (group key, tier, label, base, features), grouped. */
+/*
+ * Rows sorted canonically (group key, tier, label, base, features), grouped.
+ * Row r is row row[r] of the state; x is either a sorted copy of the
+ * features (x_row NULL) or the state's own features, row r's at row
+ * x_row[r] (no copy).
+ */
 typedef struct RbrSortedRows
 {
 	int			d;
 	int64		nrows;
-	double	   *x;
+	const double *x;
+	const int64 *x_row;			/* NULL when x is a sorted copy */
 	double	   *base;
 	int32	   *tier;
 	const char **label;			/* nrows; NULL where a row has none */
@@ -77,8 +83,12 @@ extern void rbr_rowset_add(RbrRowSet *rs, const char *key, int keylen,
 /* Append every row of src to dst (combine). */
 extern void rbr_rowset_merge(RbrRowSet *dst, const RbrRowSet *src);
 
-/* The rows in canonical order, grouped. */
-extern RbrSortedRows *rbr_rowset_sort(const RbrRowSet *rs);
+/*
+ * The rows in canonical order, grouped; the features copied in that order
+ * when copy_x, or when the state's rows are too scattered to read through
+ * x_row.
+ */
+extern RbrSortedRows *rbr_rowset_sort(const RbrRowSet *rs, bool copy_x);
 
 /* ERROR unless a tier is a whole number >= 0. */
 extern void rbr_check_tier(int32 tier);
