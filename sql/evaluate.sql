@@ -36,6 +36,30 @@ RESET parallel_setup_cost;
 RESET parallel_tuple_cost;
 RESET min_parallel_table_scan_size;
 RESET max_parallel_workers_per_gather;
+-- the state with labels survives its text form (rbr.fit_rows), and a crafted
+-- label offset is refused
+CREATE AGGREGATE error_rows_of(text, int, text, float8, float8) (SFUNC = rbr.pair_errors_transfn, STYPE = rbr.fit_rows);
+CREATE TABLE error_state AS SELECT rt, error_rows_of(prompt, tier, label, rm, rbr) AS st FROM gen GROUP BY rt;
+SELECT bool_and(rbr.pair_errors_finalfn(st::text::rbr.fit_rows) = s.e) AS text_round_trip
+  FROM error_state JOIN serial_errors s USING (rt);
+SELECT rbr.pair_errors_finalfn(('rbr2:' || translate(encode(set_byte(b, 44 + 16 * n + 8 * n + 7, 64), 'base64'), E'\n', ''))::rbr.fit_rows)
+  FROM (SELECT decode(substr(st::text, 6), 'base64') AS b, 600 AS n FROM error_state WHERE rt = 'comply') s;
+-- combined from partitions: partitionwise aggregation, same result
+CREATE TABLE gen_part (LIKE gen) PARTITION BY LIST (rt);
+CREATE TABLE gen_part_c PARTITION OF gen_part FOR VALUES IN ('comply');
+CREATE TABLE gen_part_r PARTITION OF gen_part FOR VALUES IN ('hard_refuse');
+INSERT INTO gen_part SELECT * FROM gen;
+ANALYZE gen_part;
+CREATE TABLE whole_errors AS
+SELECT prompt::int % 3 AS third, rbr_pair_errors(prompt, tier, label, rm, rbr) AS e FROM gen_part GROUP BY 1;
+SET enable_partitionwise_aggregate = on;
+SET max_parallel_workers_per_gather = 0;
+EXPLAIN (COSTS OFF) SELECT prompt::int % 3, rbr_pair_errors(prompt, tier, label, rm, rbr) FROM gen_part GROUP BY 1;
+SELECT bool_and(w.e = p.e) AS partitionwise_equals, count(*) AS groups
+  FROM whole_errors w
+  JOIN (SELECT prompt::int % 3 AS third, rbr_pair_errors(prompt, tier, label, rm, rbr) AS e FROM gen_part GROUP BY 1) p USING (third);
+RESET max_parallel_workers_per_gather;
+RESET enable_partitionwise_aggregate;
 
 -- histograms: the text table
 SELECT label, bin, low, high, count, round(share::numeric, 3) AS share, bar

@@ -43,6 +43,87 @@ RESET parallel_tuple_cost;
 RESET min_parallel_table_scan_size;
 RESET max_parallel_workers_per_gather;
 
+-- the state type rbr.fit_rows: an aggregate without final function returns it
+CREATE AGGREGATE fit_rows_of(text, int, float8[], float8) (SFUNC = rbr.fit_transfn, STYPE = rbr.fit_rows);
+CREATE AGGREGATE score_rows_of(text, int, float8) (SFUNC = rbr.pair_accuracy_transfn, STYPE = rbr.fit_rows);
+CREATE TABLE states AS
+SELECT (SELECT fit_rows_of(prompt, tier, f, rm) FROM comp) AS fit,
+       (SELECT score_rows_of(k, t, s) FROM (VALUES ('a', 0, 2.0), ('a', 1, 1.0)) v(k, t, s)) AS two;
+-- text round trip: same rows, same fit; the text is versioned and the binary form is the same bytes
+SELECT left(fit::text, 5) AS prefix,
+       rbr.fit_finalfn(fit::text::rbr.fit_rows) = (SELECT r FROM serial_fit) AS text_round_trip,
+       fit::text::rbr.fit_rows::text = fit::text AS text_stable,
+       rbr.fit_rows_send(fit) = decode(substr(fit::text, 6), 'base64') AS send_is_flat_form
+  FROM states;
+SELECT rbr.pair_accuracy_finalfn(two::text::rbr.fit_rows) AS two_rows_accuracy FROM states;
+-- crafted values: a clear error, never a crash (bytes 0..3 magic, 20..27 nrows, then the sections)
+CREATE FUNCTION craft(b bytea) RETURNS rbr.fit_rows LANGUAGE sql AS
+$$ SELECT ('rbr2:' || translate(encode(b, 'base64'), E'\n', ''))::rbr.fit_rows $$;
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), 0, 0)) FROM states;
+SELECT ('rbr1:' || substr(two::text, 6))::rbr.fit_rows FROM states;
+SELECT 'hello'::rbr.fit_rows;
+SELECT 'rbr2:not base64!'::rbr.fit_rows;
+SELECT craft('\x52'::bytea);
+SELECT craft(substring(decode(substr(two::text, 6), 'base64') FROM 1 FOR length(decode(substr(two::text, 6), 'base64')) - 8)) FROM states;
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), 20, 3)) FROM states;
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), 27, 128)) FROM states;
+-- rows of two: base at 44, key offsets at 60, tiers at 76, keys at 84
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), 60, 100)) FROM states;
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), 79, 255)) FROM states;
+SELECT craft(overlay(decode(substr(two::text, 6), 'base64') PLACING '\x000000000000f87f'::bytea FROM 45 FOR 8)) FROM states;
+SELECT craft(set_byte(decode(substr(two::text, 6), 'base64'), length(decode(substr(two::text, 6), 'base64')) - 1, 65)) FROM states;
+-- the support functions refuse to run outside an aggregate
+SELECT rbr.fit_rows_combine(two, two) FROM states;
+SELECT rbr.fit_transfn(NULL, 'a', 0, '{1}', 0);
+
+-- rbr_pair_counts: (correct, tied, pairs); by hand as rbr_pair_accuracy above (tie in group b)
+SELECT (rbr_pair_counts(k, t, s)).* FROM (VALUES ('a', 0, 3.0), ('a', 1, 2.0), ('a', 2, 1.0), ('a', 2, 5.0),
+       ('b', 0, 1.0), ('b', 1, 1.0), ('c', 0, 1.0), ('c', 0, 2.0), ('d', NULL, 1.0)) v(k, t, s);
+SELECT rbr_pair_counts(k, t, s) AS single_tier FROM (VALUES ('c', 0, 1.0), ('c', 0, 2.0)) v(k, t, s);
+-- two levels (per prompt, then sum) equal the one-level accuracy
+SELECT sum((c).correct)::float8 / sum((c).pairs) = (SELECT rbr_pair_accuracy(prompt, tier, rm) FROM comp) AS two_level_equals,
+       sum((c).pairs) AS pairs, sum((c).tied) AS tied
+  FROM (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) s;
+
+-- per-prompt states under every grouping strategy: hashed, hashed and spilled to disk, sorted;
+-- and as a window aggregate
+CREATE TABLE per_prompt AS SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt;
+SET enable_sort = off;
+SET work_mem = '64kB';
+SELECT count(*) AS prompts, bool_and(p.c = h.c) AS spilled_equal
+  FROM per_prompt p JOIN (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) h USING (prompt);
+RESET work_mem;
+RESET enable_sort;
+SET enable_hashagg = off;
+SELECT count(*) AS prompts, bool_and(p.c = g.c) AS sorted_equal
+  FROM per_prompt p JOIN (SELECT prompt, rbr_pair_counts(prompt, tier, rm) AS c FROM comp GROUP BY prompt) g USING (prompt);
+RESET enable_hashagg;
+SELECT count(DISTINCT a) AS distinct_values, bool_and(a = (SELECT rbr_pair_accuracy(prompt, tier, rm) FROM comp)) AS whole_frame_equal
+  FROM (SELECT rbr_pair_accuracy(prompt, tier, rm) OVER () AS a FROM comp) w;
+SELECT (array_agg(a ORDER BY n DESC))[1] = (SELECT rbr_pair_accuracy(prompt, tier, rm) FROM comp WHERE prompt::int > 290) AS moving_frame_equal
+  FROM (SELECT row_number() OVER (ORDER BY prompt::int, tier, rm) AS n,
+               rbr_pair_accuracy(prompt, tier, rm) OVER (ORDER BY prompt::int, tier, rm ROWS BETWEEN 89 PRECEDING AND CURRENT ROW) AS a
+          FROM comp) w;
+
+-- partitionwise aggregation over a partitioned table, grouped by something else than the
+-- partition key: partial aggregates per partition, combined; the same results
+CREATE TABLE comp_part (LIKE comp) PARTITION BY LIST (rt);
+CREATE TABLE comp_part_r PARTITION OF comp_part FOR VALUES IN ('hard_refuse');
+CREATE TABLE comp_part_c PARTITION OF comp_part FOR VALUES IN ('comply');
+INSERT INTO comp_part SELECT * FROM comp;
+ANALYZE comp_part;
+CREATE TABLE whole AS
+SELECT prompt::int % 3 AS third, rbr_pair_accuracy(prompt, tier, rm) AS acc, rbr_fit(prompt, tier, f, rm) AS fit
+  FROM comp_part GROUP BY 1;
+SET enable_partitionwise_aggregate = on;
+SET max_parallel_workers_per_gather = 0;
+EXPLAIN (COSTS OFF) SELECT prompt::int % 3, rbr_pair_accuracy(prompt, tier, rm), rbr_fit(prompt, tier, f, rm) FROM comp_part GROUP BY 1;
+SELECT bool_and(w.acc = p.acc AND w.fit = p.fit) AS partitionwise_equals, count(*) AS groups
+  FROM whole w JOIN (SELECT prompt::int % 3 AS third, rbr_pair_accuracy(prompt, tier, rm) AS acc, rbr_fit(prompt, tier, f, rm) AS fit
+                       FROM comp_part GROUP BY 1) p USING (third);
+RESET enable_partitionwise_aggregate;
+RESET max_parallel_workers_per_gather;
+
 -- one vector per response type
 SELECT rt, jsonb_array_length(r->'weights') AS weights, r->'pairs' AS pairs, (r->>'converged')::boolean AS converged
   FROM (SELECT rt, rbr_fit(prompt, tier, f, rm) r FROM comp GROUP BY rt) s ORDER BY rt;

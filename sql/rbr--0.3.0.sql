@@ -233,40 +233,7 @@ CREATE FUNCTION @extschema@.rbr_reward(weights float8[], features float8[], base
 -- Fitting: rbr_fit aggregate, model registry, scoring with a stored model
 -------------------------------------------------------------------------------
 
-CREATE FUNCTION rbr.fit_transfn(internal, text, int, float8[], float8)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.fit_transfn(internal, text, int, float8[], float8, jsonb)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.rows_combine(internal, internal)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_combine' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.rows_serialize(internal)
-    RETURNS bytea AS 'MODULE_PATHNAME', 'rbr_rows_serialize' LANGUAGE C STRICT PARALLEL SAFE;
-CREATE FUNCTION rbr.rows_deserialize(bytea, internal)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_rows_deserialize' LANGUAGE C STRICT PARALLEL SAFE;
-CREATE FUNCTION rbr.fit_finalfn(internal)
-    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_finalfn' LANGUAGE C PARALLEL SAFE;
-
--- Fit one weight vector over ranked completions: pairs within a group
--- (prompt) between different tiers (0 = best), mean hinge loss with margin.
--- Use GROUP BY response_type for one vector per response type.
-CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8) (
-    SFUNC = rbr.fit_transfn,
-    STYPE = internal,
-    COMBINEFUNC = rbr.rows_combine,
-    SERIALFUNC = rbr.rows_serialize,
-    DESERIALFUNC = rbr.rows_deserialize,
-    FINALFUNC = rbr.fit_finalfn,
-    PARALLEL = SAFE
-);
-CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8, options jsonb) (
-    SFUNC = rbr.fit_transfn,
-    STYPE = internal,
-    COMBINEFUNC = rbr.rows_combine,
-    SERIALFUNC = rbr.rows_serialize,
-    DESERIALFUNC = rbr.rows_deserialize,
-    FINALFUNC = rbr.fit_finalfn,
-    PARALLEL = SAFE
-);
+-- rbr_fit and its state type rbr.fit_rows: see the section "fitting" at the end.
 
 -- Fitted models: one weight vector per (model, response type), traceable to
 -- the exact policy version whose features it weighs.
@@ -385,40 +352,8 @@ CREATE FUNCTION @extschema@.rbr_reward(model text, response_type text, features 
 -- Evaluation
 -------------------------------------------------------------------------------
 
-CREATE FUNCTION rbr.pair_accuracy_transfn(internal, text, int, float8)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.pair_accuracy_finalfn(internal)
-    RETURNS float8 AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_finalfn' LANGUAGE C PARALLEL SAFE;
-
--- Share of ordered pairs (same group, different tiers) that a score ranks
--- right; ties count as wrong. 1 - rbr_pair_accuracy() is the paper's error rate.
-CREATE AGGREGATE @extschema@.rbr_pair_accuracy(group_key text, tier int, score float8) (
-    SFUNC = rbr.pair_accuracy_transfn,
-    STYPE = internal,
-    COMBINEFUNC = rbr.rows_combine,
-    SERIALFUNC = rbr.rows_serialize,
-    DESERIALFUNC = rbr.rows_deserialize,
-    FINALFUNC = rbr.pair_accuracy_finalfn,
-    PARALLEL = SAFE
-);
-
-CREATE FUNCTION rbr.pair_errors_transfn(internal, text, int, text, float8, float8)
-    RETURNS internal AS 'MODULE_PATHNAME', 'rbr_pair_errors_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.pair_errors_finalfn(internal)
-    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_pair_errors_finalfn' LANGUAGE C PARALLEL SAFE;
-
--- The paper's reward-signal error rates: share of ordered pairs ranked wrong
--- by the reward model alone (rm), by rm + rbr, and by rbr alone; overall and
--- per (better label, worse label). Use GROUP BY response_type.
-CREATE AGGREGATE @extschema@.rbr_pair_errors(group_key text, tier int, label text, rm float8, rbr float8) (
-    SFUNC = rbr.pair_errors_transfn,
-    STYPE = internal,
-    COMBINEFUNC = rbr.rows_combine,
-    SERIALFUNC = rbr.rows_serialize,
-    DESERIALFUNC = rbr.rows_deserialize,
-    FINALFUNC = rbr.pair_errors_finalfn,
-    PARALLEL = SAFE
-);
+-- rbr_pair_accuracy, rbr_pair_counts and rbr_pair_errors: see the section
+-- "fitting" at the end.
 
 -- Histogram of values per label as a text table: one row per (label, bin),
 -- with the bin's range, count, share of the label's values and a bar.
@@ -3220,6 +3155,104 @@ $$;
 -------------------------------------------------------------------------------
 -- (section: fitting)
 
+-- The rows that rbr_fit, rbr_pair_accuracy, rbr_pair_counts and
+-- rbr_pair_errors collect: their aggregate state as a real type, so that
+-- parallel workers, partitionwise aggregation and Citus can each aggregate
+-- their part and combine the parts (rbr.fit_rows_combine). The text form is
+-- versioned ("rbr2:" and base64) and checked on input; values are made by
+-- the aggregates and passed on unchanged, never written by hand.
+CREATE TYPE rbr.fit_rows;
+CREATE FUNCTION rbr.fit_rows_in(cstring)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_fit_rows_in' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_rows_out(rbr.fit_rows)
+    RETURNS cstring AS 'MODULE_PATHNAME', 'rbr_fit_rows_out' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_rows_recv(internal)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_fit_rows_recv' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_rows_send(rbr.fit_rows)
+    RETURNS bytea AS 'MODULE_PATHNAME', 'rbr_fit_rows_send' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE TYPE rbr.fit_rows (
+    INPUT = rbr.fit_rows_in,
+    OUTPUT = rbr.fit_rows_out,
+    RECEIVE = rbr.fit_rows_recv,
+    SEND = rbr.fit_rows_send,
+    INTERNALLENGTH = VARIABLE,
+    ALIGNMENT = double,
+    STORAGE = extended
+);
+COMMENT ON TYPE rbr.fit_rows IS 'rows collected by rbr_fit, rbr_pair_accuracy, rbr_pair_counts and rbr_pair_errors (their aggregate state)';
+CREATE FUNCTION rbr.fit_rows_combine(rbr.fit_rows, rbr.fit_rows)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_fit_rows_combine' LANGUAGE C PARALLEL SAFE;
+
+CREATE FUNCTION rbr.fit_transfn(rbr.fit_rows, text, int, float8[], float8)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_transfn(rbr.fit_rows, text, int, float8[], float8, jsonb)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_fit_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_finalfn(rbr.fit_rows)
+    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- Fit one weight vector over ranked completions: pairs within a group
+-- (prompt) between different tiers (0 = best), mean hinge loss with margin.
+-- Use GROUP BY response_type for one vector per response type.
+CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8) (
+    SFUNC = rbr.fit_transfn,
+    STYPE = rbr.fit_rows,
+    COMBINEFUNC = rbr.fit_rows_combine,
+    FINALFUNC = rbr.fit_finalfn,
+    PARALLEL = SAFE
+);
+CREATE AGGREGATE @extschema@.rbr_fit(group_key text, tier int, features float8[], base_reward float8, options jsonb) (
+    SFUNC = rbr.fit_transfn,
+    STYPE = rbr.fit_rows,
+    COMBINEFUNC = rbr.fit_rows_combine,
+    FINALFUNC = rbr.fit_finalfn,
+    PARALLEL = SAFE
+);
+
+CREATE FUNCTION rbr.pair_accuracy_transfn(rbr.fit_rows, text, int, float8)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.pair_accuracy_finalfn(rbr.fit_rows)
+    RETURNS float8 AS 'MODULE_PATHNAME', 'rbr_pair_accuracy_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- Share of ordered pairs (same group, different tiers) that a score ranks
+-- right; ties count as wrong. 1 - rbr_pair_accuracy() is the paper's error rate.
+CREATE AGGREGATE @extschema@.rbr_pair_accuracy(group_key text, tier int, score float8) (
+    SFUNC = rbr.pair_accuracy_transfn,
+    STYPE = rbr.fit_rows,
+    COMBINEFUNC = rbr.fit_rows_combine,
+    FINALFUNC = rbr.pair_accuracy_finalfn,
+    PARALLEL = SAFE
+);
+
+-- The ordered pairs behind rbr_pair_accuracy, as counts that plain sum()
+-- adds: aggregate per prompt first, then sum (two-level, splittable).
+CREATE TYPE rbr.pair_counts AS (correct bigint, tied bigint, pairs bigint);
+COMMENT ON TYPE rbr.pair_counts IS 'ordered pairs a score ranks right (correct), ties, and all pairs (rbr_pair_counts)';
+CREATE FUNCTION rbr.pair_counts_finalfn(rbr.fit_rows)
+    RETURNS rbr.pair_counts AS 'MODULE_PATHNAME', 'rbr_pair_counts_finalfn' LANGUAGE C PARALLEL SAFE;
+CREATE AGGREGATE @extschema@.rbr_pair_counts(group_key text, tier int, score float8) (
+    SFUNC = rbr.pair_accuracy_transfn,
+    STYPE = rbr.fit_rows,
+    COMBINEFUNC = rbr.fit_rows_combine,
+    FINALFUNC = rbr.pair_counts_finalfn,
+    PARALLEL = SAFE
+);
+
+CREATE FUNCTION rbr.pair_errors_transfn(rbr.fit_rows, text, int, text, float8, float8)
+    RETURNS rbr.fit_rows AS 'MODULE_PATHNAME', 'rbr_pair_errors_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.pair_errors_finalfn(rbr.fit_rows)
+    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_pair_errors_finalfn' LANGUAGE C PARALLEL SAFE;
+
+-- The paper's reward-signal error rates: share of ordered pairs ranked wrong
+-- by the reward model alone (rm), by rm + rbr, and by rbr alone; overall and
+-- per (better label, worse label). Use GROUP BY response_type.
+CREATE AGGREGATE @extschema@.rbr_pair_errors(group_key text, tier int, label text, rm float8, rbr float8) (
+    SFUNC = rbr.pair_errors_transfn,
+    STYPE = rbr.fit_rows,
+    COMBINEFUNC = rbr.fit_rows_combine,
+    FINALFUNC = rbr.pair_errors_finalfn,
+    PARALLEL = SAFE
+);
+
 -- Fitting without gathering
 -- rbr_fit_table iterates over a table: each step (a few barrier Newton steps,
 -- then working-set passes) is one SQL pass whose pairs are formed and summed
@@ -3251,16 +3284,16 @@ CREATE AGGREGATE rbr.fit_band(params float8[], group_key text, tier_a int, tier_
     COMBINEFUNC = rbr.fit_band_combine,
     PARALLEL = SAFE
 );
-CREATE FUNCTION rbr.fit_rows_transfn(float8[], int, float8[], float8, boolean)
-    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_rows_transfn' LANGUAGE C PARALLEL SAFE;
-CREATE FUNCTION rbr.fit_rows_combine(float8[], float8[])
-    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_rows_combine' LANGUAGE C STRICT PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_table_rows_transfn(float8[], int, float8[], float8, boolean)
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_table_rows_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_table_rows_combine(float8[], float8[])
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_table_rows_combine' LANGUAGE C STRICT PARALLEL SAFE;
 -- The row check of a group: {complete rows, skipped rows, features, lowest
 -- tier, highest tier}; errors on the values rbr_fit refuses.
-CREATE AGGREGATE rbr.fit_rows(tier int, features float8[], base_reward float8, key_present boolean) (
-    SFUNC = rbr.fit_rows_transfn,
+CREATE AGGREGATE rbr.fit_table_rows(tier int, features float8[], base_reward float8, key_present boolean) (
+    SFUNC = rbr.fit_table_rows_transfn,
     STYPE = float8[],
-    COMBINEFUNC = rbr.fit_rows_combine,
+    COMBINEFUNC = rbr.fit_table_rows_combine,
     PARALLEL = SAFE
 );
 -- Fit the weights of rbr_fit by passes over a table, without gathering its

@@ -10,6 +10,8 @@
 
 #include <math.h>
 
+#include "access/htup_details.h"
+#include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -25,7 +27,7 @@ PG_FUNCTION_INFO_V1(rbr_pair_accuracy_transfn);
 Datum
 rbr_pair_accuracy_transfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_pair_accuracy") : (RbrRowSet *) PG_GETARG_POINTER(0);
+	RbrRowSet  *rs = rbr_rowset_state(fcinfo, 0, "rbr_pair_accuracy");
 
 	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
 		rs->skipped++;
@@ -39,7 +41,7 @@ rbr_pair_accuracy_transfn(PG_FUNCTION_ARGS)
 		rbr_check_finite(score, "score");
 		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), NULL, 0, tier, score, NULL, 0);
 	}
-	PG_RETURN_POINTER(rs);
+	PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 }
 
 /* Called for each ordered pair of a group: a is the better row. */
@@ -64,11 +66,12 @@ for_each_pair(const RbrSortedRows *s, PairVisitor visit, void *arg)
 	}
 }
 
-/* Counts of rbr_pair_accuracy. */
+/* Counts of rbr_pair_accuracy and rbr_pair_counts. */
 typedef struct PairCounts
 {
 	int64		pairs;
 	int64		right;
+	int64		tied;
 } PairCounts;
 
 /* Pair visitor of rbr_pair_accuracy: right when the better side scores higher. */
@@ -79,6 +82,7 @@ count_right(const RbrSortedRows *s, int64 a, int64 b, void *arg)
 
 	c->pairs++;
 	c->right += s->base[a] > s->base[b];
+	c->tied += s->base[a] == s->base[b];
 }
 
 PG_FUNCTION_INFO_V1(rbr_pair_accuracy_finalfn);
@@ -86,14 +90,38 @@ PG_FUNCTION_INFO_V1(rbr_pair_accuracy_finalfn);
 Datum
 rbr_pair_accuracy_finalfn(PG_FUNCTION_ARGS)
 {
-	PairCounts	c = {0, 0};
+	PairCounts	c = {0, 0, 0};
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	for_each_pair(rbr_rowset_sort((RbrRowSet *) PG_GETARG_POINTER(0)), count_right, &c);
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_right, &c);
 	if (c.pairs == 0)
 		PG_RETURN_NULL();
 	PG_RETURN_FLOAT8((double) c.right / (double) c.pairs);
+}
+
+PG_FUNCTION_INFO_V1(rbr_pair_counts_finalfn);
+/*
+ * rbr_pair_counts final: (correct, tied, pairs), the ordered pairs a score
+ * ranks right, ties, and all of them; plain sum() adds them across groups.
+ */
+Datum
+rbr_pair_counts_finalfn(PG_FUNCTION_ARGS)
+{
+	PairCounts	c = {0, 0, 0};
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "rbr_pair_counts must return a composite type");
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_right, &c);
+	values[0] = Int64GetDatum(c.right);
+	values[1] = Int64GetDatum(c.tied);
+	values[2] = Int64GetDatum(c.pairs);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }
 
 PG_FUNCTION_INFO_V1(rbr_pair_errors_transfn);
@@ -101,7 +129,7 @@ PG_FUNCTION_INFO_V1(rbr_pair_errors_transfn);
 Datum
 rbr_pair_errors_transfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_pair_errors") : (RbrRowSet *) PG_GETARG_POINTER(0);
+	RbrRowSet  *rs = rbr_rowset_state(fcinfo, 0, "rbr_pair_errors");
 
 	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(4) || PG_ARGISNULL(5))
 		rs->skipped++;
@@ -120,7 +148,7 @@ rbr_pair_errors_transfn(PG_FUNCTION_ARGS)
 					   label ? VARDATA_ANY(label) : NULL, label ? VARSIZE_ANY_EXHDR(label) : 0,
 					   tier, rm, &rbr, 1);
 	}
-	PG_RETURN_POINTER(rs);
+	PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 }
 
 /* Pair and error counts of one label pair (or of all pairs). */
@@ -222,7 +250,7 @@ rbr_pair_errors_finalfn(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	memset(&t, 0, sizeof(t));
-	for_each_pair(rbr_rowset_sort((RbrRowSet *) PG_GETARG_POINTER(0)), count_errors, &t);
+	for_each_pair(rbr_rowset_sort(rbr_rowset_read(PG_GETARG_DATUM(0)), true), count_errors, &t);
 	if (t.all.pairs == 0)
 		PG_RETURN_NULL();
 

@@ -51,6 +51,15 @@ row_features(ArrayType *a, const double **x, int *d)
 		return false;
 	*d = ARR_NDIM(a) == 0 ? 0 : ARR_DIMS(a)[0];
 	*x = (const double *) ARR_DATA_PTR(a);
+	{
+		/* v * 0 is 0 for a finite v, NaN otherwise: one test per row */
+		double		z = 0;
+
+		for (int i = 0; i < *d; i++)
+			z += (*x)[i] * 0.0;
+		if (z == 0.0)
+			return true;
+	}
 	for (int i = 0; i < *d; i++)
 		if (isnan((*x)[i]) || isinf((*x)[i]))
 			ereport(ERROR,
@@ -65,7 +74,7 @@ PG_FUNCTION_INFO_V1(rbr_fit_transfn);
 Datum
 rbr_fit_transfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs = PG_ARGISNULL(0) ? rbr_rowset_create(fcinfo, "rbr_fit") : (RbrRowSet *) PG_GETARG_POINTER(0);
+	RbrRowSet  *rs = rbr_rowset_state(fcinfo, 0, "rbr_fit");
 	const double *x = NULL;
 	int			d = 0;
 
@@ -77,7 +86,7 @@ rbr_fit_transfn(PG_FUNCTION_ARGS)
 		!row_features(PG_GETARG_ARRAYTYPE_P(3), &x, &d))
 	{
 		rs->skipped++;
-		PG_RETURN_POINTER(rs);
+		PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 	}
 	else
 	{
@@ -89,7 +98,7 @@ rbr_fit_transfn(PG_FUNCTION_ARGS)
 		rbr_check_finite(base, "base_reward");
 		rbr_rowset_add(rs, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), NULL, 0, tier, base, x, d);
 	}
-	PG_RETURN_POINTER(rs);
+	PG_RETURN_DATUM(RbrRowSetGetDatum(rs));
 }
 
 /* ---------------------------------------------------------------------------
@@ -337,7 +346,7 @@ PG_FUNCTION_INFO_V1(rbr_fit_finalfn);
 Datum
 rbr_fit_finalfn(PG_FUNCTION_ARGS)
 {
-	RbrRowSet  *rs;
+	const RbrRowSet *rs;
 	RbrSortedRows *s;
 	FitOptions	o;
 	RbrFitData	data;
@@ -354,7 +363,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	rs = (RbrRowSet *) PG_GETARG_POINTER(0);
+	rs = rbr_rowset_read(PG_GETARG_DATUM(0));
 	if (rs->nrows == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -366,7 +375,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 	old = MemoryContextSwitchTo(work);
 
 	parse_fit_options(rs->options, rs->d, &o);
-	s = rbr_rowset_sort(rs);
+	s = rbr_rowset_sort(rs, false);
 	is_train = palloc(sizeof(bool) * Max(s->ngroups, 1));
 	for (int64 g = 0; g < s->ngroups; g++)
 	{
@@ -387,7 +396,7 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 	memset(&res, 0, sizeof(res));
 	res.w = palloc0(sizeof(double) * Max(s->d, 1));
 
-	rc = rbr_fit_solve(&data, &o.solver, &alloc, &res, errbuf, sizeof(errbuf));
+	rc = rbr_fit_solve_rows(&data, s->x_row, &o.solver, &alloc, &res, errbuf, sizeof(errbuf));
 	if (rc == RBR_FIT_ENOPAIRS)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),

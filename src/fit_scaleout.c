@@ -630,14 +630,14 @@ rbr_fit_band_combine(PG_FUNCTION_ARGS)
 	PG_RETURN_ARRAYTYPE_P(a);
 }
 
-PG_FUNCTION_INFO_V1(rbr_fit_rows_transfn);
+PG_FUNCTION_INFO_V1(rbr_fit_table_rows_transfn);
 /*
- * rbr.fit_rows transition: (tier, features, base_reward, key_is_present) of
+ * rbr.fit_table_rows transition: (tier, features, base_reward, key_is_present) of
  * one row of a group; counts complete and skipped rows and checks the values
  * as rbr_fit does.
  */
 Datum
-rbr_fit_rows_transfn(PG_FUNCTION_ARGS)
+rbr_fit_table_rows_transfn(PG_FUNCTION_ARGS)
 {
 	MemoryContext aggcxt;
 	ArrayType  *state;
@@ -646,7 +646,7 @@ rbr_fit_rows_transfn(PG_FUNCTION_ARGS)
 	if (!AggCheckCallContext(fcinfo, &aggcxt))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("rbr.fit_rows called in non-aggregate context")));
+				 errmsg("rbr.fit_table_rows called in non-aggregate context")));
 	if (PG_ARGISNULL(0))
 	{
 		MemoryContext old = MemoryContextSwitchTo(aggcxt);
@@ -697,10 +697,10 @@ rbr_fit_rows_transfn(PG_FUNCTION_ARGS)
 	PG_RETURN_ARRAYTYPE_P(state);
 }
 
-PG_FUNCTION_INFO_V1(rbr_fit_rows_combine);
-/* Combine two row checks of rbr.fit_rows. */
+PG_FUNCTION_INFO_V1(rbr_fit_table_rows_combine);
+/* Combine two row checks of rbr.fit_table_rows. */
 Datum
-rbr_fit_rows_combine(PG_FUNCTION_ARGS)
+rbr_fit_table_rows_combine(PG_FUNCTION_ARGS)
 {
 	MemoryContext aggcxt;
 	double	   *x;
@@ -712,12 +712,12 @@ rbr_fit_rows_combine(PG_FUNCTION_ARGS)
 	if (!AggCheckCallContext(fcinfo, &aggcxt))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("rbr.fit_rows_combine called in non-aggregate context")));
+				 errmsg("rbr.fit_table_rows_combine called in non-aggregate context")));
 	a = PG_GETARG_ARRAYTYPE_P(0);
 	x = float8_items(a, &na, "a row check");
 	y = float8_items(PG_GETARG_ARRAYTYPE_P(1), &nb, "a row check");
 	if (na != RC_LEN || nb != RC_LEN)
-		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("malformed row check of rbr.fit_rows")));
+		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("malformed row check of rbr.fit_table_rows")));
 	if (x[RC_D] >= 0 && y[RC_D] >= 0 && x[RC_D] != y[RC_D])
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
@@ -994,7 +994,7 @@ so_check_query(const char *src, const char *keytext, const char *tier, const cha
 					 "pg_catalog.count(*) FILTER (WHERE r[1] > 0 AND r[4] = r[5]), "
 					 "pg_catalog.sum(r[1]), pg_catalog.sum(r[2]), "
 					 "pg_catalog.min(r[3]) FILTER (WHERE r[3] >= 0), pg_catalog.max(r[3]) "
-					 "FROM (SELECT rbr.fit_rows(%s, %s, %s, a.%s IS NOT NULL) AS r FROM %s a%s GROUP BY %s) g",
+					 "FROM (SELECT rbr.fit_table_rows(%s, %s, %s, a.%s IS NOT NULL) AS r FROM %s a%s GROUP BY %s) g",
 					 tier, feat, base, key, src, filter, keytext);
 	return q.data;
 }

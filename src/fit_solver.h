@@ -32,7 +32,8 @@
  *   - Deterministic: the result depends only on the data in the order given and on the options.
  *   - Degenerate inputs: every feature fixed -> w = 0, gap 0; pairs with x_a = x_b (on the free
  *     features) and duplicate rows are handled exactly; no training pair -> RBR_FIT_ENOPAIRS.
- *   - Cost: about 5-7 passes over the pairs plus small dense d x d work (see fit_solver.c).
+ *   - Cost: about 5-11 passes over the pairs plus small dense d x d work on a working set of about
+ *     sqrt(pairs) pairs (see fit_solver.c).
  *
  * RBR_SOLVER_ADAMW is the paper's released fitter: full-batch AdamW (torch.optim.AdamW semantics:
  * decoupled weight decay, bias-corrected moments, eps added to the corrected square root) from w = 0
@@ -110,7 +111,7 @@ typedef struct RbrFitOptions
     double tol;         /* relative tolerance on the certified gap; default 1e-9 */
     int max_iter;       /* cap on model solves at full size (sub-sample levels have their own); default 100 */
     double l2_tiebreak; /* l2 minimised with when l2 == 0; in (0, 1e12]; default 1e-9 */
-    int working_set;    /* pairs in the model's band (0 = automatic, 4096); larger: fewer passes, dearer
+    int working_set;    /* pairs in the model's band (0 = automatic: sqrt(training pairs) in [256, 4096]); larger: fewer passes, dearer
                          * model solves */
 
     /* ADAMW (the released fitter): full batch, weights from zero */
@@ -148,6 +149,14 @@ void rbr_fit_options_default(RbrFitOptions *o);
 /* Fit the weights; returns RBR_FIT_OK or an error code with a message in errbuf (may be NULL). */
 int rbr_fit_solve(const RbrFitData *data, const RbrFitOptions *opts, const RbrFitAlloc *alloc,
                   RbrFitResult *result, char *errbuf, size_t errlen);
+
+/* As rbr_fit_solve, but the features of row i (rows in the order of data: groups, tiers, base, the
+ * AdamW pair split all refer to that order) are stored at row x_row[i] of data->x: data->x holds
+ * nrows rows in any order and x_row maps each row to its storage row (each in 0 .. nrows-1, checked;
+ * normally a permutation).  x_row NULL is rbr_fit_solve.  Lets a caller that sorted its rows skip
+ * copying the features into that order; the result equals rbr_fit_solve on the copied features. */
+int rbr_fit_solve_rows(const RbrFitData *data, const int64_t *x_row, const RbrFitOptions *opts,
+                       const RbrFitAlloc *alloc, RbrFitResult *result, char *errbuf, size_t errlen);
 
 /* Evaluate a given w (d doubles, used as given: fixed_zero is ignored) with the EXACT split
  * (group_is_train), opts' margins and opts->l2: fills the pair counts, losses, accuracies, zero-loss
