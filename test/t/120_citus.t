@@ -322,15 +322,28 @@ for my $case (['rbr_fit', $fitq], ['rbr_pair_accuracy', $accq]) {
                  . "(%.1f per row); measured by running each task query of SET citus.explain_all_tasks = on; "
                  . "EXPLAIN (VERBOSE) %s on its worker as SELECT sum(octet_length(t::text)) FROM (<task query>) t",
                  $name, $rows, $raw, $tasks, $stype, $sent, $sent / $rows, sprintf($q, 'dcompfit')));
-    # these hold once the aggregates' state type has text I/O (Citus cannot ship 'internal');
-    # skipped, not TODO, so that test/all.sh does not count them as failures until then
-    SKIP: {
-        skip("the state type of $name is internal: Citus gathers the rows on the coordinator "
-             . "(partial aggregation needs a state type with text I/O)", 2) if $stype eq 'internal';
-        like($explain, qr/Query: SELECT .*worker_partial_agg\(/, "$name GROUP BY rt: partial aggregation on the workers (EXPLAIN)");
-        like($explain, qr/coord_combine_agg\(/, "$name GROUP BY rt: the coordinator combines the partial states");
-    }
+    is($stype, 'rbr.fit_rows', "$name: the state type has text I/O, so Citus can ship it");
+    like($explain, qr/Query: SELECT .*worker_partial_agg\(/, "$name GROUP BY rt: partial aggregation on the workers (EXPLAIN)");
+    like($explain, qr/coord_combine_agg\(/, "$name GROUP BY rt: the coordinator combines the partial states");
 }
+
+# two-level pair accuracy: rbr_pair_counts grouped by the distribution column runs whole on the workers
+is(q_ok($C, "SELECT (SELECT jsonb_object_agg(rt, a) FROM (SELECT rt, sum((c).correct)::float8 / sum((c).pairs) AS a"
+          . " FROM (SELECT rt, rbr_pair_counts(prompt, tier, rm) AS c FROM dcompfit GROUP BY rt, prompt) s GROUP BY rt) x)"
+          . " = (SELECT jsonb_object_agg(rt, r) FROM (" . sprintf($accq, 'comp') . ") y)"),
+   't', 'rbr_pair_counts by prompt on the workers, summed: equals rbr_pair_accuracy of the local table');
+# rbr_fit_table over the distributed table: the optimum of rbr_fit on the local table, without gathering
+my $ft = q_ok($C, "SELECT rbr_fit_table('dcompfit', 'prompt', 'tier', 'f', 'rm', '{}', 'rt', 'comply')");
+my $fl = q_ok($C, "SELECT r FROM (" . sprintf($fitq, 'comp') . ") s WHERE rt = 'comply'");
+my ($ot) = $ft =~ /"objective": ([-0-9.e]+)/;
+my ($ol) = $fl =~ /"objective": ([-0-9.e]+)/;
+ok(defined $ot && defined $ol && abs($ot - $ol) <= 1e-6 * abs($ol) + 1e-9,
+   "rbr_fit_table over the distributed table reaches rbr_fit's optimum ($ot against $ol)") or diag("$ft\n$fl");
+like($ft, qr/"converged": true/, 'rbr_fit_table on Citus: converged with a certified gap');
+my $pq = q_ok($C, "SELECT rbr.fit_table_pass_query('dcompfit', 'prompt', 'tier', 'f', 'rm', '{}', 'rt', 'comply')");
+my $pe = q_ok($C, "PREPARE p(float8[], text) AS $pq; SET citus.explain_all_tasks = on;"
+               . " EXPLAIN (VERBOSE, COSTS OFF) EXECUTE p('{}', 'comply')");
+like($pe, qr/Task Count: 32/, 'a pass of rbr_fit_table runs on the shards (one task per shard)') or diag($pe);
 
 # --- a worker that is down: the load fails; a worker that kept the failed load's version gets
 # the coordinator's next one (same name and number, another spec) in its place
