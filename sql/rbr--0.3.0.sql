@@ -993,11 +993,12 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
-                     'propositions');
+                     'propositions', 'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions.';
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, mode, wait, poll_seconds.';
     END IF;
+    PERFORM rbr.batch_options(options);
     IF which NOT IN ('needed', 'all') THEN
         RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
             HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
@@ -1100,7 +1101,7 @@ BEGIN
     RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
                          jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
                                             'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                            'propositions', which),
+                                            'propositions', which) || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1338,7 +1339,9 @@ CREATE FUNCTION rbr.featurize_check_transaction(procedure_name text) RETURNS voi
 -- options: prompt_column, completion_column, response_type_column (column
 -- names; default prompt, completion, response_type), chunk_rows (64),
 -- class_mode ('product' or 'exact'), propositions ('needed': what each row's
--- response type needs, the default; 'all': every simple proposition).
+-- response type needs, the default; 'all': every simple proposition), mode
+-- ('online', the default, or 'batch': through the provider's Batch API),
+-- wait (batch mode: poll until nothing is in flight) and poll_seconds.
 CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
     LANGUAGE plpgsql
     AS $$
@@ -1350,7 +1353,11 @@ BEGIN
     COMMIT;
     -- no SET search_path here (a procedure with one cannot COMMIT): every
     -- name is qualified
-    CALL rbr.run_drive(run);
+    IF rbr.batch_mode(run) THEN
+        CALL rbr.batch_drive(run);
+    ELSE
+        CALL rbr.run_drive(run);
+    END IF;
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_featurize(regclass, text, jsonb) FROM PUBLIC;
@@ -3056,6 +3063,17 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_options(jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_mode(bigint)', 'EXECUTE'),
+        ('grade', 'PROCEDURE', 'rbr.batch_drive(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_chunk(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_rewind(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_collect(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_prepare(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_upload(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_create(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_state(bigint)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.batch_sleep(float8)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
@@ -3164,6 +3182,238 @@ $$;
 -- Batch mode: the provider's Batch API
 -------------------------------------------------------------------------------
 -- (section: batch)
+-- rbr_featurize(source, policy, '{"mode": "batch"}') sends the questions the
+-- cache cannot answer through the provider's Batch API (OpenAI's /v1/files
+-- and /v1/batches, or Azure OpenAI's), at half the price of online requests,
+-- with answers within 24 hours. A call collects the batches that ended
+-- (answers go to the grade cache through the grader's own parser), writes
+-- every value the cache now answers exactly as online grading does, and
+-- submits what is still missing; {"wait": true} polls until nothing is in
+-- flight. src/batch.c describes the steps.
+
+-- Batches of the Batch API, one row per uploaded file. No role may read or
+-- write it: the functions below (C, src/batch.c) do, as the extension's
+-- owner, after checking that the caller owns the run or batch.
+CREATE TABLE rbr.batch (
+    batch_id           bigserial   PRIMARY KEY,
+    run_id             bigint      NOT NULL,     -- the run that submitted it
+    owner              regrole     NOT NULL,
+    api                text        NOT NULL CHECK (api IN ('openai', 'azure')),
+    state              text        NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'uploaded', 'submitted', 'ended')),
+    lines              int         NOT NULL,
+    input_file_id      text,                     -- recorded (committed) before the batch is created
+    provider_id        text,
+    provider_status    text,                     -- validating, in_progress, completed, expired, ...
+    provider_completed int,
+    provider_failed    int,
+    answered           int,                      -- when collected: lines answered,
+    requeued           int,                      -- queued again (failed or expired: submitted again),
+    failed             int,                      -- failed for good
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    submitted_at       timestamptz,
+    ended_at           timestamptz,
+    updated_at         timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+COMMENT ON TABLE rbr.batch IS 'Batch API batches of rbr_featurize runs in batch mode';
+REVOKE ALL ON rbr.batch FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.batch_batch_id_seq FROM PUBLIC;
+
+-- One question of one owner asked through the Batch API: its grade cache
+-- key, its request body until answered, its state. custom_id is
+-- 'rbr-' || line_id (no user text). An owner has at most one line per
+-- question that is not applied yet, so a question is never paid twice.
+CREATE TABLE rbr.batch_line (
+    line_id           bigserial   PRIMARY KEY,
+    owner             regrole     NOT NULL,
+    run_id            bigint      NOT NULL,      -- the run that queued it
+    batch_id          bigint,                    -- its batch, NULL while queued for the next one
+    key               bytea       NOT NULL CHECK (pg_catalog.length(key) = 32),
+    proposition       text        NOT NULL,
+    body              text,                      -- the request, as online (NULL once answered)
+    state             text        NOT NULL DEFAULT 'queued'
+                                  CHECK (state IN ('queued', 'submitted', 'done', 'applied', 'failed')),
+    attempts          int         NOT NULL DEFAULT 0,   -- batches it was submitted in
+    error             text,
+    prompt_tokens     int,
+    completion_tokens int,
+    cached_tokens     int,
+    reasoning_tokens  int,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+CREATE UNIQUE INDEX batch_line_question ON rbr.batch_line (owner, key) WHERE state <> 'applied';
+CREATE INDEX batch_line_batch ON rbr.batch_line (batch_id);
+CREATE INDEX batch_line_owner_state ON rbr.batch_line (owner, state);
+COMMENT ON TABLE rbr.batch_line IS 'questions of rbr_featurize runs in batch mode, one per owner and grade cache key';
+REVOKE ALL ON rbr.batch_line FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.batch_line_line_id_seq FROM PUBLIC;
+
+-- The batch options of rbr_featurize, checked: {} online, else mode, wait
+-- and poll_seconds (NULL: rbr.batch_poll_seconds).
+CREATE FUNCTION rbr.batch_options(options jsonb) RETURNS jsonb
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    mode text := COALESCE(options->>'mode', 'online');
+    poll float8;
+BEGIN
+    IF mode NOT IN ('online', 'batch') THEN
+        RAISE EXCEPTION 'mode must be ''online'' or ''batch''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''batch'' sends the questions through the provider''s Batch API (half price, answers within 24 hours).';
+    END IF;
+    IF options ? 'wait' AND jsonb_typeof(options->'wait') <> 'boolean' THEN
+        RAISE EXCEPTION 'wait must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'poll_seconds' THEN
+        IF jsonb_typeof(options->'poll_seconds') <> 'number' OR (options->>'poll_seconds')::float8 NOT BETWEEN 0.01 AND 86400 THEN
+            RAISE EXCEPTION 'poll_seconds must be a number between 0.01 and 86400' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        poll := (options->>'poll_seconds')::float8;
+    END IF;
+    IF mode = 'online' THEN
+        IF options ? 'wait' OR options ? 'poll_seconds' THEN
+            RAISE EXCEPTION 'wait and poll_seconds are options of batch mode' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Pass {"mode": "batch", "wait": true}.';
+        END IF;
+        RETURN '{}';
+    END IF;
+    RETURN jsonb_strip_nulls(jsonb_build_object('mode', 'batch', 'wait', COALESCE((options->>'wait')::boolean, false),
+                                                'poll_seconds', poll));
+END
+$$;
+
+-- Is a run in batch mode?
+CREATE FUNCTION rbr.batch_mode(run bigint) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE((rbr.run_get(run)).options->>'mode' = 'batch', false)
+$$;
+
+-- One chunk of a batch-mode run: rbr.featurize_chunk, grading from the cache
+-- only; a missing question is queued for a batch (or is in flight) and its
+-- value is skipped.
+CREATE FUNCTION rbr.batch_chunk(run bigint) RETURNS int
+    AS 'MODULE_PATHNAME', 'rbr_batch_chunk'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Start a run's chunks from its first row again.
+CREATE FUNCTION rbr.batch_rewind(run bigint) RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_batch_rewind'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Collect the ended batches of the run's owner; returns the lines answered or failed.
+CREATE FUNCTION rbr.batch_collect(run bigint) RETURNS int
+    AS 'MODULE_PATHNAME', 'rbr_batch_collect'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- The next batch to submit (one left half-way, or a new one of queued lines); NULL if none.
+CREATE FUNCTION rbr.batch_prepare(run bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'rbr_batch_prepare'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Upload a batch's lines as a JSONL file; returns the input file id.
+CREATE FUNCTION rbr.batch_upload(batch bigint) RETURNS text
+    AS 'MODULE_PATHNAME', 'rbr_batch_upload'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Create the provider's batch of an uploaded file (or find the one created); returns its id.
+CREATE FUNCTION rbr.batch_create(batch bigint) RETURNS text
+    AS 'MODULE_PATHNAME', 'rbr_batch_create'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- The lines of a run's source by state, and the owner's batches in flight.
+CREATE FUNCTION rbr.batch_state(run bigint, OUT queued bigint, OUT submitted bigint, OUT answered bigint,
+                                OUT failed bigint, OUT batches_in_flight bigint, OUT provider_ids text)
+    AS 'MODULE_PATHNAME', 'rbr_batch_state'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Wait (cancellable at once); NULL: rbr.batch_poll_seconds.
+CREATE FUNCTION rbr.batch_sleep(seconds float8) RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_batch_sleep'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- Drive a batch-mode run: collect, write what the cache answers, submit
+-- what is missing, committing after each step; with wait, poll until
+-- nothing of the source is in flight. A procedure (it commits), every name
+-- qualified.
+CREATE PROCEDURE rbr.batch_drive(run bigint)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r rbr.run;
+    st record;
+    b bigint;
+    ended int;
+    created int := 0;
+    wait boolean;
+    poll float8;
+    first boolean := true;
+    reasons text;
+BEGIN
+    r := rbr.run_get(run);
+    wait := COALESCE((r.options OPERATOR(pg_catalog.->>) 'wait')::boolean, false);
+    poll := (r.options OPERATOR(pg_catalog.->>) 'poll_seconds')::float8;
+    LOOP
+        -- the batches that ended: answers into the cache, failed lines queued again
+        ended := rbr.batch_collect(run);
+        COMMIT;
+        -- every value the cache answers, written as online; the rest queued
+        IF first OR ended OPERATOR(pg_catalog.>) 0 THEN
+            PERFORM rbr.batch_rewind(run);
+            COMMIT;
+            LOOP
+                EXIT WHEN rbr.batch_chunk(run) OPERATOR(pg_catalog.=) 0;
+                COMMIT;
+            END LOOP;
+            COMMIT;
+        END IF;
+        -- submit what is queued: file id committed before the batch is created
+        LOOP
+            b := rbr.batch_prepare(run);
+            EXIT WHEN b IS NULL;
+            COMMIT;
+            PERFORM rbr.batch_upload(b);
+            COMMIT;
+            PERFORM rbr.batch_create(b);
+            COMMIT;
+            created := created OPERATOR(pg_catalog.+) 1;
+        END LOOP;
+        st := rbr.batch_state(run);
+        EXIT WHEN NOT wait OR st.queued OPERATOR(pg_catalog.+) st.submitted OPERATOR(pg_catalog.=) 0;
+        PERFORM rbr.batch_sleep(poll);
+        first := false;
+    END LOOP;
+    r := rbr.run_finish(run);
+    COMMIT;
+    IF st.queued OPERATOR(pg_catalog.+) st.submitted OPERATOR(pg_catalog.>) 0 THEN
+        RAISE NOTICE 'rbr_featurize %: % question(s) in flight in % batch(es) of the Batch API (% created by this call: %)',
+                     r.source, st.queued OPERATOR(pg_catalog.+) st.submitted, st.batches_in_flight, created,
+                     COALESCE(st.provider_ids, 'none')
+            USING DETAIL = pg_catalog.format('%s value(s) written by this call, %s error(s).', r.done, r.errors),
+                  HINT = 'CALL rbr_featurize again with {"mode": "batch"} to collect the answers (SELECT * FROM rbr.batch_progress shows the batches), or add "wait": true to wait for them.';
+    ELSE
+        RAISE NOTICE 'rbr_featurize %: nothing in flight; % value(s) written by this call, % error(s)',
+                     r.source, r.done, r.errors;
+    END IF;
+    IF r.errors OPERATOR(pg_catalog.>) 0 THEN
+        reasons := rbr.run_error_reasons(run);
+        RAISE WARNING 'rbr_featurize %: % of % values ended with an error', r.source, r.errors, r.total
+            USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
+                  HINT = rbr.run_error_query(run);
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.batch_options(jsonb), rbr.batch_mode(bigint), rbr.batch_chunk(bigint),
+                           rbr.batch_rewind(bigint), rbr.batch_collect(bigint), rbr.batch_prepare(bigint),
+                           rbr.batch_upload(bigint), rbr.batch_create(bigint), rbr.batch_state(bigint),
+                           rbr.batch_sleep(float8) FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE rbr.batch_drive(bigint) FROM PUBLIC;
+
+-- The batches a role may see (its own, those of roles it is a member of; a
+-- superuser sees all): state at the provider, lines, and once collected
+-- the lines answered, queued again and failed.
+CREATE VIEW rbr.batch_progress AS
+    SELECT b.batch_id, b.run_id, b.owner, r.source, b.api, b.state, b.provider_id, b.provider_status,
+           b.lines, b.provider_completed, b.provider_failed, b.answered, b.requeued, b.failed,
+           b.created_at, b.submitted_at, b.ended_at, b.updated_at
+      FROM rbr.batch b JOIN rbr.run r ON r.run_id OPERATOR(pg_catalog.=) b.run_id
+     WHERE pg_catalog.pg_has_role(b.owner::pg_catalog.oid, 'USAGE');
+GRANT SELECT ON rbr.batch_progress TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Rate budget shared by the cluster

@@ -1172,6 +1172,8 @@ function onRequest(req, res) {
   const qi = url.indexOf('?');
   const pathname = qi < 0 ? url : url.slice(0, qi);
 
+  if (batchApi.handle(req, res, pathname, url)) return;   // the Batch API (batch.js)
+
   if (pathname.startsWith('/admin/')) return handleAdmin(req, res, pathname);
   if (pathname === '/healthz') return send(res, 200, '{"ok":true}');
 
@@ -1247,6 +1249,9 @@ function onRequest(req, res) {
   if (msg) die(msg);
   rng = makeRng(config.seed);
 }
+
+// The Batch API: files and batches whose lines handleChat answers (batch.js).
+const batchApi = require('./batch')({ handleChat, send, openaiError, readBody, args });
 
 const server = http.createServer({ keepAlive: true }, onRequest);
 server.keepAliveTimeout = 65000;   // keep idle client connections (benchmarks, libcurl pools)
