@@ -232,6 +232,18 @@ batch_row(int64 batch_id)
 	return b;
 }
 
+/*
+ * Make this transaction's commit wait for its WAL flush, whatever
+ * synchronous_commit says: a file id or batch id must survive a crash that
+ * follows the commit, or the next call would pay for the lines again.
+ */
+static void
+durable_commit(void)
+{
+	(void) set_config_option("synchronous_commit", "on", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
 /* Run a fixed statement as the owner; ERROR unless it returns 'expect'. */
 static void
 exec_owner(const char *sql, int nargs, Oid *argtypes, Datum *args, const char *nulls, int expect)
@@ -593,7 +605,7 @@ transient(long status)
 static char *
 api_call(const RbrEndpoint *ep, const char *what, const char *method, const char *url,
 		 const char *json_body, const char *file_name, const char *file_data, size_t file_len,
-		 size_t max_bytes, size_t *len)
+		 size_t max_bytes, size_t *len, bool *not_found)
 {
 	RbrHttpReply reply;
 	long		timeout = Max((long) ep->timeout_ms, 300000L);
@@ -603,6 +615,12 @@ api_call(const RbrEndpoint *ep, const char *what, const char *method, const char
 		rbr_http_request(ep, method, url, json_body, file_name, file_data, file_len, max_bytes, timeout, &reply);
 		if (reply.status >= 200 && reply.status < 300)
 			break;
+		if (reply.status == 404 && not_found != NULL)
+		{
+			*not_found = true;
+			*len = 0;
+			return NULL;
+		}
 		if (!transient(reply.status) || attempt >= ep->max_retries)
 		{
 			char	   *reason;
@@ -773,7 +791,7 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 				 errmsg("rbr batch %lld has no lines to upload", (long long) batch_id)));
 	name = psprintf("rbr-batch-%lld.jsonl", (long long) batch_id);
 	resp = api_call(&ep, "upload the batch file", "POST", api_url(&ep, "files", NULL), NULL,
-					name, f.data, f.len, RBR_MAX_RESPONSE_BYTES, &len);
+					name, f.data, f.len, RBR_MAX_RESPONSE_BYTES, &len, NULL);
 	pfree(f.data);
 	root = parse_held(resp, len);
 	file_id = jstr(root, "id");
@@ -783,6 +801,7 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 				 errmsg("the Batch API answered the file upload without a usable file id")));
 	args[1] = CStringGetTextDatum(file_id);
+	durable_commit();
 	exec_owner("UPDATE rbr.batch SET input_file_id = $2, state = 'uploaded', updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE batch_id OPERATOR(pg_catalog.=) $1", 2, argtypes, args, NULL, SPI_OK_UPDATE);
 	SPI_finish();
@@ -801,7 +820,7 @@ find_batch(const RbrEndpoint *ep, const char *input_file_id)
 		char	   *query = after ? psprintf("limit=100&after=%s", after) : pstrdup("limit=100");
 		size_t		len;
 		char	   *resp = api_call(ep, "list the batches", "GET", api_url(ep, "batches", query), NULL,
-									NULL, NULL, 0, 64 * 1024 * 1024, &len);
+									NULL, NULL, 0, 64 * 1024 * 1024, &len, NULL);
 		json_object *root = parse_held(resp, len);
 		json_object *data = jget(root, "data");
 		json_object *more = jget(root, "has_more");
@@ -877,7 +896,7 @@ rbr_batch_create(PG_FUNCTION_ARGS)
 							 (long long) batch_id, (long long) b.run_id, b.input_file_id);
 		appendStringInfoChar(&req, '}');
 		resp = api_call(&ep, "create the batch", "POST", api_url(&ep, "batches", NULL), req.data,
-						NULL, NULL, 0, RBR_MAX_RESPONSE_BYTES, &len);
+						NULL, NULL, 0, RBR_MAX_RESPONSE_BYTES, &len, NULL);
 		root = parse_held(resp, len);
 		provider_id = jstr(root, "id");
 		status = jstr(root, "status");
@@ -890,6 +909,7 @@ rbr_batch_create(PG_FUNCTION_ARGS)
 	args[0] = Int64GetDatum(batch_id);
 	args[1] = CStringGetTextDatum(provider_id);
 	args[2] = CStringGetTextDatum(status ? status : "validating");
+	durable_commit();
 	exec_owner("UPDATE rbr.batch SET provider_id = $2, provider_status = $3, state = 'submitted', "
 			   "submitted_at = pg_catalog.clock_timestamp(), updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE batch_id OPERATOR(pg_catalog.=) $1", 3, argtypes, args, NULL, SPI_OK_UPDATE);
@@ -1027,7 +1047,7 @@ file_content(const RbrEndpoint *ep, const char *file_id, size_t *len)
 				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 				 errmsg("the Batch API named an unusable file id")));
 	return api_call(ep, "send a batch's results", "GET", api_url(ep, psprintf("files/%s/content", file_id), NULL),
-					NULL, NULL, NULL, 0, (size_t) MaxAllocHugeSize - 1, len);
+					NULL, NULL, NULL, 0, (size_t) MaxAllocHugeSize - 1, len, NULL);
 }
 
 /*
@@ -1206,6 +1226,7 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 	args[3] = Int32GetDatum(nids[2]);
 	argtypes[4] = TEXTOID;
 	args[4] = CStringGetTextDatum(status);
+	durable_commit();
 	exec_owner("UPDATE rbr.batch SET state = 'ended', provider_status = $5, answered = $2, requeued = $3, failed = $4, "
 			   "ended_at = pg_catalog.clock_timestamp(), updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE batch_id OPERATOR(pg_catalog.=) $1", 5, argtypes, args, NULL, SPI_OK_UPDATE);
@@ -1214,8 +1235,8 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 
 PG_FUNCTION_INFO_V1(rbr_batch_collect);
 /*
- * rbr.batch_collect(run): look at every submitted batch of the run's owner;
- * collect those that ended (completed, expired, failed, cancelled). Returns
+ * rbr.batch_collect(run): look at every submitted batch of the run's owner
+ * (of the API in use: OpenAI or Azure); collect those that ended (completed, expired, failed, cancelled). Returns
  * the lines answered or failed for good.
  */
 Datum
@@ -1237,10 +1258,13 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 	owner = run_owner(run_id);
 	argtypes[0] = OIDOID;
 	args[0] = ObjectIdGetDatum(owner);
+	rbr_grader_endpoint(&ep);
+	argtypes[1] = TEXTOID;
+	args[1] = CStringGetTextDatum(is_azure(&ep) ? "azure" : "openai");
 	if (rbr_spi_execute_as_owner("SELECT batch_id, provider_id FROM rbr.batch "
-								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
+								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole AND api OPERATOR(pg_catalog.=) $2 "
 								 "AND state OPERATOR(pg_catalog.=) 'submitted' ORDER BY batch_id",
-								 1, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 2, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
 	nb = (int) SPI_processed;
 	bids = palloc(sizeof(int64) * Max(nb, 1));
@@ -1264,6 +1288,7 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 		char	   *err_file;
 		char	   *batch_error = NULL;
 		json_object *counts;
+		bool		gone = false;
 
 		CHECK_FOR_INTERRUPTS();
 		old = MemoryContextSwitchTo(per);
@@ -1272,7 +1297,19 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 					 errmsg("rbr batch %lld has an unusable provider id", (long long) bids[i])));
 		resp = api_call(&ep, "tell a batch's state", "GET", api_url(&ep, psprintf("batches/%s", pids[i]), NULL),
-						NULL, NULL, NULL, 0, RBR_MAX_RESPONSE_BYTES, &len);
+						NULL, NULL, NULL, 0, RBR_MAX_RESPONSE_BYTES, &len, &gone);
+		if (gone)
+		{
+			/* never submitted again on a guess: it may still be running elsewhere */
+			ereport(WARNING,
+					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+					 errmsg("the Batch API does not know batch %s (rbr batch %lld); its lines stay in flight",
+							pids[i], (long long) bids[i]),
+					 errhint("Point rbr.grader_url (and rbr.grader_azure_api_version) at the endpoint that has the batch, as when it was submitted.")));
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(per);
+			continue;
+		}
 		root = parse_held(resp, len);
 		status = jstr(root, "status");
 		out_file = jstr(root, "output_file_id");
