@@ -77,9 +77,9 @@ module.exports = function batchApi(deps) {
   }
 
   function batchView(b) {
-    const { lines, ...rest } = b;
-    void lines;
-    return JSON.stringify(rest);
+    const view = {};
+    for (const [k, v] of Object.entries(b)) if (!k.startsWith('_')) view[k] = v;
+    return JSON.stringify(view);
   }
 
   /** Work through a batch: answer every line, then after delay_ms end it. */
@@ -126,6 +126,8 @@ module.exports = function batchApi(deps) {
       } else errs.push(entry);
     }
     const finish = () => {
+      if (b._ended) return;
+      b._ended = true;
       if (b.status === 'cancelled' || b.status === 'cancelling') {
         b.status = 'cancelled';
         b.cancelled_at = now();
@@ -137,7 +139,10 @@ module.exports = function batchApi(deps) {
       if (out.length) b.output_file_id = addFile(out.map((o) => JSON.stringify(o)).join('\n') + '\n', 'batch_output').id;
       if (errs.length) b.error_file_id = addFile(errs.map((o) => JSON.stringify(o)).join('\n') + '\n', 'batch_output').id;
     };
-    if (config.delay_ms > 0) setTimeout(finish, config.delay_ms); else finish();
+    b._finish = finish;
+    if (b.status === 'cancelling') finish();
+    else if (config.delay_ms > 0) b._timer = setTimeout(finish, config.delay_ms);
+    else finish();
   }
 
   function addFile(content, purpose, filename) {
@@ -306,7 +311,10 @@ module.exports = function batchApi(deps) {
     if (seg.length === 2 && req.method === 'GET') { counters.get_requests++; send(res, 200, batchView(b)); return true; }
     if (seg.length === 3 && seg[2] === 'cancel' && req.method === 'POST') {
       counters.cancels++;
-      if (b.status === 'validating' || b.status === 'in_progress') b.status = 'cancelling';
+      if (b.status === 'validating' || b.status === 'in_progress') {
+        b.status = 'cancelling';   // ends 'cancelled' at once, with the lines answered so far
+        if (b._finish) { clearTimeout(b._timer); setImmediate(b._finish); }
+      }
       send(res, 200, batchView(b));
       return true;
     }

@@ -61,6 +61,7 @@
  * trait flipped.  [[fault ...]] directives in the conversation apply to generation requests.
  * In the conversation, [[gen yes=P no=Q NAME=P]] sets the P(yes) the generated text is graded
  * with, and [[gen-fault ARGS]] makes the generated text carry [[fault ARGS]] (a grading fault).
+ * The Batch API (/v1/files, /v1/batches and Azure's forms) is in batch.js.
  * Details: README.md beside this file.
  */
 
