@@ -196,7 +196,11 @@ typedef struct BatchRow
 	int			lines;
 } BatchRow;
 
-/* Read a batch of the caller's (inside SPI). */
+/*
+ * Read a batch of the caller's (inside SPI), locked until the end of the
+ * transaction: a second session on the same batch waits, then sees what the
+ * first one did (so a file is uploaded, a batch created, once).
+ */
 static BatchRow
 batch_row(int64 batch_id)
 {
@@ -210,6 +214,22 @@ batch_row(int64 batch_id)
 	if (rbr_spi_execute_as_owner("SELECT batch_id, run_id, owner, state, input_file_id, provider_id, lines "
 								 "FROM rbr.batch WHERE batch_id OPERATOR(pg_catalog.=) $1",
 								 1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "rbr: batch lookup failed");
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		Oid			owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+
+		/* the owner check before the lock: no role waits on another's batch */
+		if (!has_privs_of_role(GetUserId(), owner))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for rbr batch %lld", (long long) batch_id),
+					 errdetail("The batch belongs to another role's run.")));
+	}
+	if (rbr_spi_execute_as_owner("SELECT batch_id, run_id, owner, state, input_file_id, provider_id, lines "
+								 "FROM rbr.batch WHERE batch_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+								 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
 	if (SPI_processed != 1)
 		ereport(ERROR,
@@ -676,6 +696,10 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 	owner = run_owner(run_id);
 	argtypes[0] = OIDOID;
 	args[0] = ObjectIdGetDatum(owner);
+	/* one session at a time chooses an owner's lines (until it commits) */
+	if (rbr_spi_execute_as_owner("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('rbr.batch'), $1::pg_catalog.int4)",
+								 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "rbr: batch lock failed");
 	if (rbr_spi_execute_as_owner("SELECT batch_id FROM rbr.batch WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
 								 "AND state OPERATOR(pg_catalog.=) ANY ('{new,uploaded}') ORDER BY batch_id LIMIT 1",
 								 1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
@@ -1263,8 +1287,8 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 	args[1] = CStringGetTextDatum(is_azure(&ep) ? "azure" : "openai");
 	if (rbr_spi_execute_as_owner("SELECT batch_id, provider_id FROM rbr.batch "
 								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole AND api OPERATOR(pg_catalog.=) $2 "
-								 "AND state OPERATOR(pg_catalog.=) 'submitted' ORDER BY batch_id",
-								 2, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 "AND state OPERATOR(pg_catalog.=) 'submitted' ORDER BY batch_id FOR UPDATE SKIP LOCKED",
+								 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
 	nb = (int) SPI_processed;
 	bids = palloc(sizeof(int64) * Max(nb, 1));

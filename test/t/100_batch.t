@@ -197,6 +197,31 @@ ok($s->{list_requests} >= 2, 'kill at creation: the list was searched');
 is(max_of($s->{answered_by_question}), 1, 'kill at creation: no question answered twice');
 is(differences('u', 'online'), '0|0', 'kill at creation: grades and features equal online grading\'s');
 
+# --- two sessions at once on one table
+copy_table('src', 'two');
+breset();
+bconfig('{"delay_ms": 200}');
+my @two = map { [bg_psql("$set SET rbr.grader_model = 'm-two';\n"
+    . "CALL rbr_featurize('two', 'ref', '{\"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.05, \"chunk_rows\": 2}');\n")] } 1 .. 2;
+$_->[0]->finish for @two;
+is(join('', map { ${ $_->[2] } } @two), '', 'two sessions: both calls succeed');
+$s = bstats();
+is($s->{lines_received}, $NEEDED, 'two sessions: each question submitted once');
+is(max_of($s->{answered_by_question}), 1, 'two sessions: none answered twice');
+is(missing('two'), 0, 'two sessions: every value written');
+is(differences('two', 'online'), '0|0', 'two sessions: grades and features equal online grading\'s');
+
+# --- the Responses API in batch mode
+copy_table('src', 'resp');
+copy_table('src', 'resp_online');
+bconfig('{"delay_ms": 0}');
+psql_ok("$set SET rbr.grader_api = 'responses'; SET rbr.grader_model = 'm-resp-online'; CALL rbr_featurize('resp_online', 'ref')");
+($o, $e, $rc) = psql("$set SET rbr.grader_api = 'responses'; SET rbr.grader_model = 'm-resp';"
+    . " CALL rbr_featurize('resp', 'ref', '{\"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.05}')", keep_going => 1);
+is($rc, 0, 'Responses API: batch mode runs') or diag($e);
+is(missing('resp'), 0, 'Responses API: every value written');
+is(differences('resp', 'resp_online'), '0|0', 'Responses API: grades and features equal online grading\'s');
+
 # --- cancel during the wait
 copy_table('src', 'c');
 bconfig('{"delay_ms": 60000}');
