@@ -775,17 +775,18 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 	char	   *file_id;
 	char	   *name;
 	json_object *root;
+	Datum		result;
 
 	SPI_connect();
 	b = batch_row(batch_id);
 	if (strcmp(b.state, "new") != 0)
 	{
-		text	   *t = b.input_file_id ? cstring_to_text(b.input_file_id) : NULL;
+		Datum		t = b.input_file_id ? SPI_datumTransfer(CStringGetTextDatum(b.input_file_id), false, -1) : (Datum) 0;
 
 		SPI_finish();
-		if (t == NULL)
+		if (t == (Datum) 0)
 			PG_RETURN_NULL();
-		PG_RETURN_TEXT_P(t);
+		PG_RETURN_DATUM(t);
 	}
 	grader_endpoint(&ep);
 	url_field = line_url(&ep);
@@ -828,8 +829,9 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 	durable_commit();
 	exec_owner("UPDATE rbr.batch SET input_file_id = $2, state = 'uploaded', updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE batch_id OPERATOR(pg_catalog.=) $1", 2, argtypes, args, NULL, SPI_OK_UPDATE);
+	result = SPI_datumTransfer(CStringGetTextDatum(file_id), false, -1);
 	SPI_finish();
-	PG_RETURN_TEXT_P(cstring_to_text(file_id));
+	PG_RETURN_DATUM(result);
 }
 
 /* The provider's batch of an input file, from its list of batches; NULL if none. */
@@ -891,17 +893,18 @@ rbr_batch_create(PG_FUNCTION_ARGS)
 	RbrEndpoint ep;
 	char	   *provider_id;
 	char	   *status = NULL;
+	Datum		result;
 
 	SPI_connect();
 	b = batch_row(batch_id);
 	if (strcmp(b.state, "uploaded") != 0)
 	{
-		text	   *t = b.provider_id ? cstring_to_text(b.provider_id) : NULL;
+		Datum		t = b.provider_id ? SPI_datumTransfer(CStringGetTextDatum(b.provider_id), false, -1) : (Datum) 0;
 
 		SPI_finish();
-		if (t == NULL)
+		if (t == (Datum) 0)
 			PG_RETURN_NULL();
-		PG_RETURN_TEXT_P(t);
+		PG_RETURN_DATUM(t);
 	}
 	grader_endpoint(&ep);
 	provider_id = find_batch(&ep, b.input_file_id);
@@ -941,8 +944,9 @@ rbr_batch_create(PG_FUNCTION_ARGS)
 			   "updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE batch_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'queued'",
 			   1, argtypes, args, NULL, SPI_OK_UPDATE);
+	result = SPI_datumTransfer(CStringGetTextDatum(provider_id), false, -1);
 	SPI_finish();
-	PG_RETURN_TEXT_P(cstring_to_text(provider_id));
+	PG_RETURN_DATUM(result);
 }
 
 /* ---------------------------------------------------------------------------

@@ -45,6 +45,15 @@ module.exports = function batchApi(deps) {
   }
   reset();
 
+  /** Read a request body of up to 200 MB (the Batch API's file limit). */
+  function readFile(req, cb) {
+    const chunks = [];
+    let len = 0, tooBig = false;
+    req.on('data', (c) => { if (tooBig) return; len += c.length; if (len > 200 * 1024 * 1024 + 65536) tooBig = true; else chunks.push(c); });
+    req.on('end', () => cb(tooBig ? 'too big' : null, Buffer.concat(chunks, len)));
+    req.on('error', () => {});
+  }
+
   const newId = (prefix) => `${prefix}-rbrtest${(++seq).toString(36)}${crypto.randomBytes(3).toString('hex')}`;
   const now = () => Math.floor(Date.now() / 1000);
   const qhash = (body) => crypto.createHash('sha256').update(JSON.stringify(body)).digest('hex').slice(0, 16);
@@ -221,7 +230,7 @@ module.exports = function batchApi(deps) {
 
     if (seg[0] === 'files') {
       if (seg.length === 1 && req.method === 'POST') {
-        readBody(req, (err, buf) => {
+        readFile(req, (err, buf) => {
           if (err) return send(res, 413, openaiError('File too large.', 'invalid_request_error'));
           const parts = multipart(buf, req.headers['content-type']);
           const purpose = parts && parts.find((p) => p.name === 'purpose');
