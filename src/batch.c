@@ -264,6 +264,13 @@ durable_commit(void)
 							 GUC_ACTION_LOCAL, true, 0, false);
 }
 
+/*
+ * Every statement of the bookkeeping below runs with read_only false, so
+ * that it takes a snapshot of its own: it sees what other sessions
+ * committed while this one waited for a lock, or since the statement that
+ * called it began (a batch created, lines assigned, answers collected).
+ */
+
 /* Run a fixed statement as the owner; ERROR unless it returns 'expect'. */
 static void
 exec_owner(const char *sql, int nargs, Oid *argtypes, Datum *args, const char *nulls, int expect)
@@ -350,8 +357,8 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 								 "cached_tokens, reasoning_tokens, attempts FROM rbr.batch_line "
 								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
 								 "AND key OPERATOR(pg_catalog.=) ANY ($2) "
-								 "AND state OPERATOR(pg_catalog.<>) 'applied'",
-								 2, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 "ORDER BY (state OPERATOR(pg_catalog.=) 'applied'), line_id DESC",
+								 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch line lookup failed");
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
@@ -363,9 +370,14 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 		char	   *st;
 		char	   *err;
 
+		bool		found;
+
 		if (VARSIZE_ANY_EXHDR(k) != 32)
 			continue;
-		e = hash_search(lines, VARDATA_ANY(k), HASH_ENTER, NULL);
+		/* the line not applied yet first (there is at most one), else the latest applied */
+		e = hash_search(lines, VARDATA_ANY(k), HASH_ENTER, &found);
+		if (found)
+			continue;
 		e->line_id = DatumGetInt64(SPI_getbinval(t, td, 2, &isnull));
 		st = SPI_getvalue(t, td, 3);
 		e->state = st[0];
@@ -378,6 +390,43 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 			e->tokens[c] = isnull ? -1 : DatumGetInt32(d);
 		}
 		e->attempts = DatumGetInt32(SPI_getbinval(t, td, 9, &isnull));
+	}
+
+	/*
+	 * A miss whose line is answered (done, or applied already): the answer
+	 * was cached by a collect that committed after this call's cache
+	 * look-up. Look again (the line was read later, so the cache row is
+	 * visible now) rather than ask again.
+	 */
+	{
+		RbrGradeJob *again = palloc0(sizeof(RbrGradeJob) * n);
+		int		   *at = palloc(sizeof(int) * n);
+		int			nagain = 0;
+
+		for (int i = 0; i < n; i++)
+		{
+			LineEntry  *e;
+
+			if (jobs[i].done || (e = hash_search(lines, jobs[i].key, HASH_FIND, NULL)) == NULL ||
+				(e->state != 'd' && e->state != 'a'))
+				continue;
+			memcpy(again[nagain].key, jobs[i].key, 32);
+			again[nagain].result = jobs[i].result;
+			at[nagain++] = i;
+		}
+		if (nagain > 0)
+		{
+			MemoryContext old = MemoryContextSwitchTo(caller);
+
+			rbr_cache_lookup(again, nagain, NULL);
+			MemoryContextSwitchTo(old);
+			for (int k = 0; k < nagain; k++)
+				if (again[k].done)
+				{
+					jobs[at[k]].result = again[k].result;
+					jobs[at[k]].done = true;
+				}
+		}
 	}
 
 	for (int i = 0; i < n; i++)
@@ -428,9 +477,10 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 			char	   *body = rbr_grader_body(job, rbr_grader_token_param());
 
 			MemoryContextSwitchTo(old);
-			if (e != NULL)
-				dropped[ndropped++] = e->line_id;	/* done, but no longer in the cache */
-			else
+			/* answered once, but no longer in the cache: asked again */
+			if (e != NULL && e->state == 'd')
+				dropped[ndropped++] = e->line_id;
+			else if (e == NULL)
 				e = hash_search(lines, job->key, HASH_ENTER, NULL);
 			e->state = 'n';
 			new_keys[nnew] = key_datum(job->key);
@@ -702,7 +752,7 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 		elog(ERROR, "rbr: batch lock failed");
 	if (rbr_spi_execute_as_owner("SELECT batch_id FROM rbr.batch WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
 								 "AND state OPERATOR(pg_catalog.=) ANY ('{new,uploaded}') ORDER BY batch_id LIMIT 1",
-								 1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
+								 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
 	if (SPI_processed == 1)
 	{
@@ -715,7 +765,7 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 	if (rbr_spi_execute_as_owner("SELECT line_id, pg_catalog.octet_length(body) FROM rbr.batch_line "
 								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
 								 "AND state OPERATOR(pg_catalog.=) 'queued' AND batch_id IS NULL ORDER BY line_id LIMIT $2",
-								 2, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch line lookup failed");
 	ids = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -792,7 +842,7 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 	url_field = line_url(&ep);
 	args[0] = Int64GetDatum(batch_id);
 	if (rbr_spi_execute_as_owner("SELECT line_id, body FROM rbr.batch_line WHERE batch_id OPERATOR(pg_catalog.=) $1 "
-								 "ORDER BY line_id", 1, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 "ORDER BY line_id", 1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch line lookup failed");
 	initStringInfo(&f);
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -1109,7 +1159,7 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 	args[0] = Int64GetDatum(batch_id);
 	if (rbr_spi_execute_as_owner("SELECT line_id, key, proposition FROM rbr.batch_line "
 								 "WHERE batch_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'submitted' "
-								 "ORDER BY line_id", 1, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
+								 "ORDER BY line_id", 1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch line lookup failed");
 	nlines = (int) SPI_processed;
 	lines = palloc0(sizeof(CollectLine) * Max(nlines, 1));
@@ -1407,7 +1457,7 @@ rbr_batch_state(PG_FUNCTION_ARGS)
 								   "FROM rbr.batch_line l JOIN rbr.run r ON r.run_id OPERATOR(pg_catalog.=) l.run_id "
 								   "WHERE l.owner OPERATOR(pg_catalog.=) $2::pg_catalog.regrole "
 								   "AND r.source OPERATOR(pg_catalog.=) (SELECT s.source FROM rbr.run s WHERE s.run_id OPERATOR(pg_catalog.=) $1)",
-								   2, argtypes, args, NULL, true, 0);
+								   2, argtypes, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "rbr: batch state lookup failed");
 	{

@@ -143,6 +143,23 @@ is(sum_of($s->{by_question}), $NEEDED + $s->{lines_expired} + $s->{lines_failed}
 ok($s->{batches_created} >= 2, "faults: resubmitted in further batches ($s->{batches_created})");
 bconfig('{"expire_rate": 0, "fail_rate": 0}');
 
+# --- a question the endpoint refuses (400) ends as an error row, as online; the next call asks again
+psql_ok("CREATE TABLE bad (id int PRIMARY KEY, prompt jsonb, completion text, response_type text);"
+    . " INSERT INTO bad VALUES (1, '[{\"role\": \"user\", \"content\": \"hi\"}]', 'no [[fault 400 prop=apology]] [[rbr *=0.2]]', 'hard_refuse'),"
+    . " (2, '[{\"role\": \"user\", \"content\": \"hi\"}]', 'fine [[rbr *=0.7]]', 'hard_refuse')");
+copy_table('bad', 'bad_online');
+psql_ok("$set SET rbr.grader_model = 'm-bad-online'; CALL rbr_featurize('bad_online', 'ref')");
+($o, $e, $rc) = psql("$set SET rbr.grader_model = 'm-bad';"
+    . " CALL rbr_featurize('bad', 'ref', '{\"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.05}')", keep_going => 1);
+is($rc, 0, 'refused line: the call succeeds');
+like($e, qr/WARNING:  01000: rbr_featurize (public\.)?bad: 1 of \d+ values ended with an error/, 'refused line: the run warns');
+is(psql_ok("SELECT status || ' ' || left(error, 8) FROM bad_grades WHERE id = 1 AND proposition = 'apology'"), 'error HTTP 400',
+   'refused line: an error row with the reason');
+is(differences('bad', 'bad_online'), '0|0', 'refused line: grades (errors included) and features equal online grading\'s');
+breset();
+psql_ok("$set SET rbr.grader_model = 'm-bad'; CALL rbr_featurize('bad', 'ref', '{\"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.05}')");
+is(bstats()->{lines_received}, 1, 'refused line: the next call asks that question again, and only it');
+
 # --- kill -9 between submit and collect
 sub kill_backend {
     my ($app) = @_;
