@@ -861,9 +861,14 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 						 id, url_field, body);
 	}
 	if (f.len == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("rbr batch %lld has no lines to upload", (long long) batch_id)));
+	{
+		/* nothing left to ask (cannot happen through batch_drive): the batch is over */
+		exec_owner("UPDATE rbr.batch SET state = 'ended', lines = 0, ended_at = pg_catalog.clock_timestamp(), "
+				   "updated_at = pg_catalog.clock_timestamp() WHERE batch_id OPERATOR(pg_catalog.=) $1",
+				   1, argtypes, args, NULL, SPI_OK_UPDATE);
+		SPI_finish();
+		PG_RETURN_NULL();
+	}
 	name = psprintf("rbr-batch-%lld.jsonl", (long long) batch_id);
 	resp = api_call(&ep, "upload the batch file", "POST", api_url(&ep, "files", NULL), NULL,
 					name, f.data, f.len, RBR_MAX_RESPONSE_BYTES, &len, NULL);

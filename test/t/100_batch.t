@@ -120,11 +120,14 @@ is(bstats()->{batches_created}, 1, 'a complete table submits nothing');
 # --- wait: true, in one call
 copy_table('src', 'w');
 bconfig('{"delay_ms": 300}');
-($o, $e, $rc) = psql("$set SET rbr.grader_model = 'm-wait';"
+breset();
+($o, $e, $rc) = psql("$set SET rbr.grader_model = 'm-wait'; SET rbr.batch_max_lines = 60;"
     . " CALL rbr_featurize('w', 'ref', '{\"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.1}')", keep_going => 1);
 is($rc, 0, 'wait: true returns when done') or diag($e);
 is(missing('w'), 0, 'wait: every value written');
 is(differences('w', 'online'), '0|0', 'wait: grades and features equal online grading\'s');
+is(bstats()->{batches_created} . ' ' . bstats()->{lines_received}, '4 ' . $NEEDED,
+   'rbr.batch_max_lines 60: the questions split into 4 batches, each asked once');
 
 # --- failed and expired lines are submitted again and end graded
 copy_table('src', 'f');
