@@ -1503,11 +1503,12 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
-                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels');
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels.';
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, mode, wait, poll_seconds.';
     END IF;
+    PERFORM rbr.batch_options(options);
     n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
     n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
     n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
@@ -1625,7 +1626,8 @@ BEGIN
                          jsonb_build_object('prompt_column', pcol, 'response_type_column', rcol,
                                             'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
                                             'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
-                                            'class_mode', mode, 'seed', seed, 'labels', labels),
+                                            'class_mode', mode, 'seed', seed, 'labels', labels)
+                         || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1707,6 +1709,8 @@ DECLARE
     q_compl text[];
     probs jsonb[];
     grade_err text[];
+    got int[];
+    asked int[];
     i int;
     k int;
     p text;
@@ -1748,9 +1752,11 @@ BEGIN
         ' t.candidates, %2$s AS prompt,'
         ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
         ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
-        ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
-        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2])
-        USING (o->>'chunk_slots')::int
+        ' WHERE t.status = ''pending'' AND ($2::text IS NULL OR (t.%1$I, t.slot) > ($3::%6$s, $4))'
+        ' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
+        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2], keytype)
+        USING (o->>'chunk_slots')::int, r.last_key,
+              substr(r.last_key, strpos(r.last_key, ':') + 1), split_part(r.last_key, ':', 1)::int
     LOOP
         nslots := nslots + 1;
         keys := keys || rec.key;
@@ -1781,6 +1787,8 @@ BEGIN
         gen_ct := array_fill(NULL::int, ARRAY[nslots]);
         probs := array_fill(NULL::jsonb, ARRAY[nslots]);
         grade_err := array_fill(NULL::text, ARRAY[nslots]);
+        got := array_fill(0, ARRAY[nslots]);
+        asked := array_fill(-1, ARRAY[nslots]);
         q_cand := '{}'; q_prop := '{}'; q_prompt := '{}'; q_compl := '{}';
         FOR g IN SELECT * FROM @extschema@.rbr_generate_many(
                     (SELECT array_agg(prompts[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
@@ -1789,6 +1797,7 @@ BEGIN
                        FROM unnest(idx) WITH ORDINALITY u(s, n)))
         LOOP
             i := idx[g.ord];
+            asked[i] := 0;
             n_cand := n_cand + 1;
             n_genreq := n_genreq + g.attempts;
             n_gencached := n_gencached + g.cached::int;
@@ -1819,6 +1828,7 @@ BEGIN
             IF g.finish_reason IS NULL OR g.finish_reason = 'stop' THEN
                 SELECT array_agg(x) INTO props
                   FROM jsonb_array_elements_text(info->'response_types'->rts[i]->'graded_propositions') x;
+                asked[i] := cardinality(props);
                 FOREACH p IN ARRAY props LOOP
                     q_cand := q_cand || i;
                     q_prop := q_prop || p;
@@ -1833,6 +1843,7 @@ BEGIN
         IF cardinality(q_cand) > 0 THEN
             FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
                 i := q_cand[g.ord];
+                got[i] := got[i] + 1;
                 n_grreq := n_grreq + g.attempts;
                 n_grcached := n_grcached + g.cached::int;
                 n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
@@ -1844,6 +1855,14 @@ BEGIN
                 END IF;
             END LOOP;
         END IF;
+
+        -- batch mode: a slot whose generation or grades are in flight waits for a later pass
+        FOREACH i IN ARRAY idx LOOP
+            IF asked[i] < 0 OR (asked[i] > 0 AND got[i] < asked[i]) THEN
+                open_[i] := false;
+                n_cand := n_cand - (asked[i] >= 0)::int;
+            END IF;
+        END LOOP;
 
         -- decide per candidate
         FOREACH i IN ARRAY idx LOOP
@@ -1924,7 +1943,9 @@ BEGIN
                          jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
                                             'generator_requests', n_genreq, 'generator_cached', n_gencached,
                                             'grader_requests', n_grreq, 'grader_cached', n_grcached),
-                         NULL);
+                         -- batch mode: the next chunk starts after this one's last slot
+                         CASE WHEN o->>'mode' = 'batch'
+                              THEN slots[nslots]::text || ':' || keys[nslots] END);
     done_ := r.done + (r.counters->>'gave_up')::bigint + r.errors;
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := done_ / elapsed;
@@ -1945,7 +1966,8 @@ $$;
 -- prompt, max_attempts (3: candidates per slot before giving up),
 -- chunk_slots (16), verify ('argmax' or 'hard'), class_mode ('product' or
 -- 'exact'), seed (0..999), labels ({"class": "label"}: label names for the
--- tiers, default the class names).
+-- tiers, default the class names), mode ('online' or 'batch': generations and
+-- grades through the provider's Batch API), wait, poll_seconds.
 CREATE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, options jsonb DEFAULT '{}')
     LANGUAGE plpgsql
     AS $$
@@ -1957,7 +1979,11 @@ BEGIN
     COMMIT;
     -- no SET search_path here (a procedure with one cannot COMMIT): every
     -- name is qualified
-    CALL rbr.run_drive(run);
+    IF rbr.batch_mode(run) THEN
+        CALL rbr.batch_drive(run);
+    ELSE
+        CALL rbr.run_drive(run);
+    END IF;
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_synthesize(regclass, text, jsonb) FROM PUBLIC;
@@ -3063,17 +3089,6 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_options(jsonb)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_mode(bigint)', 'EXECUTE'),
-        ('grade', 'PROCEDURE', 'rbr.batch_drive(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_chunk(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_rewind(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_collect(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_prepare(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_upload(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_create(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_state(bigint)', 'EXECUTE'),
-        ('grade', 'FUNCTION', 'rbr.batch_sleep(float8)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
@@ -3091,6 +3106,21 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
                    ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
                    ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE')) AS r(k, o, p)
+    UNION ALL
+    -- batch mode of rbr_featurize and rbr_synthesize
+    SELECT c, k, o, p
+      FROM (VALUES ('grade'), ('synthesize')) AS c(c),
+           (VALUES ('FUNCTION', 'rbr.batch_options(jsonb)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_mode(bigint)', 'EXECUTE'),
+                   ('PROCEDURE', 'rbr.batch_drive(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_chunk(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_rewind(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_collect(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_prepare(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_upload(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_create(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_state(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_sleep(float8)', 'EXECUTE')) AS b(k, o, p)
 $$;
 
 -- Whether a role holds every privilege of a capability.
@@ -3189,15 +3219,19 @@ $$;
 -- (answers go to the grade cache through the grader's own parser), writes
 -- every value the cache now answers exactly as online grading does, and
 -- submits what is still missing; {"wait": true} polls until nothing is in
--- flight. src/batch.c describes the steps.
+-- flight. rbr_synthesize takes the same options: its generations and grades
+-- go through batches, a slot moving on as their answers come back.
+-- src/batch.c describes the steps.
 
--- Batches of the Batch API, one row per uploaded file. No role may read or
+-- Batches of the Batch API, one row per uploaded file, of grader questions
+-- or (rbr_synthesize) generator requests. No role may read or
 -- write it: the functions below (C, src/batch.c) do, as the extension's
 -- owner, after checking that the caller owns the run or batch.
 CREATE TABLE rbr.batch (
     batch_id           bigserial   PRIMARY KEY,
     run_id             bigint      NOT NULL,     -- the run that submitted it
     owner              regrole     NOT NULL,
+    kind               text        NOT NULL DEFAULT 'grade' CHECK (kind IN ('grade', 'generate')),
     api                text        NOT NULL CHECK (api IN ('openai', 'azure')),
     state              text        NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'uploaded', 'submitted', 'ended')),
     lines              int         NOT NULL,
@@ -3227,8 +3261,9 @@ CREATE TABLE rbr.batch_line (
     owner             regrole     NOT NULL,
     run_id            bigint      NOT NULL,      -- the run that queued it
     batch_id          bigint,                    -- its batch, NULL while queued for the next one
-    key               bytea       NOT NULL CHECK (pg_catalog.length(key) = 32),
-    proposition       text        NOT NULL,
+    kind              text        NOT NULL DEFAULT 'grade' CHECK (kind IN ('grade', 'generate')),
+    key               bytea       NOT NULL CHECK (pg_catalog.length(key) = 32),   -- grade or generation cache key
+    proposition       text        NOT NULL,         -- '' for a generation
     body              text,                      -- the request, as online (NULL once answered)
     state             text        NOT NULL DEFAULT 'queued'
                                   CHECK (state IN ('queued', 'submitted', 'done', 'applied', 'failed')),
@@ -3291,9 +3326,9 @@ CREATE FUNCTION rbr.batch_mode(run bigint) RETURNS boolean
     SELECT COALESCE((rbr.run_get(run)).options->>'mode' = 'batch', false)
 $$;
 
--- One chunk of a batch-mode run: rbr.featurize_chunk, grading from the cache
--- only; a missing question is queued for a batch (or is in flight) and its
--- value is skipped.
+-- One chunk of a batch-mode run: rbr.featurize_chunk (or rbr.synth_chunk),
+-- grading (and generating) from the caches only; a missing question is
+-- queued for a batch (or is in flight) and its value (or slot) is skipped.
 CREATE FUNCTION rbr.batch_chunk(run bigint) RETURNS int
     AS 'MODULE_PATHNAME', 'rbr_batch_chunk'
     LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
@@ -3344,8 +3379,12 @@ DECLARE
     poll float8;
     first boolean := true;
     reasons text;
+    proc text;
+    what text;
 BEGIN
     r := rbr.run_get(run);
+    proc := CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END;
+    what := CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'value(s)' ELSE 'slot(s) accepted' END;
     wait := COALESCE((r.options OPERATOR(pg_catalog.->>) 'wait')::boolean, false);
     poll := (r.options OPERATOR(pg_catalog.->>) 'poll_seconds')::float8;
     LOOP
@@ -3381,18 +3420,19 @@ BEGIN
     r := rbr.run_finish(run);
     COMMIT;
     IF st.queued OPERATOR(pg_catalog.+) st.submitted OPERATOR(pg_catalog.>) 0 THEN
-        RAISE NOTICE 'rbr_featurize %: % question(s) in flight in % batch(es) of the Batch API (% created by this call: %)',
-                     r.source, st.queued OPERATOR(pg_catalog.+) st.submitted, st.batches_in_flight, created,
+        RAISE NOTICE '% %: % question(s) in flight in % batch(es) of the Batch API (% created by this call: %)',
+                     proc, r.source, st.queued OPERATOR(pg_catalog.+) st.submitted, st.batches_in_flight, created,
                      COALESCE(st.provider_ids, 'none')
-            USING DETAIL = pg_catalog.format('%s value(s) written by this call, %s error(s).', r.done, r.errors),
-                  HINT = 'CALL rbr_featurize again with {"mode": "batch"} to collect the answers (SELECT * FROM rbr.batch_progress shows the batches), or add "wait": true to wait for them.';
+            USING DETAIL = pg_catalog.format('%s %s written by this call, %s error(s).', r.done, what, r.errors),
+                  HINT = pg_catalog.format('CALL %s again with {"mode": "batch"} to collect the answers (SELECT * FROM rbr.batch_progress shows the batches), or add "wait": true to wait for them.', proc);
     ELSE
-        RAISE NOTICE 'rbr_featurize %: nothing in flight; % value(s) written by this call, % error(s)',
-                     r.source, r.done, r.errors;
+        RAISE NOTICE '% %: nothing in flight; % % written by this call, % error(s)',
+                     proc, r.source, r.done, what, r.errors;
     END IF;
     IF r.errors OPERATOR(pg_catalog.>) 0 THEN
         reasons := rbr.run_error_reasons(run);
-        RAISE WARNING 'rbr_featurize %: % of % values ended with an error', r.source, r.errors, r.total
+        RAISE WARNING '% %: % of % % ended with an error', proc, r.source, r.errors, r.total,
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'values' ELSE 'slots' END
             USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
                   HINT = rbr.run_error_query(run);
     END IF;

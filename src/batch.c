@@ -63,6 +63,8 @@ static double batch_poll_seconds = 60;
 static int64 active_run = 0;
 static Oid	active_owner = InvalidOid;
 
+static void kind_endpoint(RbrEndpoint *ep, const char *kind);
+
 /* A json-c object being read; put before the next one (an ERROR in between leaks none for long). */
 static json_object *held_json = NULL;
 
@@ -184,7 +186,20 @@ run_owner(int64 run_id)
 	return owner;
 }
 
-/* A batch row (batch_id, run_id, owner, state, input_file_id, provider_id, lines) after the owner check. */
+/* Is a run (of the caller's, checked) a run of rbr_synthesize? (inside SPI) */
+static bool
+run_is_synth(int64 run_id)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(run_id)};
+
+	if (rbr_spi_execute_as_owner("SELECT kind FROM rbr.run WHERE run_id OPERATOR(pg_catalog.=) $1",
+								 1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "rbr: run lookup failed");
+	return strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), "synthesize") == 0;
+}
+
+/* A batch row (batch_id, run_id, owner, state, input_file_id, provider_id, lines, kind) after the owner check. */
 typedef struct BatchRow
 {
 	int64		batch_id;
@@ -194,6 +209,7 @@ typedef struct BatchRow
 	char	   *input_file_id;
 	char	   *provider_id;
 	int			lines;
+	char	   *kind;			/* grade or generate */
 } BatchRow;
 
 /*
@@ -227,7 +243,7 @@ batch_row(int64 batch_id)
 					 errmsg("permission denied for rbr batch %lld", (long long) batch_id),
 					 errdetail("The batch belongs to another role's run.")));
 	}
-	if (rbr_spi_execute_as_owner("SELECT batch_id, run_id, owner, state, input_file_id, provider_id, lines "
+	if (rbr_spi_execute_as_owner("SELECT batch_id, run_id, owner, state, input_file_id, provider_id, lines, kind "
 								 "FROM rbr.batch WHERE batch_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
 								 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
@@ -249,6 +265,7 @@ batch_row(int64 batch_id)
 	b.input_file_id = SPI_getvalue(t, td, 5);
 	b.provider_id = SPI_getvalue(t, td, 6);
 	b.lines = DatumGetInt32(SPI_getbinval(t, td, 7, &isnull));
+	b.kind = SPI_getvalue(t, td, 8);
 	return b;
 }
 
@@ -317,17 +334,20 @@ int8_array(int64 *v, int n)
 	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 }
 
-/* See batch.h. */
-void
-rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
+/*
+ * Batch mode, for jobs of one kind ("grade", with their propositions'
+ * names, or "generate"): see batch.h.
+ */
+static void
+prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names, const char *kind)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	Datum	   *keys = palloc(sizeof(Datum) * Max(n, 1));
 	int			nkeys = 0;
 	HTAB	   *lines;
 	HASHCTL		ctl;
-	Oid			argtypes[5];
-	Datum		args[5];
+	Oid			argtypes[6];
+	Datum		args[6];
 	int64	   *applied = palloc(sizeof(int64) * Max(n, 1));
 	int64	   *dropped = palloc(sizeof(int64) * Max(n, 1));
 	int			napplied = 0,
@@ -336,7 +356,9 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 	Datum	   *new_props = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *new_bodies = palloc(sizeof(Datum) * Max(n, 1));
 	int			nnew = 0;
+	RbrEndpoint ep;
 
+	kind_endpoint(&ep, kind);
 	for (int i = 0; i < n; i++)
 		if (!jobs[i].done || (jobs[i].result.ok && jobs[i].result.cached))
 			keys[nkeys++] = key_datum(jobs[i].key);
@@ -418,7 +440,10 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 		{
 			MemoryContext old = MemoryContextSwitchTo(caller);
 
-			rbr_cache_lookup(again, nagain, NULL);
+			if (strcmp(kind, "generate") == 0)
+				rbr_gen_cache_lookup(again, nagain);
+			else
+				rbr_cache_lookup(again, nagain, NULL);
 			MemoryContextSwitchTo(old);
 			for (int k = 0; k < nagain; k++)
 				if (again[k].done)
@@ -474,7 +499,7 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 		else
 		{
 			MemoryContext old = MemoryContextSwitchTo(caller);
-			char	   *body = rbr_grader_body(job, rbr_grader_token_param());
+			char	   *body = ep.build_body(job, ep.token_param());
 
 			MemoryContextSwitchTo(old);
 			/* answered once, but no longer in the cache: asked again */
@@ -484,7 +509,7 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 				e = hash_search(lines, job->key, HASH_ENTER, NULL);
 			e->state = 'n';
 			new_keys[nnew] = key_datum(job->key);
-			new_props[nnew] = CStringGetTextDatum(names[i]);
+			new_props[nnew] = CStringGetTextDatum(names ? names[i] : "");
 			new_bodies[nnew] = CStringGetTextDatum(body);
 			nnew++;
 			res->pending = true;
@@ -520,14 +545,30 @@ rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
 		args[3] = PointerGetDatum(construct_array(new_props, nnew, TEXTOID, -1, false, TYPALIGN_INT));
 		argtypes[4] = TEXTARRAYOID;
 		args[4] = PointerGetDatum(construct_array(new_bodies, nnew, TEXTOID, -1, false, TYPALIGN_INT));
-		exec_owner("INSERT INTO rbr.batch_line (owner, run_id, key, proposition, body) "
-				   "SELECT $1::pg_catalog.regrole, $2, k, p, b "
+		argtypes[5] = TEXTOID;
+		args[5] = CStringGetTextDatum(kind);
+		exec_owner("INSERT INTO rbr.batch_line (owner, run_id, key, proposition, body, kind) "
+				   "SELECT $1::pg_catalog.regrole, $2, k, p, b, $6 "
 				   "FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS u(k, p, b) "
 				   "ON CONFLICT (owner, key) WHERE state OPERATOR(pg_catalog.<>) 'applied' DO NOTHING",
-				   5, argtypes, args, NULL, SPI_OK_INSERT);
+				   6, argtypes, args, NULL, SPI_OK_INSERT);
 	}
 	SPI_finish();
 	hash_destroy(lines);
+}
+
+/* See batch.h: grading jobs. */
+void
+rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names)
+{
+	prepare_jobs(jobs, n, names, "grade");
+}
+
+/* See batch.h: generation jobs. */
+void
+rbr_batch_prepare_gen_jobs(RbrGradeJob *jobs, int n)
+{
+	prepare_jobs(jobs, n, NULL, "generate");
 }
 
 PG_FUNCTION_INFO_V1(rbr_batch_chunk);
@@ -550,7 +591,8 @@ rbr_batch_chunk(PG_FUNCTION_ARGS)
 		active_run = run_id;
 		active_owner = owner;
 		/* as the caller: the chunk reads and writes the caller's tables */
-		if (SPI_execute_with_args("SELECT rbr.featurize_chunk($1)", 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
+		if (SPI_execute_with_args(run_is_synth(run_id) ? "SELECT rbr.synth_chunk($1)" : "SELECT rbr.featurize_chunk($1)",
+								  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
 			SPI_processed != 1)
 			elog(ERROR, "rbr: batch-mode chunk failed");
 		claimed = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -633,11 +675,21 @@ line_url(const RbrEndpoint *ep)
 	return psprintf(is_azure(ep) ? "/%s" : "/v1/%s", ep->path);
 }
 
-/* The grader's endpoint, resolved (URL, key). */
+/* The endpoint of a kind of line ("grade": the grader, "generate": the generator), unresolved. */
 static void
-grader_endpoint(RbrEndpoint *ep)
+kind_endpoint(RbrEndpoint *ep, const char *kind)
 {
-	rbr_grader_endpoint(ep);
+	if (strcmp(kind, "generate") == 0)
+		rbr_generator_endpoint(ep);
+	else
+		rbr_grader_endpoint(ep);
+}
+
+/* The endpoint of a kind of line, resolved (URL, key). */
+static void
+resolved_endpoint(RbrEndpoint *ep, const char *kind)
+{
+	kind_endpoint(ep, kind);
 	rbr_secrets_resolve(ep);
 }
 
@@ -732,10 +784,11 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 {
 	int64		run_id = PG_GETARG_INT64(0);
 	Oid			owner;
-	Oid			argtypes[4];
-	Datum		args[4];
+	Oid			argtypes[5];
+	Datum		args[5];
 	bool		isnull;
 	int64		batch_id = 0;
+	char	   *kind;
 	int64	   *ids;
 	int			nids = 0;
 	int64		bytes = 0;
@@ -760,12 +813,25 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_INT64(batch_id);
 	}
+	/* one kind per batch (grader and generator may be different endpoints): the oldest line's */
+	if (rbr_spi_execute_as_owner("SELECT kind FROM rbr.batch_line WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
+								 "AND state OPERATOR(pg_catalog.=) 'queued' AND batch_id IS NULL ORDER BY line_id LIMIT 1",
+								 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "rbr: batch line lookup failed");
+	if (SPI_processed == 0)
+	{
+		SPI_finish();
+		PG_RETURN_NULL();
+	}
+	kind = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	argtypes[1] = INT4OID;
 	args[1] = Int32GetDatum(batch_max_lines);
+	argtypes[2] = TEXTOID;
+	args[2] = CStringGetTextDatum(kind);
 	if (rbr_spi_execute_as_owner("SELECT line_id, pg_catalog.octet_length(body) FROM rbr.batch_line "
-								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
+								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole AND kind OPERATOR(pg_catalog.=) $3 "
 								 "AND state OPERATOR(pg_catalog.=) 'queued' AND batch_id IS NULL ORDER BY line_id LIMIT $2",
-								 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+								 3, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch line lookup failed");
 	ids = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -782,16 +848,18 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	rbr_grader_endpoint(&ep);
+	kind_endpoint(&ep, kind);
 	argtypes[1] = INT8OID;
 	args[1] = Int64GetDatum(run_id);
 	argtypes[2] = TEXTOID;
 	args[2] = CStringGetTextDatum(is_azure(&ep) ? "azure" : "openai");
 	argtypes[3] = INT4OID;
 	args[3] = Int32GetDatum(nids);
-	if (rbr_spi_execute_as_owner("INSERT INTO rbr.batch (owner, run_id, api, lines) "
-								 "VALUES ($1::pg_catalog.regrole, $2, $3, $4) RETURNING batch_id",
-								 4, argtypes, args, NULL, false, 0) != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+	argtypes[4] = TEXTOID;
+	args[4] = CStringGetTextDatum(kind);
+	if (rbr_spi_execute_as_owner("INSERT INTO rbr.batch (owner, run_id, api, lines, kind) "
+								 "VALUES ($1::pg_catalog.regrole, $2, $3, $4, $5) RETURNING batch_id",
+								 5, argtypes, args, NULL, false, 0) != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "rbr: could not record a batch");
 	batch_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	argtypes[0] = INT8OID;
@@ -838,7 +906,7 @@ rbr_batch_upload(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_DATUM(t);
 	}
-	grader_endpoint(&ep);
+	resolved_endpoint(&ep, b.kind);
 	url_field = line_url(&ep);
 	args[0] = Int64GetDatum(batch_id);
 	if (rbr_spi_execute_as_owner("SELECT line_id, body FROM rbr.batch_line WHERE batch_id OPERATOR(pg_catalog.=) $1 "
@@ -961,7 +1029,7 @@ rbr_batch_create(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_DATUM(t);
 	}
-	grader_endpoint(&ep);
+	resolved_endpoint(&ep, b.kind);
 	provider_id = find_batch(&ep, b.input_file_id);
 	if (provider_id == NULL)
 	{
@@ -1018,9 +1086,9 @@ typedef struct CollectLine
 	char	   *error;
 } CollectLine;
 
-/* Read one answered line (status, body) into cl. */
+/* Read one answered line (status, body) into cl, with the endpoint's own parser. */
 static void
-read_line_answer(CollectLine *cl, long status, const char *body, size_t len)
+read_line_answer(const RbrEndpoint *ep, CollectLine *cl, long status, const char *body, size_t len)
 {
 	RbrGradeResult *res = &cl->job.result;
 
@@ -1029,7 +1097,7 @@ read_line_answer(CollectLine *cl, long status, const char *body, size_t len)
 	if (status == 200)
 	{
 		void	   *holder = NULL;
-		bool		ok = rbr_grader_parse_answer(body, len, res, &holder);
+		bool		ok = ep->read_answer(body, len, res, &holder);
 
 		if (holder != NULL)
 			json_object_put((json_object *) holder);
@@ -1063,7 +1131,7 @@ read_line_answer(CollectLine *cl, long status, const char *body, size_t len)
 
 /* Read a JSONL file of a batch's answers (output or error file) into lines[]. */
 static void
-read_results(const char *data, size_t len, CollectLine *lines, int nlines, HTAB *index)
+read_results(const RbrEndpoint *ep, const char *data, size_t len, CollectLine *lines, int nlines, HTAB *index)
 {
 	const char *p = data;
 	const char *end = data + len;
@@ -1105,7 +1173,7 @@ read_results(const char *data, size_t len, CollectLine *lines, int nlines, HTAB 
 																			JSON_C_TO_STRING_NOSLASHESCAPE)) : pstrdup("");
 
 			put_held();
-			read_line_answer(cl, status, text, strlen(text));
+			read_line_answer(ep, cl, status, text, strlen(text));
 		}
 		else if (err != NULL && json_object_is_type(err, json_type_object))
 		{
@@ -1141,7 +1209,7 @@ file_content(const RbrEndpoint *ep, const char *file_id, size_t *len)
  * or failed for good.
  */
 static int
-collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_object *bobj_unused,
+collect_batch(const RbrEndpoint *ep, const char *kind, int64 batch_id, const char *status,
 			  const char *output_file, const char *error_file, const char *batch_error)
 {
 	Oid			argtypes[6];
@@ -1159,7 +1227,6 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 	int32	   *tok[4];
 	RbrGradeJob *jobs;
 
-	(void) bobj_unused;
 	argtypes[0] = INT8OID;
 	args[0] = Int64GetDatum(batch_id);
 	if (rbr_spi_execute_as_owner("SELECT line_id, key, proposition FROM rbr.batch_line "
@@ -1192,7 +1259,7 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 		size_t		len;
 		char	   *data = file_content(ep, output_file, &len);
 
-		read_results(data, len, lines, nlines, index);
+		read_results(ep, data, len, lines, nlines, index);
 		pfree(data);
 	}
 	if (error_file != NULL)
@@ -1200,7 +1267,7 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 		size_t		len;
 		char	   *data = file_content(ep, error_file, &len);
 
-		read_results(data, len, lines, nlines, index);
+		read_results(ep, data, len, lines, nlines, index);
 		pfree(data);
 	}
 
@@ -1215,7 +1282,15 @@ collect_batch(const RbrEndpoint *ep, int64 batch_id, const char *status, json_ob
 		if (lines[i].outcome == 'd')
 			idx[nok++] = i;
 	}
-	if (nok > 0)
+	if (nok > 0 && strcmp(kind, "generate") == 0)
+	{
+		RbrGradeJob *okjobs = palloc(sizeof(RbrGradeJob) * nok);
+
+		for (int k = 0; k < nok; k++)
+			okjobs[k] = jobs[idx[k]];
+		rbr_gen_cache_store(okjobs, nok);
+	}
+	else if (nok > 0)
 		rbr_cache_store(jobs, idx, nok, props);
 
 	for (int k = 0; k < 3; k++)
@@ -1331,6 +1406,7 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 	Datum		args[4];
 	int64	   *bids;
 	char	  **pids;
+	char	  **kinds;
 	int			nb;
 	int			answered = 0;
 	RbrEndpoint ep;
@@ -1344,23 +1420,27 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 	rbr_grader_endpoint(&ep);
 	argtypes[1] = TEXTOID;
 	args[1] = CStringGetTextDatum(is_azure(&ep) ? "azure" : "openai");
-	if (rbr_spi_execute_as_owner("SELECT batch_id, provider_id FROM rbr.batch "
-								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole AND api OPERATOR(pg_catalog.=) $2 "
+	rbr_generator_endpoint(&ep);
+	argtypes[2] = TEXTOID;
+	args[2] = CStringGetTextDatum(is_azure(&ep) ? "azure" : "openai");
+	if (rbr_spi_execute_as_owner("SELECT batch_id, provider_id, kind FROM rbr.batch "
+								 "WHERE owner OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
+								 "AND api OPERATOR(pg_catalog.=) CASE WHEN kind OPERATOR(pg_catalog.=) 'generate' THEN $3 ELSE $2 END "
 								 "AND state OPERATOR(pg_catalog.=) 'submitted' ORDER BY batch_id FOR UPDATE SKIP LOCKED",
-								 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+								 3, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "rbr: batch lookup failed");
 	nb = (int) SPI_processed;
 	bids = palloc(sizeof(int64) * Max(nb, 1));
 	pids = palloc(sizeof(char *) * Max(nb, 1));
+	kinds = palloc(sizeof(char *) * Max(nb, 1));
 	for (int i = 0; i < nb; i++)
 	{
 		bool		isnull;
 
 		bids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 		pids[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+		kinds[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3);
 	}
-	if (nb > 0)
-		grader_endpoint(&ep);
 	for (int i = 0; i < nb; i++)
 	{
 		size_t		len;
@@ -1375,6 +1455,7 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 
 		CHECK_FOR_INTERRUPTS();
 		old = MemoryContextSwitchTo(per);
+		resolved_endpoint(&ep, kinds[i]);
 		if (!id_ok(pids[i]))
 			ereport(ERROR,
 					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
@@ -1424,7 +1505,7 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 		if (status != NULL &&
 			(strcmp(status, "completed") == 0 || strcmp(status, "expired") == 0 ||
 			 strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0))
-			answered += collect_batch(&ep, bids[i], status, NULL, out_file, err_file, batch_error);
+			answered += collect_batch(&ep, kinds[i], bids[i], status, out_file, err_file, batch_error);
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(per);
 	}

@@ -24,4 +24,7 @@ extern bool rbr_batch_active(void);
  */
 extern void rbr_batch_prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names);
 
+/* The same for generation jobs (rbr_generate_many), lines of kind "generate". */
+extern void rbr_batch_prepare_gen_jobs(RbrGradeJob *jobs, int n);
+
 #endif							/* RBR_BATCH_H */
