@@ -1469,7 +1469,9 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 					 errmsg("the Batch API does not know batch %s (rbr batch %lld); its lines stay in flight",
 							pids[i], (long long) bids[i]),
-					 errhint("Point rbr.grader_url (and rbr.grader_azure_api_version) at the endpoint that has the batch, as when it was submitted.")));
+					 errhint("Point rbr.%s_url (and rbr.%s_azure_api_version) at the endpoint that has the batch, as when it was submitted.",
+							 strcmp(kinds[i], "generate") == 0 ? "generator" : "grader",
+							 strcmp(kinds[i], "generate") == 0 ? "generator" : "grader")));
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(per);
 			continue;

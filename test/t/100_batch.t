@@ -316,6 +316,44 @@ for my $ver ('2024-10-21', 'v1') {
     is(bstats()->{lines_received}, $NEEDED, "Azure ($ver): one line per question");
 }
 
+# --- rbr_synthesize in batch mode: the same synthetic data as online
+my $gset = "$set SET rbr.generator_url = '$base/v1';";
+server_config($base, '{"gen_miss_rate": 0.5}');
+mk_prompts('sp', 6);
+psql_ok("CREATE TABLE sp_online AS SELECT * FROM sp; ALTER TABLE sp_online ADD PRIMARY KEY (id)");
+psql_ok("$gset SET rbr.generator_model = 'g-online'; SET rbr.grader_model = 'm-syn-online';"
+    . " CALL rbr_synthesize('sp_online', 'ref', '{\"max_attempts\": 3}')");
+breset();
+($o, $e, $rc) = psql("$gset SET client_min_messages = notice; SET rbr.generator_model = 'g-batch'; SET rbr.grader_model = 'm-syn-batch';"
+    . " CALL rbr_synthesize('sp', 'ref', '{\"max_attempts\": 3, \"mode\": \"batch\"}')", keep_going => 1);
+is($rc, 0, 'synthesize: the first call returns') or diag($e);
+like($e, qr/NOTICE:  00000: rbr_synthesize (public\.)?sp: \d+ question\(s\) in flight in \d+ batch\(es\) of the Batch API \(1 created by this call/, 'synthesize: generations submitted');
+is(psql_ok("SELECT count(*) FROM sp_synth WHERE status <> 'pending'"), 0, 'synthesize: no slot decided before its answers');
+($o, $e, $rc) = psql("$gset SET rbr.generator_model = 'g-batch'; SET rbr.grader_model = 'm-syn-batch';"
+    . " CALL rbr_synthesize('sp', 'ref', '{\"max_attempts\": 3, \"mode\": \"batch\", \"wait\": true, \"poll_seconds\": 0.05}')",
+    keep_going => 1);
+is($rc, 0, 'synthesize: wait: true ends') or diag($e);
+is(psql_ok("SELECT count(*) FROM sp_synth WHERE status = 'pending'"), 0, 'synthesize: every slot decided');
+is(psql_ok(<<'SQL'), 0, 'synthesize: the slots equal online synthesis\'s (completions, classes, features, candidates)');
+SELECT count(*) FROM sp_synth x FULL JOIN sp_online_synth y USING (id, slot)
+ WHERE x.id IS NULL OR y.id IS NULL
+    OR (x.status, x.completion, x.sample, x.graded_class, x.probs, x.class_probs, x.features, x.candidates, x.label, x.tier)
+       IS DISTINCT FROM
+       (y.status, y.completion, y.sample, y.graded_class, y.probs, y.class_probs, y.features, y.candidates, y.label, y.tier)
+SQL
+is(psql_ok(<<'SQL'), 0, 'synthesize: the attempts equal online synthesis\'s');
+SELECT count(*) FROM sp_synth_attempts x FULL JOIN sp_online_synth_attempts y USING (id, slot, attempt)
+ WHERE x.id IS NULL OR y.id IS NULL
+    OR (x.sample, x.outcome, x.reason, x.graded_class, x.completion, x.probs) IS DISTINCT FROM
+       (y.sample, y.outcome, y.reason, y.graded_class, y.completion, y.probs)
+SQL
+ok(psql_ok("SELECT count(*) FROM sp_synth_attempts WHERE outcome = 'rejected'") > 0, 'synthesize: with rejections resampled');
+$s = bstats();
+is(max_of($s->{answered_by_question}), 1, 'synthesize: no generation or question answered twice');
+is(psql_ok("SELECT string_agg(DISTINCT b.kind, ',' ORDER BY b.kind) FROM rbr.batch b JOIN rbr.run r USING (run_id)"
+    . " WHERE r.source = 'sp'::regclass"), 'generate,grade', 'synthesize: batches of generations and of grades');
+server_config($base, '{"gen_miss_rate": 0}');
+
 # --- options are checked
 ($o, $e) = psql("$set CALL rbr_featurize('src', 'ref', '{\"mode\": \"later\"}')", keep_going => 1);
 like($e, qr/mode must be 'online' or 'batch'/, 'an unknown mode is an error');
