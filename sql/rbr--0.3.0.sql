@@ -3448,7 +3448,7 @@ REVOKE EXECUTE ON PROCEDURE rbr.batch_drive(bigint) FROM PUBLIC;
 -- superuser sees all): state at the provider, lines, and once collected
 -- the lines answered, queued again and failed.
 CREATE VIEW rbr.batch_progress AS
-    SELECT b.batch_id, b.run_id, b.owner, r.source, b.api, b.state, b.provider_id, b.provider_status,
+    SELECT b.batch_id, b.run_id, b.owner, r.source, b.kind, b.api, b.state, b.provider_id, b.provider_status,
            b.lines, b.provider_completed, b.provider_failed, b.answered, b.requeued, b.failed,
            b.created_at, b.submitted_at, b.ended_at, b.updated_at
       FROM rbr.batch b JOIN rbr.run r ON r.run_id OPERATOR(pg_catalog.=) b.run_id

@@ -1,17 +1,19 @@
 /*
- * batch.c: batch mode of rbr_featurize through the provider's Batch API
- * (OpenAI's /v1/files and /v1/batches, and Azure OpenAI's /openai/files and
- * /openai/batches), at half the price of online requests.
+ * batch.c: batch mode of rbr_featurize and rbr_synthesize through the
+ * provider's Batch API (OpenAI's /v1/files and /v1/batches, and Azure
+ * OpenAI's /openai/files and /openai/batches), at half the price of online
+ * requests.
  *
  * How a run goes (rbr.batch_drive, SQL):
  *   1. collect (rbr.batch_collect): every submitted batch of the run's owner
  *      that has ended is downloaded; each answer is read by the grader's own
  *      parser (rbr_grader_parse_answer) and stored in the grade cache;
  *      lines that failed or expired go back to the queue.
- *   2. chunks (rbr.batch_chunk): rbr.featurize_chunk runs as online, but
- *      grading answers from the cache only (rbr_batch_prepare_jobs): a
- *      missing question becomes a queued line (its request body from the
- *      grader's builder, rbr_grader_body) and its value is skipped.
+ *   2. chunks (rbr.batch_chunk): rbr.featurize_chunk (rbr.synth_chunk)
+ *      runs as online, but grading (generating) answers from the cache only
+ *      (rbr_batch_prepare_jobs, rbr_batch_prepare_gen_jobs): a missing
+ *      question becomes a queued line (its request body from the endpoint's
+ *      own builder) and its value (slot) is skipped.
  *   3. submit: the queued lines are cut into batches (rbr.batch_prepare),
  *      each uploaded as a JSONL file (rbr.batch_upload) and created
  *      (rbr.batch_create), each step committed.
@@ -19,8 +21,9 @@
  * Bookkeeping: tables rbr.batch and rbr.batch_line, which no role may read
  * or write; the functions here do, as the extension's owner (owner.c), after
  * checking that the caller owns the run or batch. A line is one question
- * (its grade cache key) of one owner; its custom_id is "rbr-<line id>", no
- * user text. Nothing is paid twice: a line is in one batch at a time; the
+ * (its grade or generation cache key) of one owner; its custom_id is
+ * "rbr-<line id>", no user text. A batch holds lines of one kind (grader or
+ * generator: they may be different endpoints). Nothing is paid twice: a line is in one batch at a time; the
  * input file id is committed before the batch is created; before creating
  * one, the provider's list of batches is searched for one with that input
  * file (a crash after the create request, before its commit).

@@ -3,7 +3,7 @@
 # of the backend between submit and collect, and between file upload and
 # batch creation, without any question paid twice; failed and expired lines
 # submitted again; cancel during the wait; the bookkeeping closed to other
-# roles; the Azure OpenAI form.
+# roles; the Azure OpenAI form; rbr_synthesize in batch mode.
 use strict;
 use warnings;
 use FindBin;
