@@ -397,6 +397,7 @@ prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names, const char *kin
 
 		bool		found;
 
+		CHECK_FOR_INTERRUPTS();
 		if (VARSIZE_ANY_EXHDR(k) != 32)
 			continue;
 		/* the line not applied yet first (there is at most one), else the latest applied */
@@ -841,6 +842,7 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 	{
 		int64		len = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull)) + 128;
 
+		CHECK_FOR_INTERRUPTS();
 		if (nids > 0 && bytes + len > max_bytes)
 			break;
 		bytes += len;
@@ -1249,6 +1251,7 @@ collect_batch(const RbrEndpoint *ep, const char *kind, int64 batch_id, const cha
 		bytea	   *k;
 		int64	   *e;
 
+		CHECK_FOR_INTERRUPTS();
 		lines[i].line_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 		k = DatumGetByteaPCopy(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
 		memcpy(lines[i].job.key, VARDATA_ANY(k), 32);
@@ -1306,6 +1309,7 @@ collect_batch(const RbrEndpoint *ep, const char *kind, int64 batch_id, const cha
 	{
 		CollectLine *cl = &lines[i];
 
+		CHECK_FOR_INTERRUPTS();
 		if (cl->outcome == 'd')
 		{
 			RbrGradeResult *r = &cl->job.result;
