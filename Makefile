@@ -8,12 +8,14 @@ MODULE_big = rbr
 OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/rowset.o src/fit_solver.o src/fit.o src/model.o src/evaluate.o \
        src/grader.o src/http.o src/cache.o src/generator.o src/synth.o \
-       src/secrets.o src/owner.o src/runs.o src/batch.o
+       src/secrets.o src/owner.o src/runs.o src/cost.o src/nodes.o \
+       src/fit_scaleout.o src/batch.o
 
 DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
-REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures
+REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures citus \
+          fit_scaleout
 REGRESS_OPTS = --inputdir=. --load-extension=rbr
 
 PG_CFLAGS = -std=gnu99 -Wall -Wextra -Werror

@@ -550,7 +550,7 @@ CREATE TABLE rbr.run (
     policy            text        NOT NULL,     -- name@version, fixed for the run
     options           jsonb       NOT NULL,
     pid               int         NOT NULL,
-    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    state             text        NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done', 'stopped')),
     total             bigint      NOT NULL,     -- work missing when the run started (values or slots)
     done              bigint      NOT NULL DEFAULT 0,
     errors            bigint      NOT NULL DEFAULT 0,
@@ -565,7 +565,8 @@ CREATE TABLE rbr.run (
     last_key          text,
     started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    finished_at       timestamptz
+    finished_at       timestamptz,
+    stop_reason       text                      -- state 'stopped': why (a budget reached)
 );
 COMMENT ON TABLE rbr.run IS 'rbr_featurize and rbr_synthesize runs, updated per committed chunk';
 REVOKE ALL ON rbr.run FROM PUBLIC;
@@ -608,12 +609,12 @@ CREATE VIEW rbr.run_progress AS
            pg_catalog.round(((r.done + r.errors) /
                  GREATEST(EXTRACT(epoch FROM r.updated_at - r.started_at), 0.001))::numeric, 1) AS per_second,
            CASE WHEN r.state = 'done' THEN interval '0'
-                WHEN r.done + r.errors = 0 THEN NULL
+                WHEN r.state = 'stopped' OR r.done + r.errors = 0 THEN NULL
                 ELSE (r.updated_at - r.started_at) *
                      ((r.total - r.done - r.errors)::float8 / (r.done + r.errors))
            END AS eta,
            r.requests, r.cached, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,
-           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at
+           r.counters, r.chunks, r.started_at, r.updated_at, r.finished_at, r.stop_reason
       FROM rbr.run r
      WHERE pg_catalog.pg_has_role(r.owner::pg_catalog.oid, 'USAGE');
 GRANT SELECT ON rbr.run_progress TO PUBLIC;
@@ -703,7 +704,13 @@ BEGIN
             EXIT WHEN rbr.synth_chunk(run) OPERATOR(pg_catalog.=) 0;
         END IF;
         COMMIT;
+        -- a budget reached (rbr.featurize_budget): the run ends here
+        EXIT WHEN rbr.run_stopped(run);
     END LOOP;
+    IF rbr.run_stopped(run) THEN
+        PERFORM rbr.run_stopped_report(run);
+        RETURN;
+    END IF;
     r := rbr.run_finish(run);
     COMMIT;
     reasons := rbr.run_error_reasons(run);
@@ -865,7 +872,7 @@ CREATE VIEW rbr.featurize_progress AS
     SELECT p.run_id, p.owner, p.source, p.policy, p.state, p.done, p.errors, p.total, p.percent,
            p.per_second AS values_per_second, p.eta, p.requests, p.cached, p.prompt_tokens,
            p.completion_tokens, p.cached_tokens, p.reasoning_tokens, p.chunks, p.started_at, p.updated_at,
-           p.finished_at
+           p.finished_at, p.stop_reason
       FROM rbr.run_progress p
      WHERE p.kind OPERATOR(pg_catalog.=) 'featurize';
 GRANT SELECT ON rbr.featurize_progress TO PUBLIC;
@@ -993,11 +1000,12 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
-                     'propositions', 'mode', 'wait', 'poll_seconds');
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens', 'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, mode, wait, poll_seconds.';
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, dry_run, max_requests, max_tokens, mode, wait, poll_seconds.';
     END IF;
+    PERFORM rbr.cost_check_options(options);
     PERFORM rbr.batch_options(options);
     IF which NOT IN ('needed', 'all') THEN
         RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
@@ -1031,24 +1039,24 @@ BEGIN
         SELECT x, o FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY AS e(x, o)
         UNION ALL
         SELECT x, o + 100000 FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY AS e(x, o)) s;
-    IF keycol = ANY (cols || 'response_type'::text) THEN
+    IF keycol = ANY (cols || 'rbr_response_type'::text) THEN
         RAISE EXCEPTION 'the primary key column % of % has the name of a feature', quote_ident(keycol), source
             USING ERRCODE = 'duplicate_column',
-                  HINT = '<source>_features holds the key, response_type and one column per feature; rename the key column.';
+                  HINT = '<source>_features holds the key, rbr_response_type and one column per feature; rename the key column.';
     END IF;
-    IF 'response_type' = ANY (cols) THEN
-        RAISE EXCEPTION 'policy % names a proposition or class response_type', polref
+    IF 'rbr_response_type' = ANY (cols) THEN
+        RAISE EXCEPTION 'policy % names a proposition or class rbr_response_type', polref
             USING ERRCODE = 'duplicate_column',
-                  HINT = '<source>_features keeps each row''s response type in column response_type; rename the proposition.';
+                  HINT = '<source>_features keeps each row''s folded response type in column rbr_response_type; rename the proposition.';
     END IF;
 
     -- one set-up at a time per source table
     PERFORM pg_advisory_xact_lock(hashtext('rbr.featurize'), source::oid::int);
     PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
     PERFORM rbr.check_own_table(gtab, 'rbr_featurize');
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, response_type text)', ftab, keycol, keytype);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s (%I %s PRIMARY KEY, rbr_response_type text)', ftab, keycol, keytype);
     -- features tables of 0.2.0: the folded response type, the bookkeeping claims read
-    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS response_type text', ftab);
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS rbr_response_type text', ftab);
     FOREACH col IN ARRAY cols LOOP
         EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I float8', ftab, col);
     END LOOP;
@@ -1080,16 +1088,16 @@ BEGIN
     -- the source; chunks claim from this (local) table and read just the
     -- claimed source rows by key, so the source may be a distributed table
     rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
-    EXECUTE format('INSERT INTO %1$s AS f (%2$I, response_type) SELECT s.%2$I, %3$s FROM %4$s s'
-                   ' ON CONFLICT (%2$I) DO UPDATE SET response_type = EXCLUDED.response_type'
-                   ' WHERE f.response_type IS DISTINCT FROM EXCLUDED.response_type',
+    EXECUTE format('INSERT INTO %1$s AS f (%2$I, rbr_response_type) SELECT s.%2$I, %3$s FROM %4$s s'
+                   ' ON CONFLICT (%2$I) DO UPDATE SET rbr_response_type = EXCLUDED.rbr_response_type'
+                   ' WHERE f.rbr_response_type IS DISTINCT FROM EXCLUDED.rbr_response_type',
                    ftab, keycol, rt_expr, source);
 
     -- the needed values still missing, counted per row's response type
-    nulls_expr := rbr.featurize_need_sql(info, which, 'f.response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
+    nulls_expr := rbr.featurize_need_sql(info, which, 'f.rbr_response_type', 'f.%1$I', ', ', 'num_nulls(%s)', '0');
     EXECUTE format('SELECT COALESCE(sum(%s), 0) FROM %s f', nulls_expr, ftab) INTO total;
     IF which = 'needed' THEN
-        EXECUTE format('SELECT count(*) FROM %s f WHERE f.response_type IS NULL OR NOT ($1 ? f.response_type)', ftab)
+        EXECUTE format('SELECT count(*) FROM %s f WHERE f.rbr_response_type IS NULL OR NOT ($1 ? f.rbr_response_type)', ftab)
             INTO unknown_rt USING info->'response_types';
         IF unknown_rt > 0 THEN
             RAISE WARNING 'rbr_featurize %: % row(s) have no response type of policy %; they are not graded',
@@ -1101,7 +1109,8 @@ BEGIN
     RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
                          jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
                                             'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                            'propositions', which) || rbr.batch_options(options),
+                                            'propositions', which) || rbr.cost_run_options(options)
+                                            || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1163,6 +1172,7 @@ DECLARE
     elapsed float8;
     rate float8;
     remaining bigint;
+    kept int[];
 BEGIN
     r := rbr.run_get(featurize_chunk.run_id);
     o := r.options;
@@ -1172,7 +1182,7 @@ BEGIN
     SELECT array_agg(x ORDER BY n) INTO props FROM jsonb_array_elements_text(info->'simple_propositions') WITH ORDINALITY e(x, n);
     SELECT array_agg(x ORDER BY n) INTO classes FROM jsonb_array_elements_text(info->'classes') WITH ORDINALITY e(x, n);
     -- a row is claimed while one of its needed values is missing
-    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.response_type',
+    nulls_cond := rbr.featurize_need_sql(info, COALESCE(o->>'propositions', 'needed'), 'f.rbr_response_type',
                                          'f.%1$I IS NULL', ' OR ', '(%s)', 'false');
 
     SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
@@ -1254,6 +1264,15 @@ BEGIN
         RETURN pg_catalog.cardinality(claimed_keys);
     END IF;
 
+    -- a budget (max_requests, max_tokens): only the questions it still allows
+    kept := rbr.featurize_budget(featurize_chunk.run_id, q_prop, q_prompt, q_compl);
+    IF kept IS NOT NULL THEN
+        q_idx := ARRAY(SELECT q_idx[x] FROM unnest(kept) x);
+        q_prop := ARRAY(SELECT q_prop[x] FROM unnest(kept) x);
+        q_prompt := ARRAY(SELECT q_prompt[x] FROM unnest(kept) x);
+        q_compl := ARRAY(SELECT q_compl[x] FROM unnest(kept) x);
+    END IF;
+
     -- ask the grader (cache first), then record every answer or error
     FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
         i := q_idx[g.ord];
@@ -1293,7 +1312,7 @@ BEGIN
     SELECT string_agg(format('%1$I = ($2->>%2$L)::float8', x, x), ', ') INTO upd_classes FROM unnest(classes) x;
     FOR i IN 1 .. nrows LOOP
         rt := rts[i];
-        EXECUTE format('UPDATE %s f SET response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
+        EXECUTE format('UPDATE %s f SET rbr_response_type = $3, %s WHERE f.%I = $1::%s RETURNING to_jsonb(f)',
                        r.outputs[1], upd_props, keycol, keytype)
             INTO cur USING keys[i], vals[i], rt;
         IF rt IS NULL OR NOT (info->'response_types') ? rt THEN
@@ -1348,6 +1367,11 @@ CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options
 DECLARE
     run bigint;
 BEGIN
+    -- {"dry_run": true}: what the call would send, reported; nothing sent or written
+    IF rbr.cost_dry_run(options) THEN
+        PERFORM rbr.featurize_dry_run(source, policy, options);
+        RETURN;
+    END IF;
     PERFORM rbr.featurize_check_transaction();
     run := rbr.featurize_start(source, policy, options);
     COMMIT;
@@ -1433,7 +1457,7 @@ CREATE VIEW rbr.synth_progress AS
            pg_catalog.round(100.0 * (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors)
                             / GREATEST(p.total, 1), 1) AS percent,
            CASE WHEN p.state = 'done' THEN interval '0'
-                WHEN p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
+                WHEN p.state = 'stopped' OR p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors = 0 THEN NULL
                 ELSE (p.updated_at - p.started_at) *
                      ((p.total - p.done - COALESCE((p.counters ->> 'gave_up')::bigint, 0) - p.errors)::float8
                       / (p.done + COALESCE((p.counters ->> 'gave_up')::bigint, 0) + p.errors))
@@ -1445,7 +1469,7 @@ CREATE VIEW rbr.synth_progress AS
            COALESCE((p.counters ->> 'grader_requests')::bigint, 0) AS grader_requests,
            COALESCE((p.counters ->> 'grader_cached')::bigint, 0) AS grader_cached,
            p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.reasoning_tokens,
-           p.chunks, p.started_at, p.updated_at, p.finished_at
+           p.chunks, p.started_at, p.updated_at, p.finished_at, p.stop_reason
       FROM rbr.run_progress p
      WHERE p.kind OPERATOR(pg_catalog.=) 'synthesize';
 GRANT SELECT ON rbr.synth_progress TO PUBLIC;
@@ -1503,11 +1527,13 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
-                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'mode', 'wait', 'poll_seconds');
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests', 'max_tokens',
+                     'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, mode, wait, poll_seconds.';
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, dry_run, max_requests, max_tokens, mode, wait, poll_seconds.';
     END IF;
+    PERFORM rbr.cost_check_options(options);
     PERFORM rbr.batch_options(options);
     n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
     n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
@@ -1627,7 +1653,7 @@ BEGIN
                                             'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
                                             'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
                                             'class_mode', mode, 'seed', seed, 'labels', labels)
-                         || rbr.batch_options(options),
+                         || rbr.cost_run_options(options) || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1731,9 +1757,12 @@ DECLARE
     n_grcached bigint := 0;
     n_pt bigint := 0;
     n_ct bigint := 0;
+    n_cat bigint := 0;
+    n_rt bigint := 0;
     elapsed float8;
     rate float8;
     done_ bigint;
+    kept int[];
 BEGIN
     r := rbr.run_get(synth_chunk.run_id);
     o := r.options;
@@ -1778,6 +1807,18 @@ BEGIN
         -- generate one candidate per open slot; sample = seed, slot, candidate number
         SELECT COALESCE(array_agg(s ORDER BY s), '{}') INTO idx FROM generate_subscripts(keys, 1) s WHERE open_[s];
         EXIT WHEN cardinality(idx) = 0;
+        -- a budget (max_requests, max_tokens): only the slots it still allows; the others stay pending
+        kept := rbr.synth_budget(synth_chunk.run_id, n_genreq + n_grreq, n_pt + n_ct,
+                    ARRAY(SELECT prompts[s] FROM unnest(idx) s), ARRAY(SELECT instrs[s] FROM unnest(idx) s),
+                    ARRAY(SELECT seed * 1000000 + slots[s] * 1000 + cands[s] FROM unnest(idx) s),
+                    ARRAY(SELECT rts[s] FROM unnest(idx) s));
+        IF kept IS NOT NULL THEN
+            FOR k IN 1 .. cardinality(idx) LOOP
+                open_[idx[k]] := k = ANY (kept);
+            END LOOP;
+            idx := ARRAY(SELECT idx[x] FROM unnest(kept) x);
+            EXIT WHEN cardinality(idx) = 0;
+        END IF;
         gen_text := array_fill(NULL::text, ARRAY[nslots]);
         gen_finish := array_fill(NULL::text, ARRAY[nslots]);
         gen_model := array_fill(NULL::text, ARRAY[nslots]);
@@ -1848,6 +1889,8 @@ BEGIN
                 n_grcached := n_grcached + g.cached::int;
                 n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
                 n_ct := n_ct + COALESCE(g.completion_tokens, 0);
+                n_cat := n_cat + COALESCE(g.cached_tokens, 0);
+                n_rt := n_rt + COALESCE(g.reasoning_tokens, 0);
                 IF g.status = 'ok' THEN
                     probs[i] := probs[i] || jsonb_build_object(g.proposition, g.probability);
                 ELSIF grade_err[i] IS NULL THEN
@@ -1939,7 +1982,7 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, 0, 0,
+    r := rbr.run_advance(synth_chunk.run_id, n_acc, n_err, n_gencached, n_genreq + n_grreq, n_pt, n_ct, n_cat, n_rt,
                          jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
                                             'generator_requests', n_genreq, 'generator_cached', n_gencached,
                                             'grader_requests', n_grreq, 'grader_cached', n_grcached),
@@ -1974,6 +2017,11 @@ CREATE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, option
 DECLARE
     run bigint;
 BEGIN
+    -- {"dry_run": true}: what the call would send, reported; nothing sent or written
+    IF rbr.cost_dry_run(options) THEN
+        PERFORM rbr.synth_dry_run(source, policy, options);
+        RETURN;
+    END IF;
     PERFORM rbr.featurize_check_transaction('rbr_synthesize');
     run := rbr.synth_start(source, policy, options);
     COMMIT;
@@ -3089,11 +3137,21 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
         ('grade', 'FUNCTION', 'rbr.featurize_chunk(bigint)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_score(text, text, jsonb, text, float8)', 'EXECUTE'),
         ('grade', 'FUNCTION', '@extschema@.rbr_check_grader(text)', 'EXECUTE'),
+        ('grade', 'FUNCTION', '@extschema@.rbr_featurize_estimate(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_dry_run(regclass, text, jsonb)', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.featurize_budget(bigint, text[], jsonb[], text[])', 'EXECUTE'),
+        ('grade', 'FUNCTION', 'rbr.grade_plan(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_generate_many(jsonb[], text[], int[])', 'EXECUTE'),
         ('synthesize', 'FUNCTION', '@extschema@.rbr_grade_many(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('synthesize', 'PROCEDURE', '@extschema@.rbr_synthesize(regclass, text, jsonb)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', 'rbr.synth_start(regclass, text, jsonb)', 'EXECUTE'),
         ('synthesize', 'FUNCTION', 'rbr.synth_chunk(bigint)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', '@extschema@.rbr_synthesize_estimate(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_dry_run(regclass, text, jsonb)', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_budget(bigint, bigint, bigint, jsonb[], text[], int[], text[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.synth_plan_cost(text, jsonb[], text[], int[], text[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.generate_plan(jsonb[], text[], int[])', 'EXECUTE'),
+        ('synthesize', 'FUNCTION', 'rbr.grade_plan(text, text[], jsonb[], text[])', 'EXECUTE'),
         ('policies', 'TABLE', 'rbr.policy_version', 'INSERT'),
         ('models', 'TABLE', 'rbr.model', 'INSERT, UPDATE, DELETE')
     UNION ALL
@@ -3105,7 +3163,10 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
                    ('FUNCTION', 'rbr.run_finish(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_error_reasons(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_error_query(bigint)', 'EXECUTE'),
-                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE')) AS r(k, o, p)
+                   ('PROCEDURE', 'rbr.run_drive(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stop(bigint, text)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.run_stopped_report(bigint)', 'EXECUTE')) AS r(k, o, p)
     UNION ALL
     -- batch mode of rbr_featurize and rbr_synthesize
     SELECT c, k, o, p
@@ -3207,6 +3268,66 @@ $$;
 -- Fitting at scale: the aggregate state type and the scale-out fit
 -------------------------------------------------------------------------------
 -- (section: fitting)
+
+-- Fitting without gathering
+-- rbr_fit_table iterates over a table: each step (a few barrier Newton steps,
+-- then working-set passes) is one SQL pass whose pairs are formed and summed
+-- where the rows are, by plain aggregates with float8[] states and combine
+-- functions (parallel query and Citus aggregate them partially on the workers).
+CREATE FUNCTION rbr.fit_pairs_transfn(float8[], float8[], text, int, int, float8[], float8[], float8, float8)
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_pairs_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_sums_combine(float8[], float8[])
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_sums_combine' LANGUAGE C STRICT PARALLEL SAFE;
+-- One pass's sums over ordered pairs (a better than b) at the weights and
+-- barrier parameter in params: hinge, barrier, multipliers, curvature.
+CREATE AGGREGATE rbr.fit_pairs(params float8[], group_key text, tier_a int, tier_b int,
+                               features_a float8[], features_b float8[], base_a float8, base_b float8) (
+    SFUNC = rbr.fit_pairs_transfn,
+    STYPE = float8[],
+    COMBINEFUNC = rbr.fit_sums_combine,
+    PARALLEL = SAFE
+);
+CREATE FUNCTION rbr.fit_band_transfn(float8[], float8[], text, int, int, float8[], float8[], float8, float8)
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_band_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_band_combine(float8[], float8[])
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_band_combine' LANGUAGE C STRICT PARALLEL SAFE;
+-- One working-set pass at the weights in params: the pairs near the kink
+-- one by one (a bounded working set), the active ones as sums, the losses.
+CREATE AGGREGATE rbr.fit_band(params float8[], group_key text, tier_a int, tier_b int,
+                              features_a float8[], features_b float8[], base_a float8, base_b float8) (
+    SFUNC = rbr.fit_band_transfn,
+    STYPE = float8[],
+    COMBINEFUNC = rbr.fit_band_combine,
+    PARALLEL = SAFE
+);
+CREATE FUNCTION rbr.fit_rows_transfn(float8[], int, float8[], float8, boolean)
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_rows_transfn' LANGUAGE C PARALLEL SAFE;
+CREATE FUNCTION rbr.fit_rows_combine(float8[], float8[])
+    RETURNS float8[] AS 'MODULE_PATHNAME', 'rbr_fit_rows_combine' LANGUAGE C STRICT PARALLEL SAFE;
+-- The row check of a group: {complete rows, skipped rows, features, lowest
+-- tier, highest tier}; errors on the values rbr_fit refuses.
+CREATE AGGREGATE rbr.fit_rows(tier int, features float8[], base_reward float8, key_present boolean) (
+    SFUNC = rbr.fit_rows_transfn,
+    STYPE = float8[],
+    COMBINEFUNC = rbr.fit_rows_combine,
+    PARALLEL = SAFE
+);
+-- Fit the weights of rbr_fit by passes over a table, without gathering its
+-- rows: the same objective and optimum (certified gap), the same report.
+-- where_column/where_value pick the rows of one response type.
+CREATE FUNCTION @extschema@.rbr_fit_table(source regclass, group_column name, tier_column name,
+                                          features_column name, base_column name, options jsonb DEFAULT '{}',
+                                          where_column name DEFAULT NULL, where_value text DEFAULT NULL)
+    RETURNS jsonb AS 'MODULE_PATHNAME', 'rbr_fit_table' LANGUAGE C VOLATILE PARALLEL UNSAFE
+    SET search_path = pg_catalog, pg_temp;
+-- The query of one pass of rbr_fit_table ($1 its parameters, $2 where_value),
+-- to EXPLAIN: pass 'barrier' or 'working_set'.
+CREATE FUNCTION rbr.fit_table_pass_query(source regclass, group_column name, tier_column name,
+                                         features_column name, base_column name, options jsonb DEFAULT '{}',
+                                         where_column name DEFAULT NULL, where_value text DEFAULT NULL,
+                                         pass text DEFAULT 'barrier')
+    RETURNS text AS 'MODULE_PATHNAME', 'rbr_fit_table_pass_query' LANGUAGE C STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp;
 
 -------------------------------------------------------------------------------
 -- Batch mode: the provider's Batch API
@@ -3312,6 +3433,10 @@ BEGIN
                 HINT = 'Pass {"mode": "batch", "wait": true}.';
         END IF;
         RETURN '{}';
+    END IF;
+    IF options ? 'max_requests' OR options ? 'max_tokens' THEN
+        RAISE EXCEPTION 'max_requests and max_tokens are options of online mode' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A batch-mode call submits every missing question; see what they cost first with {"dry_run": true}.';
     END IF;
     RETURN jsonb_strip_nulls(jsonb_build_object('mode', 'batch', 'wait', COALESCE((options->>'wait')::boolean, false),
                                                 'poll_seconds', poll));
@@ -3464,8 +3589,765 @@ GRANT SELECT ON rbr.batch_progress TO PUBLIC;
 -- Cost before and after: dry runs, budgets, prompt caching
 -------------------------------------------------------------------------------
 -- (section: cost)
+-- A dry run ({"dry_run": true}) reports what a call would send without
+-- sending anything or writing any table; a budget ({"max_requests": N},
+-- {"max_tokens": N}) ends a call before it would pass N requests or N
+-- (prompt + completion) tokens, counted over that call, with state
+-- 'stopped' and the reason in rbr.run_progress: CALL again with a larger
+-- budget to go on (only missing values are graded). Both count a question
+-- as free when rbr_grade_many would not send it (cached, or asked earlier in
+-- the same batch) and estimate tokens from the very request bodies rbr
+-- would send (src/cost.c: characters of the messages' text / 4, rounded up,
+-- + 3 per message + 3 per request; completion tokens: the upper bound
+-- rbr.grader_max_answer_tokens per answer).
+
+-- Per question of a batch: free (cached or a repeat), the requests it would
+-- send and their estimated tokens. Sends nothing.
+CREATE FUNCTION rbr.grade_plan(policy text, propositions text[], prompts jsonb[], completions text[],
+    OUT ord int, OUT free boolean, OUT requests int, OUT prompt_tokens int, OUT completion_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_grade_plan'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.grade_plan(text, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- Mark a run of the caller's stopped, with the reason; returns the row.
+CREATE FUNCTION rbr.run_stop(run_id bigint, reason text) RETURNS rbr.run
+    AS 'MODULE_PATHNAME', 'rbr_run_stop'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- Whether a run of the caller's was stopped (at a budget).
+CREATE FUNCTION rbr.run_stopped(run bigint) RETURNS boolean
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT (rbr.run_get(run)).state = 'stopped'
+$$;
+
+-- The WARNING that ends a stopped run: where it stopped, how to go on.
+CREATE FUNCTION rbr.run_stopped_report(run bigint) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(run);
+    proc text := CASE WHEN r.kind = 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END;
+BEGIN
+    RAISE WARNING '% %: stopped at the budget: %; % of % % processed, % requests, % prompt + % completion tokens',
+                  proc, r.source, r.stop_reason, r.done + r.errors, r.total,
+                  CASE WHEN r.kind = 'featurize' THEN 'values' ELSE 'slots' END,
+                  r.requests, r.prompt_tokens, r.completion_tokens
+        USING DETAIL = format('Run %s, state ''stopped'' in rbr.run_progress.', r.run_id),
+              HINT = format('CALL %s again with a larger max_requests / max_tokens (or none): only what is still missing is sent. See what is left with {"dry_run": true}.', proc);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.run_stop(bigint, text), rbr.run_stopped(bigint),
+                           rbr.run_stopped_report(bigint) FROM PUBLIC;
+
+-- Check the cost options of a bulk call: dry_run a boolean, max_requests
+-- and max_tokens whole numbers >= 0.
+CREATE FUNCTION rbr.cost_check_options(options jsonb) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    k text;
+BEGIN
+    IF options ? 'dry_run' AND jsonb_typeof(options->'dry_run') <> 'boolean' THEN
+        RAISE EXCEPTION 'dry_run must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH k IN ARRAY ARRAY['max_requests', 'max_tokens'] LOOP
+        IF options ? k AND (jsonb_typeof(options->k) <> 'number' OR (options->>k)::numeric < 0
+                            OR (options->>k)::numeric <> trunc((options->>k)::numeric)
+                            OR (options->>k)::numeric > 9e18) THEN
+            RAISE EXCEPTION '% must be a whole number >= 0', k USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'A budget counts the requests (max_requests) or prompt + completion tokens (max_tokens) of one call.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The budget options a run keeps (in rbr.run.options).
+CREATE FUNCTION rbr.cost_run_options(options jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_object_agg(k, options->k), '{}') FROM unnest(ARRAY['max_requests', 'max_tokens']) k
+     WHERE options ? k
+$$;
+
+-- Whether the options ask for a dry run.
+CREATE FUNCTION rbr.cost_dry_run(options jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE(jsonb_typeof(options) = 'object' AND options->'dry_run' = 'true'::jsonb, false)
+$$;
+
+-- The questions of one chunk of a run that its budget still allows, as
+-- positions into the arrays (NULL: the run has no budget). When some are
+-- left out the run is marked stopped with the reason.
+CREATE FUNCTION rbr.featurize_budget(run_id bigint, propositions text[], prompts jsonb[], completions text[])
+    RETURNS int[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(featurize_budget.run_id);
+    max_req bigint := (r.options->>'max_requests')::bigint;
+    max_tok bigint := (r.options->>'max_tokens')::bigint;
+    req bigint := r.requests;
+    tok bigint := r.prompt_tokens + r.completion_tokens;
+    kept int[] := '{}';
+    left_out bigint := 0;
+    pl record;
+BEGIN
+    IF max_req IS NULL AND max_tok IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR pl IN SELECT * FROM rbr.grade_plan(r.policy, propositions, prompts, completions) p ORDER BY p.ord LOOP
+        IF (max_req IS NULL OR req + pl.requests <= max_req)
+           AND (max_tok IS NULL OR tok + pl.prompt_tokens + pl.completion_tokens <= max_tok) THEN
+            kept := kept || pl.ord;
+            req := req + pl.requests;
+            tok := tok + pl.prompt_tokens + pl.completion_tokens;
+        ELSE
+            left_out := left_out + 1;
+        END IF;
+    END LOOP;
+    IF left_out > 0 THEN
+        PERFORM rbr.run_stop(featurize_budget.run_id,
+            concat_ws(' and ',
+                      CASE WHEN max_req IS NOT NULL THEN format('max_requests %s', max_req) END,
+                      CASE WHEN max_tok IS NOT NULL THEN format('max_tokens %s', max_tok) END)
+            || format(' reached before %s more question(s)', left_out));
+    END IF;
+    RETURN kept;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_budget(bigint, text[], jsonb[], text[]) FROM PUBLIC;
+
+-- What CALL rbr_featurize(source, policy, options) would do now, without
+-- sending anything or writing any table: the needed values missing, how
+-- many of them the cache (or an identical question) answers, how many
+-- cannot be graded (NULL prompt or completion: they become errors), the
+-- requests it would send and their estimated prompt tokens and (at most)
+-- completion tokens, with the grader settings in force. Retries are not
+-- foreseen.
+CREATE FUNCTION @extschema@.rbr_featurize_estimate(source regclass, policy text, options jsonb DEFAULT '{}',
+    OUT missing bigint, OUT cached bigint, OUT not_gradable bigint, OUT requests bigint,
+    OUT prompt_tokens bigint, OUT completion_tokens bigint)
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    ccol text := COALESCE(options->>'completion_column', 'completion');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    which text := COALESCE(options->>'propositions', 'needed');
+    bad text;
+    ftab text;
+    ptype text;
+    ctype text;
+    prompt_expr text;
+    compl_expr text;
+    q text;
+    rec record;
+    pl record;
+    b_prop text[] := '{}';
+    b_prompt jsonb[] := '{}';
+    b_compl text[] := '{}';
+    n_send bigint := 0;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'rbr_featurize_estimate() needs a source, a policy and an options object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the options of rbr_featurize (those of batch mode do not change the counts)
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens', 'mode', 'wait');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF which NOT IN ('needed', 'all') THEN
+        RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    info := @extschema@.rbr_policy_info(policy);
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_featurize', rcol, ARRAY[pcol, ccol],
+           'Name the columns with options {"prompt_column": ..., "completion_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; completion: text or jsonb messages; response_type: text.');
+    ftab := format('%I.%I', nsp, rel || '_features');
+    PERFORM rbr.check_own_table(ftab, 'rbr_featurize');
+
+    -- the values a run would grade, read as featurize_chunk reads them
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = pcol AND NOT a.attisdropped;
+    SELECT format_type(a.atttypid, NULL) INTO ctype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = ccol AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', pcol)
+                        ELSE format('to_jsonb(s.%I::text)', pcol) END;
+    compl_expr := CASE WHEN ctype IN ('jsonb', 'json') THEN
+                       format('CASE jsonb_typeof(s.%1$I::jsonb) WHEN ''array'' THEN s.%1$I::jsonb -> -1 ->> ''content'''
+                              ' WHEN ''object'' THEN s.%1$I::jsonb ->> ''content'' ELSE s.%1$I::jsonb #>> ''{}'' END', ccol)
+                       ELSE format('s.%I::text', ccol) END;
+    q := format('SELECT p.prop, NULLIF(%s, ''null''::jsonb) AS prompt, %s AS completion FROM %s s',
+                prompt_expr, compl_expr, source);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' LEFT JOIN %s f ON f.%I OPERATOR(pg_catalog.=) s.%I', ftab, keycol, keycol);
+    END IF;
+    q := q || format(' CROSS JOIN LATERAL jsonb_array_elements_text(%s) p(prop)',
+                     CASE WHEN which = 'all' THEN '$1'
+                          ELSE format('$2 -> %s -> ''graded_propositions''', rbr.fold_name_sql(format('s.%I', rcol))) END);
+    IF to_regclass(ftab) IS NOT NULL THEN
+        q := q || format(' WHERE f.%I IS NULL OR COALESCE(to_jsonb(f) -> p.prop, ''null''::jsonb) = ''null''::jsonb', keycol);
+    END IF;
+
+    missing := 0; not_gradable := 0; requests := 0; prompt_tokens := 0; completion_tokens := 0;
+    -- identical questions are asked once
+    FOR rec IN EXECUTE format('SELECT q.prop, q.prompt, q.completion COLLATE "C" AS completion, count(*) AS n'
+                              ' FROM (%s) q GROUP BY 1, 2, 3', q)
+        USING info->'simple_propositions', info->'response_types'
+    LOOP
+        missing := missing + rec.n;
+        IF rec.prompt IS NULL OR rec.completion IS NULL THEN
+            not_gradable := not_gradable + rec.n;
+            CONTINUE;
+        END IF;
+        b_prop := b_prop || rec.prop;
+        b_prompt := b_prompt || rec.prompt;
+        b_compl := b_compl || rec.completion;
+        IF cardinality(b_prop) >= 256 THEN
+            FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+                n_send := n_send + (NOT pl.free)::int;
+                requests := requests + pl.requests;
+                prompt_tokens := prompt_tokens + pl.prompt_tokens;
+                completion_tokens := completion_tokens + pl.completion_tokens;
+            END LOOP;
+            b_prop := '{}'; b_prompt := '{}'; b_compl := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(b_prop) > 0 THEN
+        FOR pl IN SELECT * FROM rbr.grade_plan(policy, b_prop, b_prompt, b_compl) LOOP
+            n_send := n_send + (NOT pl.free)::int;
+            requests := requests + pl.requests;
+            prompt_tokens := prompt_tokens + pl.prompt_tokens;
+            completion_tokens := completion_tokens + pl.completion_tokens;
+        END LOOP;
+    END IF;
+    cached := missing - not_gradable - n_send;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_featurize_estimate(regclass, text, jsonb) FROM PUBLIC;
+
+-- CALL rbr_featurize(..., '{"dry_run": true}'): the estimate, as a NOTICE.
+CREATE FUNCTION rbr.featurize_dry_run(source regclass, policy text, options jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    e record;
+BEGIN
+    SELECT * INTO e FROM @extschema@.rbr_featurize_estimate(source, policy, options);
+    RAISE NOTICE 'rbr_featurize % (dry run, nothing sent): % values missing, % answered by the cache, % not gradable; would send % requests, about % prompt tokens and at most % completion tokens',
+                 source, e.missing, e.cached, e.not_gradable, e.requests, e.prompt_tokens, e.completion_tokens
+        USING HINT = format('The same figures as data: SELECT * FROM rbr_featurize_estimate(%L, %L, %L). Prompt tokens are estimated as characters / 4 of the request messages.',
+                            source::text, policy, options::text);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.featurize_dry_run(regclass, text, jsonb) FROM PUBLIC;
+
+-- Per completion asked of the generator: free (cached or a repeat), the
+-- requests it would send and their estimated tokens. Sends nothing.
+CREATE FUNCTION rbr.generate_plan(prompts jsonb[], instructions text[], samples int[],
+    OUT ord int, OUT free boolean, OUT requests int, OUT prompt_tokens int, OUT completion_tokens int)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_generate_plan'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE EXECUTE ON FUNCTION rbr.generate_plan(jsonb[], text[], int[]) FROM PUBLIC;
+
+-- What one candidate of each slot costs: its generation (rbr.generate_plan)
+-- and, unless that comes from the cache (its grades then came with it), the
+-- grading of the text with the proposition's of the slot's response type,
+-- counted with a completion as long as rbr.generator_max_tokens allows (an
+-- upper bound; it appears twice in a grading request). One row per slot.
+CREATE FUNCTION rbr.synth_plan_cost(policy text, prompts jsonb[], instructions text[], samples int[],
+                                    response_types text[],
+                                    OUT ord int, OUT gen_free boolean, OUT gen_requests int, OUT gen_tokens bigint,
+                                    OUT grade_requests bigint, OUT grade_tokens bigint)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb := @extschema@.rbr_policy_info(policy);
+    gen_max int := current_setting('rbr.generator_max_tokens')::int;
+    g record;
+    props text[];
+BEGIN
+    FOR g IN SELECT * FROM rbr.generate_plan(prompts, instructions, samples) p ORDER BY p.ord LOOP
+        ord := g.ord;
+        gen_free := g.free;
+        gen_requests := g.requests;
+        gen_tokens := g.prompt_tokens + g.completion_tokens;
+        grade_requests := 0;
+        grade_tokens := 0;
+        IF NOT g.free THEN
+            SELECT COALESCE(array_agg(x), '{}') INTO props
+              FROM jsonb_array_elements_text(info->'response_types'->response_types[g.ord]->'graded_propositions') x;
+            IF cardinality(props) > 0 THEN
+                SELECT COALESCE(sum(p.requests), 0),
+                       COALESCE(sum(p.prompt_tokens + p.completion_tokens + p.requests * 2 * gen_max), 0)
+                  INTO grade_requests, grade_tokens
+                  FROM rbr.grade_plan(policy, props, array_fill(prompts[g.ord], ARRAY[cardinality(props)]),
+                                      array_fill(''::text, ARRAY[cardinality(props)])) p;
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_plan_cost(text, jsonb[], text[], int[], text[]) FROM PUBLIC;
+
+-- The slots of one round of a synthesize chunk that its budget still allows,
+-- as positions into the arrays (NULL: no budget), given what the chunk spent
+-- so far; when some are left out the run is marked stopped.
+CREATE FUNCTION rbr.synth_budget(run_id bigint, spent_requests bigint, spent_tokens bigint, prompts jsonb[],
+                                 instructions text[], samples int[], response_types text[]) RETURNS int[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r rbr.run := rbr.run_get(synth_budget.run_id);
+    max_req bigint := (r.options->>'max_requests')::bigint;
+    max_tok bigint := (r.options->>'max_tokens')::bigint;
+    req bigint := r.requests + spent_requests;
+    tok bigint := r.prompt_tokens + r.completion_tokens + spent_tokens;
+    kept int[] := '{}';
+    left_out bigint := 0;
+    c record;
+BEGIN
+    IF max_req IS NULL AND max_tok IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR c IN SELECT * FROM rbr.synth_plan_cost(r.policy, prompts, instructions, samples, response_types) LOOP
+        IF (max_req IS NULL OR req + c.gen_requests + c.grade_requests <= max_req)
+           AND (max_tok IS NULL OR tok + c.gen_tokens + c.grade_tokens <= max_tok) THEN
+            kept := kept || c.ord;
+            req := req + c.gen_requests + c.grade_requests;
+            tok := tok + c.gen_tokens + c.grade_tokens;
+        ELSE
+            left_out := left_out + 1;
+        END IF;
+    END LOOP;
+    IF left_out > 0 THEN
+        PERFORM rbr.run_stop(synth_budget.run_id,
+            concat_ws(' and ',
+                      CASE WHEN max_req IS NOT NULL THEN format('max_requests %s', max_req) END,
+                      CASE WHEN max_tok IS NOT NULL THEN format('max_tokens %s', max_tok) END)
+            || format(' reached before %s more candidate(s)', left_out));
+    END IF;
+    RETURN kept;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_budget(bigint, bigint, bigint, jsonb[], text[], int[], text[]) FROM PUBLIC;
+
+-- What CALL rbr_synthesize(source, policy, options) would do now, for the
+-- first candidate of every slot still to do, without sending anything or
+-- writing any table: slots (pending or errored, or not planned yet), their
+-- generations answered by the generation cache, the generation requests and
+-- their estimated prompt tokens and (at most) completion tokens, the grading
+-- requests of the generated texts and their tokens (an upper bound: texts
+-- as long as rbr.generator_max_tokens allows). A rejected candidate is
+-- replaced, up to max_attempts per slot: a run can cost up to that many
+-- times the first round.
+CREATE FUNCTION @extschema@.rbr_synthesize_estimate(source regclass, policy text, options jsonb DEFAULT '{}',
+    OUT slots bigint, OUT generations_cached bigint, OUT generation_requests bigint,
+    OUT generation_prompt_tokens bigint, OUT generation_completion_tokens bigint,
+    OUT grading_requests bigint, OUT grading_tokens bigint, OUT max_attempts int)
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    info jsonb;
+    nsp name;
+    rel name;
+    keycol name;
+    keytype text;
+    pcol text := COALESCE(options->>'prompt_column', 'prompt');
+    rcol text := COALESCE(options->>'response_type_column', 'response_type');
+    n_ideal int;
+    n_flawed int;
+    n_disallowed int;
+    seed int;
+    stab text;
+    ptype text;
+    prompt_expr text;
+    rt_expr text;
+    bad text;
+    q text;
+    rec record;
+    c record;
+    gen_max int := current_setting('rbr.generator_max_tokens')::int;
+    b_prompt jsonb[] := '{}';
+    b_instr text[] := '{}';
+    b_sample int[] := '{}';
+    b_rt text[] := '{}';
+    gp record;
+BEGIN
+    IF source IS NULL OR policy IS NULL OR options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'rbr_synthesize_estimate() needs a source, a policy and an options object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests',
+                     'max_tokens', 'mode', 'wait');
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM rbr.cost_check_options(options);
+    n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
+    n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
+    n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
+    max_attempts := rbr.synth_int_option(options, 'max_attempts', 3, 1, 100);
+    seed := rbr.synth_int_option(options, 'seed', 0, 0, 999);
+    info := @extschema@.rbr_policy_info(policy);
+    SELECT * INTO nsp, rel, keycol, keytype
+      FROM rbr.check_source(source, 'rbr_synthesize', rcol, ARRAY[pcol],
+           'Name the columns with options {"prompt_column": ..., "response_type_column": ...}.',
+           'prompt: jsonb messages or text; response_type: text.');
+    stab := format('%I.%I', nsp, rel || '_synth');
+    PERFORM rbr.check_own_table(stab, 'rbr_synthesize');
+    SELECT format_type(a.atttypid, NULL) INTO ptype FROM pg_attribute a
+     WHERE a.attrelid = source AND a.attname = pcol AND NOT a.attisdropped;
+    prompt_expr := CASE WHEN ptype IN ('jsonb', 'json') THEN format('s.%I::jsonb', pcol)
+                        ELSE format('to_jsonb(s.%I::text)', pcol) END;
+    rt_expr := rbr.fold_name_sql(format('s.%I', rcol));
+
+    -- the slots a run would work on, as synth_start plans them and synth_chunk reads them
+    q := format('SELECT %1$s AS prompt, p.instruction, p.slot, 0 AS candidates, %2$s AS rt FROM %3$s s,'
+                ' LATERAL @extschema@.rbr_synth_plan($2, %2$s, $3, $4, $5, s.%4$I::text || '':'' || $6) p'
+                ' WHERE $1 ? %2$s', prompt_expr, rt_expr, source, keycol);
+    IF to_regclass(stab) IS NOT NULL THEN
+        q := q || format(' AND NOT EXISTS (SELECT 1 FROM %1$s t WHERE t.%2$I OPERATOR(pg_catalog.=) s.%2$I'
+                         ' AND t.slot OPERATOR(pg_catalog.=) p.slot)'
+                         ' UNION ALL SELECT %3$s, t.instruction, t.slot, t.candidates, t.response_type'
+                         ' FROM %1$s t JOIN %4$s s ON s.%2$I OPERATOR(pg_catalog.=) t.%2$I'
+                         ' WHERE t.status IN (''pending'', ''error'')', stab, keycol, prompt_expr, source);
+    END IF;
+    slots := 0; generations_cached := 0; generation_requests := 0; generation_prompt_tokens := 0;
+    generation_completion_tokens := 0; grading_requests := 0; grading_tokens := 0;
+    FOR rec IN EXECUTE q USING info->'response_types', policy, n_ideal, n_flawed, n_disallowed, seed::text LOOP
+        slots := slots + 1;
+        CONTINUE WHEN rec.prompt IS NULL OR rec.prompt = 'null'::jsonb;
+        b_prompt := b_prompt || rec.prompt;
+        b_instr := b_instr || rec.instruction;
+        b_sample := b_sample || (seed * 1000000 + rec.slot * 1000 + rec.candidates);
+        b_rt := b_rt || rec.rt;
+        IF cardinality(b_prompt) >= 64 THEN
+            FOR c IN SELECT * FROM rbr.synth_plan_cost(policy, b_prompt, b_instr, b_sample, b_rt) LOOP
+                generations_cached := generations_cached + c.gen_free::int;
+                generation_requests := generation_requests + c.gen_requests;
+                generation_completion_tokens := generation_completion_tokens + CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+                generation_prompt_tokens := generation_prompt_tokens + c.gen_tokens - CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+                grading_requests := grading_requests + c.grade_requests;
+                grading_tokens := grading_tokens + c.grade_tokens;
+            END LOOP;
+            b_prompt := '{}'; b_instr := '{}'; b_sample := '{}'; b_rt := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(b_prompt) > 0 THEN
+        FOR c IN SELECT * FROM rbr.synth_plan_cost(policy, b_prompt, b_instr, b_sample, b_rt) LOOP
+            generations_cached := generations_cached + c.gen_free::int;
+            generation_requests := generation_requests + c.gen_requests;
+            generation_completion_tokens := generation_completion_tokens + CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+            generation_prompt_tokens := generation_prompt_tokens + c.gen_tokens - CASE WHEN c.gen_free THEN 0 ELSE gen_max END;
+            grading_requests := grading_requests + c.grade_requests;
+            grading_tokens := grading_tokens + c.grade_tokens;
+        END LOOP;
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION @extschema@.rbr_synthesize_estimate(regclass, text, jsonb) FROM PUBLIC;
+
+-- CALL rbr_synthesize(..., '{"dry_run": true}'): the estimate, as a NOTICE.
+CREATE FUNCTION rbr.synth_dry_run(source regclass, policy text, options jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    e record;
+BEGIN
+    SELECT * INTO e FROM @extschema@.rbr_synthesize_estimate(source, policy, options);
+    RAISE NOTICE 'rbr_synthesize % (dry run, nothing sent): % slots to do, % first candidates in the generation cache; the first round would send % generation requests (about % prompt tokens, at most % completion tokens) and at most % grading requests (at most % tokens)',
+                 source, e.slots, e.generations_cached, e.generation_requests, e.generation_prompt_tokens,
+                 e.generation_completion_tokens, e.grading_requests, e.grading_tokens
+        USING DETAIL = format('A rejected candidate is replaced up to max_attempts (%s) per slot: a run can cost up to that many times the first round.', e.max_attempts),
+              HINT = format('The same figures as data: SELECT * FROM rbr_synthesize_estimate(%L, %L, %L).',
+                            source::text, policy, options::text);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.synth_dry_run(regclass, text, jsonb) FROM PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Citus: policies and models on every node
 -------------------------------------------------------------------------------
 -- (section: citus)
+
+-- rbr's tables are local to each node. On a Citus coordinator, every policy
+-- version and model stored (rbr_policy_load, rbr_model_save, or a direct
+-- INSERT/UPDATE/DELETE) is copied to every worker when its transaction
+-- commits, so that queries Citus pushes down to the workers find them;
+-- rbr_citus_sync() copies them to workers added later. Citus's catalogs and
+-- functions are reached by name, only when the citus extension is installed:
+-- without it these functions do nothing.
+
+-- Whether this database is a Citus coordinator (citus installed, this node's
+-- group 0); false without Citus and on workers.
+CREATE FUNCTION rbr.citus_coordinator() RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    grp int;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension e WHERE e.extname = 'citus') THEN
+        RETURN false;
+    END IF;
+    EXECUTE 'SELECT g.groupid FROM pg_catalog.pg_dist_local_group g' INTO grp;
+    RETURN grp IS NOT DISTINCT FROM 0;
+END
+$$;
+
+-- A role of a copied row on this node: it must exist here (by name).
+CREATE FUNCTION rbr.citus_role(name text) RETURNS regrole
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    r regrole := to_regrole(name);
+BEGIN
+    IF r IS NULL THEN
+        RAISE EXCEPTION 'role % of a policy or model of the coordinator does not exist on this node', name
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create the role on every node (Citus does when citus.enable_create_role_propagation is on), then run SELECT * FROM rbr_citus_sync() on the coordinator.';
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- On a worker: store the policy versions and models the coordinator sent
+-- (rows as to_jsonb() of rbr.policy_version / rbr.model, roles by name) and
+-- remove the deleted ones; returns what it sent and what changed here.
+-- Idempotent. A name owned here by another role is refused (the owner
+-- guard), so no role's policy or model replaces another's. Called by
+-- rbr.citus_ship() as the extension's owner; no other role may call it.
+CREATE FUNCTION rbr.citus_apply(payload jsonb) RETURNS jsonb
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    p jsonb;
+    row_pv rbr.policy_version;
+    cur rbr.policy_version;
+    row_m rbr.model;
+    n int;
+    pv int := 0;
+    pv_added int := 0;
+    md int := 0;
+    md_changed int := 0;
+    removed int := 0;
+BEGIN
+    FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e LOOP
+        PERFORM rbr.citus_role(p ->> 'owner');
+        row_pv := jsonb_populate_record(NULL::rbr.policy_version, p);
+        PERFORM pg_advisory_xact_lock(hashtext('rbr.policy_version'), hashtext(row_pv.policy));
+        pv := pv + 1;
+        SELECT * INTO cur FROM rbr.policy_version v
+         WHERE v.policy = row_pv.policy AND v.version = row_pv.version;
+        IF FOUND AND cur.owner = row_pv.owner AND cur.spec = row_pv.spec THEN
+            CONTINUE;
+        END IF;
+        IF FOUND AND cur.owner = row_pv.owner THEN
+            -- kept from a load whose transaction the coordinator rolled back:
+            -- the coordinator's version replaces it (and models on it here)
+            DELETE FROM rbr.model m WHERE m.policy = cur.policy AND m.policy_version = cur.version;
+            DELETE FROM rbr.policy_version v WHERE v.policy = cur.policy AND v.version = cur.version;
+        END IF;
+        -- the owner guard refuses a name that another role owns on this node
+        INSERT INTO rbr.policy_version SELECT row_pv.*;
+        pv_added := pv_added + 1;
+    END LOOP;
+    FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'models', '[]')) e LOOP
+        PERFORM rbr.citus_role(p ->> 'owner');
+        row_m := jsonb_populate_record(NULL::rbr.model, p);
+        md := md + 1;
+        -- owner is set too, so that the owner guard refuses another role's row
+        INSERT INTO rbr.model AS m SELECT row_m.*
+        ON CONFLICT ON CONSTRAINT model_pkey DO UPDATE
+           SET policy = EXCLUDED.policy, policy_version = EXCLUDED.policy_version,
+               feature_names = EXCLUDED.feature_names, weights = EXCLUDED.weights,
+               report = EXCLUDED.report, created_at = EXCLUDED.created_at,
+               created_by = EXCLUDED.created_by, owner = EXCLUDED.owner
+         WHERE (m.policy, m.policy_version, m.feature_names, m.weights, m.report, m.created_at, m.created_by, m.owner)
+               IS DISTINCT FROM (EXCLUDED.policy, EXCLUDED.policy_version, EXCLUDED.feature_names, EXCLUDED.weights,
+                                 EXCLUDED.report, EXCLUDED.created_at, EXCLUDED.created_by, EXCLUDED.owner);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        md_changed := md_changed + n;
+    END LOOP;
+    FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'deleted_models', '[]')) e LOOP
+        DELETE FROM rbr.model m
+         WHERE m.name = p ->> 'name' AND m.response_type = p ->> 'response_type'
+           AND m.owner = rbr.citus_role(p ->> 'owner');
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+    END LOOP;
+    FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'deleted_policy_versions', '[]')) e LOOP
+        DELETE FROM rbr.policy_version v
+         WHERE v.policy = p ->> 'policy' AND v.version = (p ->> 'version')::int
+           AND v.owner = rbr.citus_role(p ->> 'owner');
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+    END LOOP;
+    RETURN jsonb_build_object('policy_versions', pv, 'policy_versions_added', pv_added,
+                              'models', md, 'models_changed', md_changed, 'removed', removed);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.citus_apply(jsonb) FROM PUBLIC;
+
+-- On the coordinator: send a payload of rbr.citus_apply() to every active
+-- primary worker (pg_dist_node) over Citus's connections, as the current
+-- role (the extension's owner: callers are rbr.citus_push() and
+-- rbr_citus_sync()); one row per worker with what it reports. An ERROR when
+-- a worker failed. Nothing without Citus or on a worker.
+CREATE FUNCTION rbr.citus_ship(payload jsonb, OUT node text, OUT port int, OUT result jsonb)
+    RETURNS SETOF record
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    names text[];
+    ports int[];
+    cmd text;
+    r record;
+    failed text;
+BEGIN
+    IF NOT rbr.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    EXECUTE 'SELECT pg_catalog.array_agg(n.nodename ORDER BY n.nodeid), pg_catalog.array_agg(n.nodeport ORDER BY n.nodeid)
+               FROM pg_catalog.pg_dist_node n
+              WHERE n.isactive AND n.noderole OPERATOR(pg_catalog.=) ''primary''
+                AND n.groupid OPERATOR(pg_catalog.<>) 0
+                AND n.nodecluster OPERATOR(pg_catalog.=) pg_catalog.current_setting(''citus.cluster_name'')'
+        INTO names, ports;
+    IF names IS NULL THEN
+        RETURN;
+    END IF;
+    cmd := format('SELECT rbr.citus_apply(%L::jsonb)', payload);
+    FOR r IN EXECUTE 'SELECT m.node_name, m.node_port, m.success, m.result
+                        FROM pg_catalog.master_run_on_worker($1, $2, $3, true) m'
+             USING names, ports, array_fill(cmd, ARRAY[cardinality(names)]) LOOP
+        IF r.success THEN
+            node := r.node_name;
+            port := r.node_port;
+            result := r.result::jsonb;
+            RETURN NEXT;
+        ELSE
+            failed := concat_ws('; ', failed, format('%s:%s: %s', r.node_name, r.node_port, r.result));
+        END IF;
+    END LOOP;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'could not copy policies and models to every Citus worker'
+            USING ERRCODE = 'connection_failure',
+                  DETAIL = failed,
+                  HINT = 'Fix the worker (or remove it with citus_remove_node / citus_disable_node) and retry; SELECT * FROM rbr_citus_sync() copies everything again.';
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.citus_ship(jsonb) FROM PUBLIC;
+
+-- Deferred row trigger of rbr.policy_version and rbr.model: at commit, send
+-- the stored (or deleted) row to every worker; a model goes with its policy
+-- version, which the worker's foreign key needs. It runs as the extension's
+-- owner: the rows are the ones just written, which row security and the
+-- owner guard have checked.
+CREATE FUNCTION rbr.citus_push() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    payload jsonb;
+BEGIN
+    IF NOT rbr.citus_coordinator() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_TABLE_NAME = 'policy_version' THEN
+        payload := CASE TG_OP
+            WHEN 'DELETE' THEN jsonb_build_object('deleted_policy_versions', jsonb_build_array(
+                jsonb_build_object('policy', OLD.policy, 'version', OLD.version, 'owner', OLD.owner::text)))
+            ELSE jsonb_build_object('policy_versions', jsonb_build_array(to_jsonb(NEW))) END;
+    ELSIF TG_OP = 'DELETE' THEN
+        payload := jsonb_build_object('deleted_models', jsonb_build_array(
+            jsonb_build_object('name', OLD.name, 'response_type', OLD.response_type, 'owner', OLD.owner::text)));
+    ELSE
+        payload := jsonb_build_object(
+            'policy_versions', (SELECT jsonb_agg(to_jsonb(v)) FROM rbr.policy_version v
+                                 WHERE v.policy = NEW.policy AND v.version = NEW.policy_version),
+            'models', jsonb_build_array(to_jsonb(NEW)));
+    END IF;
+    PERFORM rbr.citus_ship(payload);
+    RETURN NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.citus_push() FROM PUBLIC;
+
+CREATE CONSTRAINT TRIGGER policy_version_to_workers
+    AFTER INSERT OR DELETE ON rbr.policy_version
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION rbr.citus_push();
+CREATE CONSTRAINT TRIGGER model_to_workers
+    AFTER INSERT OR UPDATE OR DELETE ON rbr.model
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION rbr.citus_push();
+
+-- Every policy version and model the caller sees (row security), as a
+-- payload of rbr.citus_apply().
+CREATE FUNCTION rbr.citus_payload() RETURNS jsonb
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT jsonb_build_object(
+        'policy_versions', COALESCE((SELECT jsonb_agg(to_jsonb(v) ORDER BY v.policy, v.version)
+                                       FROM rbr.policy_version v), '[]'),
+        'models', COALESCE((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.name, m.response_type)
+                              FROM rbr.model m), '[]'))
+$$;
+
+-- The C part of rbr_citus_sync(): rbr.citus_payload() as the caller, then
+-- rbr.citus_ship() of it as the extension's owner.
+CREATE FUNCTION rbr.citus_sync(OUT node text, OUT port int, OUT result jsonb)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_citus_sync'
+    LANGUAGE C VOLATILE;
+
+-- Copy every policy version and model the caller sees to every Citus worker
+-- (e.g. after citus_add_node); one row per worker with the counts sent and
+-- changed there. Idempotent; nothing without Citus or on a worker.
+CREATE FUNCTION @extschema@.rbr_citus_sync(OUT node text, OUT port int, OUT policy_versions int,
+                                           OUT policy_versions_added int, OUT models int, OUT models_changed int)
+    RETURNS SETOF record
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT s.node, s.port, (s.result ->> 'policy_versions')::int, (s.result ->> 'policy_versions_added')::int,
+           (s.result ->> 'models')::int, (s.result ->> 'models_changed')::int
+      FROM rbr.citus_sync() s
+$$;

@@ -176,6 +176,13 @@ generator_messages_json(Jsonb *prompt, const char *instruction)
 	return out.data;
 }
 
+/* The "messages" JSON array of a generation request (for cost.c's plans). */
+char *
+rbr_generator_messages_json(Jsonb *prompt, const char *instruction)
+{
+	return generator_messages_json(prompt, instruction);
+}
+
 /* The full request body of a generation job with the given token parameter. */
 char *
 rbr_generator_body(RbrGradeJob *job, int token_param)

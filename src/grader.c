@@ -633,6 +633,13 @@ rbr_merge_request_options(const char *body, const char *options)
  */
 static bool one_sample_per_request = false;
 
+/* Whether sampled grading sends one request per answer (the endpoint rejected "n"). */
+bool
+rbr_grader_one_sample_per_request(void)
+{
+	return one_sample_per_request;
+}
+
 /* The request body of a job for sample index seed (one sample per request). */
 static char *
 grader_body(RbrGradeJob *job, int token_param, int seed)

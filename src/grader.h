@@ -73,6 +73,10 @@ extern char *rbr_grader_scrub(const char *msg);
 extern void rbr_grader_endpoint(RbrEndpoint *ep);
 extern int	rbr_prompt_messages(Jsonb *prompt, char ***roles, char ***contents);
 extern void rbr_grader_cache_key(RbrGradeJob *job);
+extern bool rbr_grader_one_sample_per_request(void);
+
+/* cost.c */
+extern int	rbr_estimate_prompt_tokens(const char *body);
 extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 							   double *mass, bool *found);
 
@@ -96,6 +100,7 @@ extern bool rbr_check_request_options(char **newval, void **extra, GucSource sou
 extern void rbr_generator_init_settings(void);
 extern void rbr_generator_endpoint(RbrEndpoint *ep);
 extern char *rbr_generator_body(RbrGradeJob *job, int token_param);
+extern char *rbr_generator_messages_json(Jsonb *prompt, const char *instruction);
 /* grader.c reads the generator's answers too (same JSON helpers) */
 extern bool rbr_generator_parse_answer(const char *body, size_t len, RbrGradeResult *res,
 									   void **json_holder);

@@ -189,3 +189,28 @@ rbr_run_finish(PG_FUNCTION_ARGS)
 								  "UPDATE rbr.run r SET state = 'done', finished_at = pg_catalog.clock_timestamp(), "
 								  "updated_at = pg_catalog.clock_timestamp() WHERE r.run_id = $1 RETURNING r.*"));
 }
+
+PG_FUNCTION_INFO_V1(rbr_run_stop);
+/*
+ * rbr.run_stop(run_id, reason): mark a running run of the caller's stopped
+ * (at a budget, say) with the reason; returns its row. A later CALL starts a
+ * new run that does the rest.
+ */
+Datum
+rbr_run_stop(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[2] = {INT8OID, TEXTOID};
+	Datum		args[2];
+	Datum		row;
+
+	args[0] = PG_GETARG_DATUM(0);
+	args[1] = PG_GETARG_DATUM(1);
+	SPI_connect();
+	run_check_owner(PG_GETARG_INT64(0));
+	row = run_row("UPDATE rbr.run r SET state = 'stopped', stop_reason = $2, "
+				  "finished_at = pg_catalog.clock_timestamp(), updated_at = pg_catalog.clock_timestamp() "
+				  "WHERE r.run_id = $1 RETURNING r.*",
+				  2, argtypes, args, NULL);
+	SPI_finish();
+	PG_RETURN_DATUM(row);
+}

@@ -68,6 +68,7 @@
 const http = require('http');
 const fs = require('fs');
 const path = require('path');
+const prefixCache = require('./prefixcache');
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -184,8 +185,12 @@ function applyConfig(obj) {
       case 'reject_max_tokens':
         if (typeof v !== 'boolean') return 'reject_max_tokens must be a boolean';
         next.reject_max_tokens = v; break;
-      default:
-        return `unknown setting ${rawKey}`;
+      default: {
+        const err = prefixCache.configure(key, v);
+        if (err === undefined) return `unknown setting ${rawKey}`;
+        if (err) return err;
+        break;
+      }
     }
   }
   const seedChanged = next.seed !== config.seed;
@@ -588,7 +593,7 @@ function renderLogprobs(p, vocab, top) {
 }
 
 let idCounter = 0;
-function completionBody(model, p, vocab, opts, promptTokens) {
+function completionBody(model, p, vocab, opts, promptTokens, cachedTokens) {
   const answer = p >= 0.5 ? 'yes' : 'no';
   let lp = '';
   if (opts.logprobs === 'omit') lp = '';
@@ -600,7 +605,8 @@ function completionBody(model, p, vocab, opts, promptTokens) {
     ',"model":' + JSON.stringify(model) + ',"system_fingerprint":"fp_rbr_test","choices":[{"index":0,' +
     '"message":{"role":"assistant","content":"' + answer + '","refusal":null},' + lp +
     '"finish_reason":"' + opts.finish + '"}],"usage":{"prompt_tokens":' + promptTokens +
-    ',"completion_tokens":1,"total_tokens":' + (promptTokens + 1) + '}}';
+    ',"completion_tokens":1,"total_tokens":' + (promptTokens + 1) +
+    (prefixCache.enabled() ? ',"prompt_tokens_details":{"cached_tokens":' + cachedTokens + '}' : '') + '}}';
 }
 
 // ---------------------------------------------------------------------------------------
@@ -795,7 +801,7 @@ function seededYes(seed, p) {
 }
 
 /** The answer of a profile: one or n choices, the profile's shape. */
-function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxTok) {
+function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxTok, cachedTokens) {
   const n = Number.isInteger(body.n) && body.n > 1 && profile !== 'groq' ? body.n : 1;
   const sampled = n > 1 || !opts.logprobs;
   const nYes = Math.round(p * n);
@@ -844,7 +850,7 @@ function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxT
   stats.profile_answers = (stats.profile_answers || 0) + 1;
   idCounter++;
   const usage = { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens,
-    prompt_tokens_details: { cached_tokens: 0 }, completion_tokens_details: { reasoning_tokens: reasoningTokens } };
+    prompt_tokens_details: { cached_tokens: cachedTokens || 0 }, completion_tokens_details: { reasoning_tokens: reasoningTokens } };
   return JSON.stringify({ id: 'chatcmpl-rbrtest' + idCounter.toString(36).padStart(8, '0'), object: 'chat.completion',
     created: Math.floor(Date.now() / 1000), model, choices, usage });
 }
@@ -854,7 +860,7 @@ function profileBody(body, model, p, vocab, opts, promptTokens, completion, maxT
 // ---------------------------------------------------------------------------------------
 
 /** An answer in the shape of the Responses API: output[] with a reasoning item, then the message. */
-function responsesBody(model, p, top, wantLogprobs, promptTokens) {
+function responsesBody(model, p, top, wantLogprobs, promptTokens, cachedTokens) {
   const word = p >= 0.5 ? 'Yes' : 'No';
   const text = { type: 'output_text', text: word, annotations: [] };
   if (wantLogprobs) text.logprobs = [answerEntry(p, top)];
@@ -863,7 +869,7 @@ function responsesBody(model, p, top, wantLogprobs, promptTokens) {
     output: [{ type: 'reasoning', id: 'rs_1', summary: [] },
       { type: 'message', id: 'msg_1', role: 'assistant', status: 'completed', content: [text] }],
     usage: { input_tokens: promptTokens, output_tokens: 1, total_tokens: promptTokens + 1,
-      input_tokens_details: { cached_tokens: 0 }, output_tokens_details: { reasoning_tokens: 0 } } });
+      input_tokens_details: { cached_tokens: cachedTokens || 0 }, output_tokens_details: { reasoning_tokens: 0 } } });
 }
 
 function handleChat(req, res, buf, model0, log, api) {
@@ -922,6 +928,7 @@ function handleChat(req, res, buf, model0, log, api) {
   let chars = 0;
   for (const m of messages) chars += textOf(m && m.content).length;
   const promptTokens = Math.max(1, Math.round(chars / 4));
+  const cachedTokens = prefixCache.cachedTokens(messages, promptTokens);
 
   const sys = textOf(messages[0].content);
   const { prop, completion } = analyseSystem(sys);
@@ -988,14 +995,14 @@ function handleChat(req, res, buf, model0, log, api) {
     };
     const hdrs = { 'x-rbr-proposition': encodeURIComponent(prop), 'x-rbr-source': source };
     if (api === 'responses') {
-      send(res, 200, responsesBody(model, p, top, wantLogprobs, promptTokens), hdrs);
+      send(res, 200, responsesBody(model, p, top, wantLogprobs, promptTokens, cachedTokens), hdrs);
       return;
     }
     if (profile !== 'openai' || (Number.isInteger(body.n) && body.n > 1)) {
-      send(res, 200, profileBody(body, model, p, info.vocab, opts, promptTokens, completion, maxTok), hdrs);
+      send(res, 200, profileBody(body, model, p, info.vocab, opts, promptTokens, completion, maxTok, cachedTokens), hdrs);
       return;
     }
-    send(res, 200, completionBody(model, p, info.vocab, opts, promptTokens), hdrs);
+    send(res, 200, completionBody(model, p, info.vocab, opts, promptTokens, cachedTokens), hdrs);
   };
   if (delay > 0) {
     const timer = setTimeout(respond, delay);
@@ -1130,16 +1137,17 @@ function handleGeneration(req, res, body, messages, sys, model, maxTok, log) {
 function statsSnapshot() {
   return JSON.stringify({
     ...stats, in_flight: inFlight, uptime_s: Math.round((Date.now() - startedAt) / 1000),
-    attempt_keys: attempts.size,
+    attempt_keys: attempts.size, prefix_cache: prefixCache.stats(),
   });
 }
 
 function handleAdmin(req, res, pathname) {
   if (pathname === '/admin/stats' && req.method === 'GET') return send(res, 200, statsSnapshot());
-  if (pathname === '/admin/config' && req.method === 'GET') return send(res, 200, JSON.stringify(config));
+  if (pathname === '/admin/config' && req.method === 'GET') return send(res, 200, JSON.stringify({ ...config, ...prefixCache.config() }));
   if (pathname === '/admin/reset' && req.method === 'POST') {
     readBody(req, () => {
       resetStats();
+      prefixCache.resetStats();
       attempts.clear();
       rng = makeRng(config.seed);
       send(res, 200, JSON.stringify({ ok: true }));

@@ -230,6 +230,39 @@ like($we, qr/HINT:  See them with: SELECT \* FROM (public\.)?holes_grades WHERE 
 like($we, qr/NOTICE:  00000: rbr_featurize (public\.)?holes: @{[3 * $ncomply_props]} of @{[3 * $ncomply_props]} values processed \(done $ncomply_props, errors @{[2 * $ncomply_props]}/,
      '  the NOTICE agrees with the progress view');
 
+# --- the features table keeps each row's folded response type; chunks claim
+# there and read only the claimed source rows by key
+is(psql_ok("SELECT count(*) FROM gold_features f JOIN gold g USING (id)"
+         . " WHERE f.rbr_response_type IS DISTINCT FROM lower(replace(g.response_type, ' ', '_'))"), 0,
+   'rbr_response_type is the folded response type of every row');
+psql_ok(<<'SQL');
+CREATE TABLE moved (id int PRIMARY KEY, prompt text, completion text, response_type text);
+INSERT INTO moved VALUES (1, 'hi', 'x [[rbr *=0.3]]', 'comply'), (2, 'hi', 'y [[rbr *=0.3]]', 'comply'),
+                         (3, 'hi', 'z [[rbr *=0.3]]', 'comply');
+SQL
+my $ncomply_m = psql_ok("SELECT jsonb_array_length(rbr_policy_info('ref')->'response_types'->'comply'->'graded_propositions')");
+my $nhard_m = psql_ok("SELECT jsonb_array_length(rbr_policy_info('ref')->'response_types'->'hard_refuse'->'graded_propositions')");
+server_reset($base);
+psql_ok("$set CALL rbr_featurize('moved', 'ref', '{\"chunk_rows\": 1}')");
+is(server_stats($base)->{chat_requests} + psql_ok("SELECT cached FROM rbr.featurize_progress WHERE source = 'moved'::regclass"),
+   3 * $ncomply_m, 'three comply rows graded');
+# a row changes its response type, another is deleted: the next run follows the source
+psql_ok("UPDATE moved SET response_type = 'Hard Refuse' WHERE id = 2; DELETE FROM moved WHERE id = 3;");
+psql_ok("$set CALL rbr_featurize('moved', 'ref')");
+is(psql_ok("SELECT id || ':' || rbr_response_type FROM moved_features ORDER BY id"), "1:comply\n2:hard_refuse\n3:comply",
+   'a changed response type is followed; a deleted row keeps its last one');
+my $missing_hard = psql_ok("SELECT count(*) FROM jsonb_array_elements_text(rbr_policy_info('ref')->'response_types'->'hard_refuse'->'graded_propositions') p"
+                         . " WHERE p NOT IN (SELECT jsonb_array_elements_text(rbr_policy_info('ref')->'response_types'->'comply'->'graded_propositions'))");
+is(psql_ok("SELECT total FROM rbr.featurize_progress WHERE source = 'moved'::regclass ORDER BY run_id DESC LIMIT 1"),
+   $missing_hard, 'the rerun grades what the new response type needs and nothing for the deleted row');
+# a row deleted while its features row is claimable: the chunk skips it and the run goes on
+psql_ok("INSERT INTO moved VALUES (4, 'hi', 'w [[rbr *=0.3]]', 'comply'), (5, 'hi', 'v [[rbr *=0.3]]', 'comply')");
+psql_ok("$set SELECT rbr.featurize_start('moved', 'ref', '{\"chunk_rows\": 1}') AS run \\gset\n"
+      . "DELETE FROM moved WHERE id = 4;\n"
+      . "SELECT rbr.featurize_chunk(:run);\nSELECT rbr.featurize_chunk(:run);\nSELECT rbr.featurize_chunk(:run);");
+is(psql_ok("SELECT num_nulls(f.*) FROM moved_features f WHERE id = 5") < $ncomply_m, 1,
+   'a row after a deleted one is graded in the same run');
+
 # --- a non-superuser given the capability with rbr_grant(role, 'grade') can run a bulk grading
 psql_ok(<<'SQL');
 DROP ROLE IF EXISTS rbr_spender;

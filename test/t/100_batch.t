@@ -45,7 +45,7 @@ sub copy_table {
 sub missing {
     my ($t) = @_;
     return psql_ok(<<"SQL");
-SELECT count(*) FROM ${t}_features f, jsonb_array_elements_text(rbr_policy_info('ref')->'response_types'->f.response_type->'graded_propositions') p
+SELECT count(*) FROM ${t}_features f, jsonb_array_elements_text(rbr_policy_info('ref')->'response_types'->f.rbr_response_type->'graded_propositions') p
  WHERE to_jsonb(f)->>p IS NULL
 SQL
 }
@@ -359,6 +359,11 @@ server_config($base, '{"gen_miss_rate": 0}');
 like($e, qr/mode must be 'online' or 'batch'/, 'an unknown mode is an error');
 ($o, $e) = psql("$set CALL rbr_featurize('src', 'ref', '{\"wait\": true}')", keep_going => 1);
 like($e, qr/wait and poll_seconds are options of batch mode/, 'wait without batch mode is an error');
+($o, $e) = psql("$set CALL rbr_featurize('src', 'ref', '{\"mode\": \"batch\", \"max_requests\": 10}')", keep_going => 1);
+like($e, qr/max_requests and max_tokens are options of online mode/, 'a budget with batch mode is an error');
+($o, $e, $rc) = psql("$set SET client_min_messages = notice; CALL rbr_featurize('src', 'ref', '{\"mode\": \"batch\", \"dry_run\": true}')",
+                     keep_going => 1);
+is($rc, 0, 'a dry run of batch mode reports what would be asked') or diag($e);
 
 drop_db();
 psql_ok('DROP ROLE rbr_batch_alice; DROP ROLE rbr_batch_mallory', db => 'postgres');
