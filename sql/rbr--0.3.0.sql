@@ -935,12 +935,13 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'completion_column', 'response_type_column', 'chunk_rows', 'class_mode',
-                     'propositions', 'dry_run', 'max_requests', 'max_tokens');
+                     'propositions', 'dry_run', 'max_requests', 'max_tokens', 'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_featurize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, dry_run, max_requests, max_tokens.';
+            HINT = 'Known options: prompt_column, completion_column, response_type_column, chunk_rows, class_mode, propositions, dry_run, max_requests, max_tokens, mode, wait, poll_seconds.';
     END IF;
     PERFORM rbr.cost_check_options(options);
+    PERFORM rbr.batch_options(options);
     IF which NOT IN ('needed', 'all') THEN
         RAISE EXCEPTION 'propositions must be ''needed'' or ''all''' USING ERRCODE = 'invalid_parameter_value',
             HINT = '''needed'' (the default) grades what each row''s response type needs; ''all'' grades every simple proposition.';
@@ -1043,7 +1044,8 @@ BEGIN
     RETURN rbr.run_begin('featurize', source, ARRAY[ftab::regclass, gtab::regclass], polref,
                          jsonb_build_object('prompt_column', pcol, 'completion_column', ccol,
                                             'response_type_column', rcol, 'chunk_rows', chunk, 'class_mode', mode,
-                                            'propositions', which) || rbr.cost_run_options(options),
+                                            'propositions', which) || rbr.cost_run_options(options)
+                                            || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1291,7 +1293,9 @@ CREATE FUNCTION rbr.featurize_check_transaction(procedure_name text) RETURNS voi
 -- options: prompt_column, completion_column, response_type_column (column
 -- names; default prompt, completion, response_type), chunk_rows (64),
 -- class_mode ('product' or 'exact'), propositions ('needed': what each row's
--- response type needs, the default; 'all': every simple proposition).
+-- response type needs, the default; 'all': every simple proposition), mode
+-- ('online', the default, or 'batch': through the provider's Batch API),
+-- wait (batch mode: poll until nothing is in flight) and poll_seconds.
 CREATE PROCEDURE @extschema@.rbr_featurize(source regclass, policy text, options jsonb DEFAULT '{}')
     LANGUAGE plpgsql
     AS $$
@@ -1308,7 +1312,11 @@ BEGIN
     COMMIT;
     -- no SET search_path here (a procedure with one cannot COMMIT): every
     -- name is qualified
-    CALL rbr.run_drive(run);
+    IF rbr.batch_mode(run) THEN
+        CALL rbr.batch_drive(run);
+    ELSE
+        CALL rbr.run_drive(run);
+    END IF;
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_featurize(regclass, text, jsonb) FROM PUBLIC;
@@ -1454,12 +1462,14 @@ BEGIN
     END IF;
     SELECT string_agg(k, ', ') INTO bad FROM jsonb_object_keys(options) k
      WHERE k NOT IN ('prompt_column', 'response_type_column', 'ideal', 'flawed', 'disallowed', 'max_attempts',
-                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests', 'max_tokens');
+                     'chunk_slots', 'verify', 'class_mode', 'seed', 'labels', 'dry_run', 'max_requests', 'max_tokens',
+                     'mode', 'wait', 'poll_seconds');
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown rbr_synthesize option(s): %', bad USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, dry_run, max_requests, max_tokens.';
+            HINT = 'Known options: prompt_column, response_type_column, ideal, flawed, disallowed, max_attempts, chunk_slots, verify, class_mode, seed, labels, dry_run, max_requests, max_tokens, mode, wait, poll_seconds.';
     END IF;
     PERFORM rbr.cost_check_options(options);
+    PERFORM rbr.batch_options(options);
     n_ideal := rbr.synth_int_option(options, 'ideal', 1, 0, 100);
     n_flawed := rbr.synth_int_option(options, 'flawed', 3, 0, 100);
     n_disallowed := rbr.synth_int_option(options, 'disallowed', 1, 0, 100);
@@ -1578,7 +1588,7 @@ BEGIN
                                             'ideal', n_ideal, 'flawed', n_flawed, 'disallowed', n_disallowed,
                                             'max_attempts', max_att, 'chunk_slots', chunk, 'verify', verify,
                                             'class_mode', mode, 'seed', seed, 'labels', labels)
-                         || rbr.cost_run_options(options),
+                         || rbr.cost_run_options(options) || rbr.batch_options(options),
                          total);
 END
 $$;
@@ -1660,6 +1670,8 @@ DECLARE
     q_compl text[];
     probs jsonb[];
     grade_err text[];
+    got int[];
+    asked int[];
     i int;
     k int;
     p text;
@@ -1704,9 +1716,11 @@ BEGIN
         ' t.candidates, %2$s AS prompt,'
         ' (SELECT COALESCE(max(a.attempt), 0) FROM %5$s a WHERE a.%1$I = t.%1$I AND a.slot = t.slot) AS nattempt'
         ' FROM %3$s t JOIN %4$s s ON s.%1$I = t.%1$I'
-        ' WHERE t.status = ''pending'' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
-        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2])
-        USING (o->>'chunk_slots')::int
+        ' WHERE t.status = ''pending'' AND ($2::text IS NULL OR (t.%1$I, t.slot) > ($3::%6$s, $4))'
+        ' ORDER BY t.%1$I, t.slot LIMIT $1 FOR UPDATE OF t SKIP LOCKED',
+        keycol, prompt_expr, r.outputs[1], r.source, r.outputs[2], keytype)
+        USING (o->>'chunk_slots')::int, r.last_key,
+              substr(r.last_key, strpos(r.last_key, ':') + 1), split_part(r.last_key, ':', 1)::int
     LOOP
         nslots := nslots + 1;
         keys := keys || rec.key;
@@ -1749,6 +1763,8 @@ BEGIN
         gen_ct := array_fill(NULL::int, ARRAY[nslots]);
         probs := array_fill(NULL::jsonb, ARRAY[nslots]);
         grade_err := array_fill(NULL::text, ARRAY[nslots]);
+        got := array_fill(0, ARRAY[nslots]);
+        asked := array_fill(-1, ARRAY[nslots]);
         q_cand := '{}'; q_prop := '{}'; q_prompt := '{}'; q_compl := '{}';
         FOR g IN SELECT * FROM @extschema@.rbr_generate_many(
                     (SELECT array_agg(prompts[s] ORDER BY n) FROM unnest(idx) WITH ORDINALITY u(s, n)),
@@ -1757,6 +1773,7 @@ BEGIN
                        FROM unnest(idx) WITH ORDINALITY u(s, n)))
         LOOP
             i := idx[g.ord];
+            asked[i] := 0;
             n_cand := n_cand + 1;
             n_genreq := n_genreq + g.attempts;
             n_gencached := n_gencached + g.cached::int;
@@ -1787,6 +1804,7 @@ BEGIN
             IF g.finish_reason IS NULL OR g.finish_reason = 'stop' THEN
                 SELECT array_agg(x) INTO props
                   FROM jsonb_array_elements_text(info->'response_types'->rts[i]->'graded_propositions') x;
+                asked[i] := cardinality(props);
                 FOREACH p IN ARRAY props LOOP
                     q_cand := q_cand || i;
                     q_prop := q_prop || p;
@@ -1801,6 +1819,7 @@ BEGIN
         IF cardinality(q_cand) > 0 THEN
             FOR g IN SELECT * FROM @extschema@.rbr_grade_many(r.policy, q_prop, q_prompt, q_compl) LOOP
                 i := q_cand[g.ord];
+                got[i] := got[i] + 1;
                 n_grreq := n_grreq + g.attempts;
                 n_grcached := n_grcached + g.cached::int;
                 n_pt := n_pt + COALESCE(g.prompt_tokens, 0);
@@ -1814,6 +1833,14 @@ BEGIN
                 END IF;
             END LOOP;
         END IF;
+
+        -- batch mode: a slot whose generation or grades are in flight waits for a later pass
+        FOREACH i IN ARRAY idx LOOP
+            IF asked[i] < 0 OR (asked[i] > 0 AND got[i] < asked[i]) THEN
+                open_[i] := false;
+                n_cand := n_cand - (asked[i] >= 0)::int;
+            END IF;
+        END LOOP;
 
         -- decide per candidate
         FOREACH i IN ARRAY idx LOOP
@@ -1894,7 +1921,9 @@ BEGIN
                          jsonb_build_object('gave_up', n_gave, 'candidates', n_cand, 'rejections', n_rej,
                                             'generator_requests', n_genreq, 'generator_cached', n_gencached,
                                             'grader_requests', n_grreq, 'grader_cached', n_grcached),
-                         NULL);
+                         -- batch mode: the next chunk starts after this one's last slot
+                         CASE WHEN o->>'mode' = 'batch'
+                              THEN slots[nslots]::text || ':' || keys[nslots] END);
     done_ := r.done + (r.counters->>'gave_up')::bigint + r.errors;
     elapsed := greatest(extract(epoch FROM r.updated_at - r.started_at), 0.001);
     rate := done_ / elapsed;
@@ -1915,7 +1944,8 @@ $$;
 -- prompt, max_attempts (3: candidates per slot before giving up),
 -- chunk_slots (16), verify ('argmax' or 'hard'), class_mode ('product' or
 -- 'exact'), seed (0..999), labels ({"class": "label"}: label names for the
--- tiers, default the class names).
+-- tiers, default the class names), mode ('online' or 'batch': generations and
+-- grades through the provider's Batch API), wait, poll_seconds.
 CREATE PROCEDURE @extschema@.rbr_synthesize(source regclass, policy text, options jsonb DEFAULT '{}')
     LANGUAGE plpgsql
     AS $$
@@ -1932,7 +1962,11 @@ BEGIN
     COMMIT;
     -- no SET search_path here (a procedure with one cannot COMMIT): every
     -- name is qualified
-    CALL rbr.run_drive(run);
+    IF rbr.batch_mode(run) THEN
+        CALL rbr.batch_drive(run);
+    ELSE
+        CALL rbr.run_drive(run);
+    END IF;
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE @extschema@.rbr_synthesize(regclass, text, jsonb) FROM PUBLIC;
@@ -3068,6 +3102,21 @@ CREATE FUNCTION rbr.capability_privileges(OUT capability text, OUT kind text, OU
                    ('FUNCTION', 'rbr.run_stop(bigint, text)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_stopped(bigint)', 'EXECUTE'),
                    ('FUNCTION', 'rbr.run_stopped_report(bigint)', 'EXECUTE')) AS r(k, o, p)
+    UNION ALL
+    -- batch mode of rbr_featurize and rbr_synthesize
+    SELECT c, k, o, p
+      FROM (VALUES ('grade'), ('synthesize')) AS c(c),
+           (VALUES ('FUNCTION', 'rbr.batch_options(jsonb)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_mode(bigint)', 'EXECUTE'),
+                   ('PROCEDURE', 'rbr.batch_drive(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_chunk(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_rewind(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_collect(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_prepare(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_upload(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_create(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_state(bigint)', 'EXECUTE'),
+                   ('FUNCTION', 'rbr.batch_sleep(float8)', 'EXECUTE')) AS b(k, o, p)
 $$;
 
 -- Whether a role holds every privilege of a capability.
@@ -3317,6 +3366,252 @@ CREATE FUNCTION rbr.fit_table_pass_query(source regclass, group_column name, tie
 -- Batch mode: the provider's Batch API
 -------------------------------------------------------------------------------
 -- (section: batch)
+-- rbr_featurize(source, policy, '{"mode": "batch"}') sends the questions the
+-- cache cannot answer through the provider's Batch API (OpenAI's /v1/files
+-- and /v1/batches, or Azure OpenAI's), at half the price of online requests,
+-- with answers within 24 hours. A call collects the batches that ended
+-- (answers go to the grade cache through the grader's own parser), writes
+-- every value the cache now answers exactly as online grading does, and
+-- submits what is still missing; {"wait": true} polls until nothing is in
+-- flight. rbr_synthesize takes the same options: its generations and grades
+-- go through batches, a slot moving on as their answers come back.
+-- src/batch.c describes the steps.
+
+-- Batches of the Batch API, one row per uploaded file, of grader questions
+-- or (rbr_synthesize) generator requests. No role may read or
+-- write it: the functions below (C, src/batch.c) do, as the extension's
+-- owner, after checking that the caller owns the run or batch.
+CREATE TABLE rbr.batch (
+    batch_id           bigserial   PRIMARY KEY,
+    run_id             bigint      NOT NULL,     -- the run that submitted it
+    owner              regrole     NOT NULL,
+    kind               text        NOT NULL DEFAULT 'grade' CHECK (kind IN ('grade', 'generate')),
+    api                text        NOT NULL CHECK (api IN ('openai', 'azure')),
+    state              text        NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'uploaded', 'submitted', 'ended')),
+    lines              int         NOT NULL,
+    input_file_id      text,                     -- recorded (committed) before the batch is created
+    provider_id        text,
+    provider_status    text,                     -- validating, in_progress, completed, expired, ...
+    provider_completed int,
+    provider_failed    int,
+    answered           int,                      -- when collected: lines answered,
+    requeued           int,                      -- queued again (failed or expired: submitted again),
+    failed             int,                      -- failed for good
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    submitted_at       timestamptz,
+    ended_at           timestamptz,
+    updated_at         timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+COMMENT ON TABLE rbr.batch IS 'Batch API batches of rbr_featurize runs in batch mode';
+REVOKE ALL ON rbr.batch FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.batch_batch_id_seq FROM PUBLIC;
+
+-- One question of one owner asked through the Batch API: its grade cache
+-- key, its request body until answered, its state. custom_id is
+-- 'rbr-' || line_id (no user text). An owner has at most one line per
+-- question that is not applied yet, so a question is never paid twice.
+CREATE TABLE rbr.batch_line (
+    line_id           bigserial   PRIMARY KEY,
+    owner             regrole     NOT NULL,
+    run_id            bigint      NOT NULL,      -- the run that queued it
+    batch_id          bigint,                    -- its batch, NULL while queued for the next one
+    kind              text        NOT NULL DEFAULT 'grade' CHECK (kind IN ('grade', 'generate')),
+    key               bytea       NOT NULL CHECK (pg_catalog.length(key) = 32),   -- grade or generation cache key
+    proposition       text        NOT NULL,         -- '' for a generation
+    body              text,                      -- the request, as online (NULL once answered)
+    state             text        NOT NULL DEFAULT 'queued'
+                                  CHECK (state IN ('queued', 'submitted', 'done', 'applied', 'failed')),
+    attempts          int         NOT NULL DEFAULT 0,   -- batches it was submitted in
+    error             text,
+    prompt_tokens     int,
+    completion_tokens int,
+    cached_tokens     int,
+    reasoning_tokens  int,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+CREATE UNIQUE INDEX batch_line_question ON rbr.batch_line (owner, key) WHERE state <> 'applied';
+CREATE INDEX batch_line_batch ON rbr.batch_line (batch_id);
+CREATE INDEX batch_line_owner_state ON rbr.batch_line (owner, state);
+COMMENT ON TABLE rbr.batch_line IS 'questions of rbr_featurize runs in batch mode, one per owner and grade cache key';
+REVOKE ALL ON rbr.batch_line FROM PUBLIC;
+REVOKE ALL ON SEQUENCE rbr.batch_line_line_id_seq FROM PUBLIC;
+
+-- The batch options of rbr_featurize, checked: {} online, else mode, wait
+-- and poll_seconds (NULL: rbr.batch_poll_seconds).
+CREATE FUNCTION rbr.batch_options(options jsonb) RETURNS jsonb
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    mode text := COALESCE(options->>'mode', 'online');
+    poll float8;
+BEGIN
+    IF mode NOT IN ('online', 'batch') THEN
+        RAISE EXCEPTION 'mode must be ''online'' or ''batch''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = '''batch'' sends the questions through the provider''s Batch API (half price, answers within 24 hours).';
+    END IF;
+    IF options ? 'wait' AND jsonb_typeof(options->'wait') <> 'boolean' THEN
+        RAISE EXCEPTION 'wait must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'poll_seconds' THEN
+        IF jsonb_typeof(options->'poll_seconds') <> 'number' OR (options->>'poll_seconds')::float8 NOT BETWEEN 0.01 AND 86400 THEN
+            RAISE EXCEPTION 'poll_seconds must be a number between 0.01 and 86400' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        poll := (options->>'poll_seconds')::float8;
+    END IF;
+    IF mode = 'online' THEN
+        IF options ? 'wait' OR options ? 'poll_seconds' THEN
+            RAISE EXCEPTION 'wait and poll_seconds are options of batch mode' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Pass {"mode": "batch", "wait": true}.';
+        END IF;
+        RETURN '{}';
+    END IF;
+    IF options ? 'max_requests' OR options ? 'max_tokens' THEN
+        RAISE EXCEPTION 'max_requests and max_tokens are options of online mode' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A batch-mode call submits every missing question; see what they cost first with {"dry_run": true}.';
+    END IF;
+    RETURN jsonb_strip_nulls(jsonb_build_object('mode', 'batch', 'wait', COALESCE((options->>'wait')::boolean, false),
+                                                'poll_seconds', poll));
+END
+$$;
+
+-- Is a run in batch mode?
+CREATE FUNCTION rbr.batch_mode(run bigint) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT COALESCE((rbr.run_get(run)).options->>'mode' = 'batch', false)
+$$;
+
+-- One chunk of a batch-mode run: rbr.featurize_chunk (or rbr.synth_chunk),
+-- grading (and generating) from the caches only; a missing question is
+-- queued for a batch (or is in flight) and its value (or slot) is skipped.
+CREATE FUNCTION rbr.batch_chunk(run bigint) RETURNS int
+    AS 'MODULE_PATHNAME', 'rbr_batch_chunk'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Start a run's chunks from its first row again.
+CREATE FUNCTION rbr.batch_rewind(run bigint) RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_batch_rewind'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Collect the ended batches of the run's owner; returns the lines answered or failed.
+CREATE FUNCTION rbr.batch_collect(run bigint) RETURNS int
+    AS 'MODULE_PATHNAME', 'rbr_batch_collect'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- The next batch to submit (one left half-way, or a new one of queued lines); NULL if none.
+CREATE FUNCTION rbr.batch_prepare(run bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'rbr_batch_prepare'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Upload a batch's lines as a JSONL file; returns the input file id.
+CREATE FUNCTION rbr.batch_upload(batch bigint) RETURNS text
+    AS 'MODULE_PATHNAME', 'rbr_batch_upload'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Create the provider's batch of an uploaded file (or find the one created); returns its id.
+CREATE FUNCTION rbr.batch_create(batch bigint) RETURNS text
+    AS 'MODULE_PATHNAME', 'rbr_batch_create'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- The lines of a run's source by state, and the owner's batches in flight.
+CREATE FUNCTION rbr.batch_state(run bigint, OUT queued bigint, OUT submitted bigint, OUT answered bigint,
+                                OUT failed bigint, OUT batches_in_flight bigint, OUT provider_ids text)
+    AS 'MODULE_PATHNAME', 'rbr_batch_state'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+-- Wait (cancellable at once); NULL: rbr.batch_poll_seconds.
+CREATE FUNCTION rbr.batch_sleep(seconds float8) RETURNS void
+    AS 'MODULE_PATHNAME', 'rbr_batch_sleep'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- Drive a batch-mode run: collect, write what the cache answers, submit
+-- what is missing, committing after each step; with wait, poll until
+-- nothing of the source is in flight. A procedure (it commits), every name
+-- qualified.
+CREATE PROCEDURE rbr.batch_drive(run bigint)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r rbr.run;
+    st record;
+    b bigint;
+    ended int;
+    created int := 0;
+    wait boolean;
+    poll float8;
+    first boolean := true;
+    reasons text;
+    proc text;
+    what text;
+BEGIN
+    r := rbr.run_get(run);
+    proc := CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'rbr_featurize' ELSE 'rbr_synthesize' END;
+    what := CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'value(s)' ELSE 'slot(s) accepted' END;
+    wait := COALESCE((r.options OPERATOR(pg_catalog.->>) 'wait')::boolean, false);
+    poll := (r.options OPERATOR(pg_catalog.->>) 'poll_seconds')::float8;
+    LOOP
+        -- the batches that ended: answers into the cache, failed lines queued again
+        ended := rbr.batch_collect(run);
+        COMMIT;
+        -- every value the cache answers, written as online; the rest queued
+        IF first OR ended OPERATOR(pg_catalog.>) 0 THEN
+            PERFORM rbr.batch_rewind(run);
+            COMMIT;
+            LOOP
+                EXIT WHEN rbr.batch_chunk(run) OPERATOR(pg_catalog.=) 0;
+                COMMIT;
+            END LOOP;
+            COMMIT;
+        END IF;
+        -- submit what is queued: file id committed before the batch is created
+        LOOP
+            b := rbr.batch_prepare(run);
+            EXIT WHEN b IS NULL;
+            COMMIT;
+            PERFORM rbr.batch_upload(b);
+            COMMIT;
+            PERFORM rbr.batch_create(b);
+            COMMIT;
+            created := created OPERATOR(pg_catalog.+) 1;
+        END LOOP;
+        st := rbr.batch_state(run);
+        EXIT WHEN NOT wait OR st.queued OPERATOR(pg_catalog.+) st.submitted OPERATOR(pg_catalog.=) 0;
+        PERFORM rbr.batch_sleep(poll);
+        first := false;
+    END LOOP;
+    r := rbr.run_finish(run);
+    COMMIT;
+    IF st.queued OPERATOR(pg_catalog.+) st.submitted OPERATOR(pg_catalog.>) 0 THEN
+        RAISE NOTICE '% %: % question(s) in flight in % batch(es) of the Batch API (% created by this call: %)',
+                     proc, r.source, st.queued OPERATOR(pg_catalog.+) st.submitted, st.batches_in_flight, created,
+                     COALESCE(st.provider_ids, 'none')
+            USING DETAIL = pg_catalog.format('%s %s written by this call, %s error(s).', r.done, what, r.errors),
+                  HINT = pg_catalog.format('CALL %s again with {"mode": "batch"} to collect the answers (SELECT * FROM rbr.batch_progress shows the batches), or add "wait": true to wait for them.', proc);
+    ELSE
+        RAISE NOTICE '% %: nothing in flight; % % written by this call, % error(s)',
+                     proc, r.source, r.done, what, r.errors;
+    END IF;
+    IF r.errors OPERATOR(pg_catalog.>) 0 THEN
+        reasons := rbr.run_error_reasons(run);
+        RAISE WARNING '% %: % of % % ended with an error', proc, r.source, r.errors, r.total,
+                      CASE WHEN r.kind OPERATOR(pg_catalog.=) 'featurize' THEN 'values' ELSE 'slots' END
+            USING DETAIL = 'Commonest reasons: ' OPERATOR(pg_catalog.||) reasons,
+                  HINT = rbr.run_error_query(run);
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.batch_options(jsonb), rbr.batch_mode(bigint), rbr.batch_chunk(bigint),
+                           rbr.batch_rewind(bigint), rbr.batch_collect(bigint), rbr.batch_prepare(bigint),
+                           rbr.batch_upload(bigint), rbr.batch_create(bigint), rbr.batch_state(bigint),
+                           rbr.batch_sleep(float8) FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE rbr.batch_drive(bigint) FROM PUBLIC;
+
+-- The batches a role may see (its own, those of roles it is a member of; a
+-- superuser sees all): state at the provider, lines, and once collected
+-- the lines answered, queued again and failed.
+CREATE VIEW rbr.batch_progress AS
+    SELECT b.batch_id, b.run_id, b.owner, r.source, b.kind, b.api, b.state, b.provider_id, b.provider_status,
+           b.lines, b.provider_completed, b.provider_failed, b.answered, b.requeued, b.failed,
+           b.created_at, b.submitted_at, b.ended_at, b.updated_at
+      FROM rbr.batch b JOIN rbr.run r ON r.run_id OPERATOR(pg_catalog.=) b.run_id
+     WHERE pg_catalog.pg_has_role(b.owner::pg_catalog.oid, 'USAGE');
+GRANT SELECT ON rbr.batch_progress TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Rate budget shared by the cluster

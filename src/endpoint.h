@@ -96,6 +96,7 @@ struct RbrGradeResult
 	bool		final;			/* error that no retry nor other job can fix */
 	bool		retry;			/* a 200 answer that is malformed: retried like a 5xx */
 	bool		again;			/* a 200 answer read; the client wants another one */
+	bool		pending;		/* batch mode: asked through the Batch API, no answer yet */
 	/* sampled, one sample per request: what the answers so far counted */
 	int			acc_yes;
 	int			acc_no;
@@ -140,7 +141,19 @@ typedef struct RbrHttpFeed
 	void	   *arg;
 } RbrHttpFeed;
 
+/* The answer of one plain request (rbr_http_request()). */
+typedef struct RbrHttpReply
+{
+	long		status;			/* HTTP status; 0 when no answer came */
+	char	   *body;			/* palloc'd, NUL-terminated */
+	size_t		len;
+	char	   *error;			/* transport failure, when status is 0 */
+} RbrHttpReply;
+
 /* http.c */
+extern void rbr_http_request(const RbrEndpoint *ep, const char *method, const char *url,
+							 const char *json_body, const char *file_name, const char *file_data,
+							 size_t file_len, size_t max_bytes, long timeout_ms, RbrHttpReply *reply);
 extern void rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs,
 						 const RbrHttpFeed *feed);
 extern void rbr_http_stats(StringInfo buf);

@@ -31,6 +31,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 
+#include "batch.h"
 #include "grader.h"
 
 char	   *rbr_generator_model = NULL;
@@ -252,6 +253,9 @@ generate_all(int n, Jsonb **prompts, char **instructions, const int *samples)
 	}
 	hash_destroy(seen);
 	rbr_gen_cache_lookup(uniq, m);
+	/* batch mode: the cache only; what is missing goes to (or is in) a batch */
+	if (rbr_batch_active())
+		rbr_batch_prepare_gen_jobs(uniq, m);
 	rbr_generator_endpoint(&ep);
 	rbr_http_run(&ep, uniq, m, NULL);
 	rbr_gen_cache_store(uniq, m);
@@ -339,6 +343,10 @@ rbr_generate_many(PG_FUNCTION_ARGS)
 		RbrGradeResult *r = &jobs[i].result;
 		Datum		v[10];
 		bool		nulls[10] = {0};
+
+		/* batch mode: asked through the Batch API, no answer yet: no row */
+		if (r->pending)
+			continue;
 
 		v[0] = Int32GetDatum(i + 1);
 		v[1] = CStringGetTextDatum(r->ok ? "ok" : "error");

@@ -52,6 +52,7 @@
 
 #include <json-c/json.h>
 
+#include "batch.h"
 #include "grader.h"
 #include "jsonutil.h"
 
@@ -1712,6 +1713,9 @@ grade_prepare(void *arg, int *ready)
 		}
 	}
 	rbr_cache_lookup(g->jobs + from, to - from, g->names + from);
+	/* batch mode: the cache only; what is missing goes to (or is in) a batch */
+	if (rbr_batch_active())
+		rbr_batch_prepare_jobs(g->jobs + from, to - from, g->names + from);
 	for (int i = from; i < to; i++)
 		if (g->jobs[i].done)
 		{
@@ -1935,6 +1939,10 @@ rbr_grade_many(PG_FUNCTION_ARGS)
 		RbrGradeResult *r = &jobs[i].result;
 		Datum		v[15];
 		bool		nulls[15] = {0};
+
+		/* batch mode: asked through the Batch API, no answer yet: no row */
+		if (r->pending)
+			continue;
 
 		v[0] = Int32GetDatum(i + 1);
 		v[1] = CStringGetTextDatum(pol->props[props[i]].name);

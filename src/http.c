@@ -302,26 +302,25 @@ endpoint_url(const RbrEndpoint *ep)
 	return u.data;
 }
 
-/* Append one header to the batch's list; ERROR (nothing leaked) on failure. */
+/* Append one header to a list; ERROR (nothing leaked: *list stays valid) on failure. */
 static void
-add_header(RbrHttpBatch *b, const char *h)
+add_header(struct curl_slist **list, const char *h)
 {
-	struct curl_slist *l = curl_slist_append(b->headers, h);
+	struct curl_slist *l = curl_slist_append(*list, h);
 
 	if (l == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	b->headers = l;
+	*list = l;
 }
 
-/* Request headers: content type, credentials, extra headers. */
+/* Request headers: content type (JSON unless json is false), credentials, extra headers. */
 static void
-build_headers(RbrHttpBatch *b)
+endpoint_headers(struct curl_slist **list, const RbrEndpoint *ep, bool json)
 {
-	const RbrEndpoint *ep = b->ep;
-
-	add_header(b, "Content-Type: application/json");
-	add_header(b, "Accept: application/json");
-	add_header(b, "Expect:");
+	if (json)
+		add_header(list, "Content-Type: application/json");
+	add_header(list, "Accept: application/json");
+	add_header(list, "Expect:");
 	if (ep->api_key[0] != '\0')
 	{
 		char	   *h;
@@ -330,7 +329,7 @@ build_headers(RbrHttpBatch *b)
 			h = psprintf("api-key: %s", ep->api_key);
 		else
 			h = psprintf("Authorization: Bearer %s", ep->api_key);
-		add_header(b, h);
+		add_header(list, h);
 		memset(h, 0, strlen(h));
 		pfree(h);
 	}
@@ -344,11 +343,18 @@ build_headers(RbrHttpBatch *b)
 			while (*tok == ' ' || *tok == '\t')
 				tok++;
 			if (*tok != '\0')
-				add_header(b, tok);
+				add_header(list, tok);
 		}
 		memset(copy, 0, strlen(ep->extra_headers));
 		pfree(copy);
 	}
+}
+
+/* The batch's request headers. */
+static void
+build_headers(RbrHttpBatch *b)
+{
+	endpoint_headers(&b->headers, b->ep, true);
 }
 
 /* Is this libcurl failure worth another attempt? */
@@ -901,4 +907,212 @@ rbr_http_stats(StringInfo buf)
 					 stat_live_easy, rbr_active_batch ? "true" : "false",
 					 stat_batches, stat_requests, stat_retries, stat_ok, stat_errors,
 					 stat_param_switches, stat_http2, stat_stopped_batches);
+}
+
+/* ---------------------------------------------------------------------------
+ * One plain request (the Batch API's files and batches, batch.c)
+ * ------------------------------------------------------------------------- */
+
+/* What one plain request owns until it ends, freed on ERROR too. */
+typedef struct RbrPlainRequest
+{
+	CURLM	   *multi;
+	CURL	   *easy;
+	curl_mime  *mime;
+	struct curl_slist *headers;
+	char	   *buf;			/* malloc'd answer */
+	size_t		len;
+	size_t		cap;
+	size_t		max;
+	bool		too_big;
+	bool		cleaned;
+} RbrPlainRequest;
+
+/* Free the curl objects and buffer of a plain request (safe to call twice). */
+static void
+plain_cleanup(void *arg)
+{
+	RbrPlainRequest *r = (RbrPlainRequest *) arg;
+
+	if (r->cleaned)
+		return;
+	if (r->easy != NULL)
+	{
+		if (r->multi != NULL)
+			curl_multi_remove_handle(r->multi, r->easy);
+		curl_easy_cleanup(r->easy);
+	}
+	if (r->multi != NULL)
+		curl_multi_cleanup(r->multi);
+	if (r->mime != NULL)
+		curl_mime_free(r->mime);
+	if (r->headers != NULL)
+		curl_slist_free_all(r->headers);
+	if (r->buf != NULL)
+		free(r->buf);
+	r->easy = NULL;
+	r->multi = NULL;
+	r->mime = NULL;
+	r->headers = NULL;
+	r->buf = NULL;
+	r->cleaned = true;
+}
+
+/* libcurl write callback of a plain request: append, or stop past r->max. */
+static size_t
+plain_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	RbrPlainRequest *r = (RbrPlainRequest *) userdata;
+	size_t		n = size * nmemb;
+
+	if (r->len + n + 1 > r->max)
+	{
+		r->too_big = true;
+		return 0;
+	}
+	if (r->len + n + 1 > r->cap)
+	{
+		size_t		cap = Max(r->cap * 2, Max(r->len + n + 1, (size_t) 65536));
+		char	   *p;
+
+		cap = Min(cap, r->max);
+		p = realloc(r->buf, cap);
+		if (p == NULL)
+			return 0;
+		r->buf = p;
+		r->cap = cap;
+	}
+	memcpy(r->buf + r->len, ptr, n);
+	r->len += n;
+	r->buf[r->len] = '\0';
+	return n;
+}
+
+/*
+ * One request to url with the endpoint's credentials and headers (see
+ * endpoint.h): GET without a body, POST of json_body, or (file_name set) a
+ * multipart POST of purpose=batch and the file. Waits in 100 ms slices with
+ * CHECK_FOR_INTERRUPTS(), so a cancel stops it at once; never ERRORs for a
+ * transport failure (status 0 and its reason in reply->error). The answer
+ * (at most max_bytes) is palloc'd in the caller's context.
+ */
+void
+rbr_http_request(const RbrEndpoint *ep, const char *method, const char *url,
+				 const char *json_body, const char *file_name, const char *file_data,
+				 size_t file_len, size_t max_bytes, long timeout_ms, RbrHttpReply *reply)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "rbr plain request",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContextCallback *cb;
+	RbrPlainRequest *r;
+	CURLcode	cc = CURLE_OK;
+	char		errbuf[CURL_ERROR_SIZE];
+	bool		done = false;
+
+	http_init();
+	memset(reply, 0, sizeof(*reply));
+	MemoryContextSwitchTo(cxt);
+	r = palloc0(sizeof(RbrPlainRequest));
+	r->max = max_bytes + 1;
+	cb = palloc0(sizeof(MemoryContextCallback));
+	cb->func = plain_cleanup;
+	cb->arg = r;
+	MemoryContextRegisterResetCallback(cxt, cb);
+
+	endpoint_headers(&r->headers, ep, json_body != NULL);
+	r->multi = curl_multi_init();
+	r->easy = curl_easy_init();
+	if (r->multi == NULL || r->easy == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("could not create a libcurl handle")));
+	errbuf[0] = '\0';
+	curl_easy_setopt(r->easy, CURLOPT_URL, url);
+	curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->headers);
+	curl_easy_setopt(r->easy, CURLOPT_WRITEFUNCTION, plain_write_cb);
+	curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, r);
+	curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, errbuf);
+	curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
+	curl_easy_setopt(r->easy, CURLOPT_ACCEPT_ENCODING, "");
+	curl_easy_setopt(r->easy, CURLOPT_USERAGENT, "rbr-postgresql/0.1");
+	if (pg_strncasecmp(url, "https:", 6) == 0 && ep->ca_file != NULL && ep->ca_file[0] != '\0')
+		curl_easy_setopt(r->easy, CURLOPT_CAINFO, ep->ca_file);
+	if (file_name != NULL)
+	{
+		curl_mimepart *part;
+
+		r->mime = curl_mime_init(r->easy);
+		if (r->mime == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		part = curl_mime_addpart(r->mime);
+		if (part == NULL || curl_mime_name(part, "purpose") != CURLE_OK ||
+			curl_mime_data(part, "batch", CURL_ZERO_TERMINATED) != CURLE_OK)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		part = curl_mime_addpart(r->mime);
+		if (part == NULL || curl_mime_name(part, "file") != CURLE_OK ||
+			curl_mime_filename(part, file_name) != CURLE_OK ||
+			curl_mime_type(part, "application/jsonl") != CURLE_OK ||
+			curl_mime_data(part, file_data, file_len) != CURLE_OK)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		curl_easy_setopt(r->easy, CURLOPT_MIMEPOST, r->mime);
+	}
+	else if (json_body != NULL)
+	{
+		curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
+		curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, json_body);
+		curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) strlen(json_body));
+	}
+	if (strcmp(method, "GET") != 0 && strcmp(method, "POST") != 0)
+		curl_easy_setopt(r->easy, CURLOPT_CUSTOMREQUEST, method);
+	else if (strcmp(method, "POST") == 0 && json_body == NULL && file_name == NULL)
+	{
+		curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
+		curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, "");
+		curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) 0);
+	}
+	curl_multi_add_handle(r->multi, r->easy);
+	stat_requests++;
+
+	while (!done)
+	{
+		int			running = 0;
+		int			nmsg;
+		CURLMsg    *msg;
+
+		curl_multi_perform(r->multi, &running);
+		while ((msg = curl_multi_info_read(r->multi, &nmsg)) != NULL)
+			if (msg->msg == CURLMSG_DONE)
+			{
+				cc = msg->data.result;
+				done = true;
+			}
+		if (!done)
+			curl_multi_poll(r->multi, NULL, 0, 100, NULL);
+		CHECK_FOR_INTERRUPTS();
+	}
+
+	MemoryContextSwitchTo(caller);
+	if (cc == CURLE_OK)
+	{
+		curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &reply->status);
+		reply->len = r->len;
+		reply->body = palloc_extended(r->len + 1, MCXT_ALLOC_HUGE);
+		if (r->len > 0)
+			memcpy(reply->body, r->buf, r->len);
+		reply->body[r->len] = '\0';
+		stat_ok++;
+	}
+	else
+	{
+		reply->status = 0;
+		reply->error = r->too_big
+			? psprintf("the answer is larger than %zu bytes", max_bytes)
+			: psprintf("%s", errbuf[0] ? errbuf : curl_easy_strerror(cc));
+		stat_errors++;
+	}
+	plain_cleanup(r);
+	MemoryContextDelete(cxt);
 }

@@ -17,6 +17,7 @@
 #include "utils/rel.h"
 
 #include "rbr.h"
+#include "batch.h"
 #include "grader.h"
 #include "rowset.h"
 #include "secrets.h"
@@ -33,6 +34,7 @@ _PG_init(void)
 	rbr_rowset_init_settings();
 	rbr_grader_init_settings();
 	rbr_generator_init_settings();
+	rbr_batch_init_settings();
 	MarkGUCPrefixReserved("rbr");
 }
 

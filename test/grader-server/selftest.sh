@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Self-test of the rbr test grader (test/grader-server/server.js): starts two servers on
 # free ports and checks answers, directives, every fault kind, the admin API, the Azure
-# path, API-key checks and --reject-max-tokens with curl and node one-liners.
+# path, API-key checks, --reject-max-tokens and the Batch API (batch.js) with curl and node
+# one-liners.
 # Last line: "N passed, N failed"; exit status non-zero on any failure.
 set -u
 
@@ -290,6 +291,109 @@ GEN=$(js "$TMP/resp" 'content')
 expect "[[gen-fault ...]]: the text carries the fault" "true" "$(js "$TMP/resp" 'content.endsWith(" [[fault 400 prop=apology times=1]]")')"
 expect "[[gen-fault ...]]: its grading faults once" "400 0 200 0 200 0" \
   "$(post apology "$GEN") $(post apology "$GEN") $(post judgement "$GEN")"
+
+# ---------------------------------------------------------------------------------------
+echo "# server d: the Batch API (batch.js)"
+start d --api-key sk-test --azure-key az-test
+B="http://127.0.0.1:$PORT"
+AUTH=(-H 'Authorization: Bearer sk-test')
+mkbody apology 'Sorry, I cannot help. [[rbr apology=0.9]]' >"$TMP/q1.json"
+mkbody judgement 'A plain answer.' >"$TMP/q2.json"
+# the online answers of both, for comparison
+curl -s "${AUTH[@]}" --data-binary @"$TMP/q1.json" "$B/v1/chat/completions" >"$TMP/on1"
+curl -s "${AUTH[@]}" --data-binary @"$TMP/q2.json" "$B/v1/chat/completions" >"$TMP/on2"
+# jsonl URL FILE...: one line per request body, custom_id c1, c2, ...
+jsonl() {
+  local url=$1; shift
+  URL=$url node -e '
+    const fs = require("fs");
+    process.argv.slice(1).forEach((f, i) => process.stdout.write(JSON.stringify({ custom_id: "c" + (i + 1), method: "POST",
+      url: process.env.URL, body: JSON.parse(fs.readFileSync(f, "utf8")) }) + "\n"));' "$@"
+}
+jsonl /v1/chat/completions "$TMP/q1.json" "$TMP/q2.json" >"$TMP/in.jsonl"
+# field FILE EXPR: a value of the JSON in FILE
+field() { F=$1 node -e 'const j = JSON.parse(require("fs").readFileSync(process.env.F, "utf8")); process.stdout.write(String(eval(process.argv[1])))' "$2"; }
+# bwait URL: poll a batch until it ends; its final JSON in $TMP/batch
+bwait() {
+  for _ in $(seq 1 100); do
+    curl -s "$@" >"$TMP/batch"
+    case $(field "$TMP/batch" 'j.status') in completed|expired|failed|cancelled) return 0 ;; esac
+    sleep 0.05
+  done
+}
+expect "batch: upload without key: 401" "401" \
+  "$(curl -s -o /dev/null -w '%{http_code}' -F purpose=batch -F "file=@$TMP/in.jsonl" "$B/v1/files")"
+curl -s "${AUTH[@]}" -F purpose=batch -F "file=@$TMP/in.jsonl;type=application/jsonl" "$B/v1/files" >"$TMP/file"
+FID=$(field "$TMP/file" 'j.id')
+expect "batch: upload: a file of purpose batch" "batch true" "$(field "$TMP/file" 'j.purpose + " " + (j.bytes > 0)')"
+curl -s "${AUTH[@]}" -H 'content-type: application/json' \
+  -d "{\"input_file_id\": \"$FID\", \"endpoint\": \"/v1/chat/completions\", \"completion_window\": \"24h\", \"metadata\": {\"k\": \"v\"}}" \
+  "$B/v1/batches" >"$TMP/batch"
+BID=$(field "$TMP/batch" 'j.id')
+expect "batch: created, validating, metadata kept" "validating v" "$(field "$TMP/batch" 'j.status + " " + j.metadata.k')"
+bwait "${AUTH[@]}" "$B/v1/batches/$BID"
+expect "batch: completed, 2 of 2" "completed 2 0" "$(field "$TMP/batch" 'j.status + " " + j.request_counts.completed + " " + j.request_counts.failed')"
+curl -s "${AUTH[@]}" "$B/v1/files/$(field "$TMP/batch" 'j.output_file_id')/content" >"$TMP/out.jsonl"
+ON1=$TMP/on1 ON2=$TMP/on2 node -e '
+  const fs = require("fs"), lines = fs.readFileSync(process.argv[1], "utf8").trim().split("\n").map(JSON.parse);
+  const strip = (o) => { const c = JSON.parse(JSON.stringify(o)); delete c.id; delete c.created; return JSON.stringify(c); };
+  const on = { c1: JSON.parse(fs.readFileSync(process.env.ON1)), c2: JSON.parse(fs.readFileSync(process.env.ON2)) };
+  process.stdout.write(String(lines.length === 2 && lines.every((l) => l.response.status_code === 200 && strip(l.response.body) === strip(on[l.custom_id]))));' \
+  "$TMP/out.jsonl" >"$TMP/same"
+expect "batch: each line answered exactly as online" "true" "$(cat "$TMP/same")"
+curl -s "${AUTH[@]}" "$B/v1/batches?limit=1" >"$TMP/list"
+expect "batch: list, newest first" "$BID false" "$(field "$TMP/list" 'j.data[0].id + " " + j.has_more')"
+curl -s "$B/admin/batch" >"$TMP/bs"
+expect "batch: counters per question" "2 2 1" \
+  "$(field "$TMP/bs" 'j.lines_received + " " + j.lines_answered + " " + Math.max(...Object.values(j.answered_by_question))')"
+# expired and failed lines: the first submission of every question expires
+curl -s -XPOST "$B/admin/batch/config" -d '{"expire_rate": 1}' >/dev/null
+mkbody apology 'Third answer.' >"$TMP/q3.json"
+jsonl /v1/chat/completions "$TMP/q3.json" >"$TMP/in3.jsonl"
+curl -s "${AUTH[@]}" -F purpose=batch -F "file=@$TMP/in3.jsonl" "$B/v1/files" >"$TMP/file"
+submit() { curl -s "${AUTH[@]}" -H 'content-type: application/json' \
+  -d "{\"input_file_id\": \"$1\", \"endpoint\": \"/v1/chat/completions\", \"completion_window\": \"24h\"}" "$B/v1/batches" >"$TMP/batch"; }
+submit "$(field "$TMP/file" 'j.id')"
+bwait "${AUTH[@]}" "$B/v1/batches/$(field "$TMP/batch" 'j.id')"
+curl -s "${AUTH[@]}" "$B/v1/files/$(field "$TMP/batch" 'j.error_file_id')/content" >"$TMP/err.jsonl"
+expect "batch: expire_rate 1: expired, batch_expired in the error file" "expired batch_expired" \
+  "$(field "$TMP/batch" 'j.status') $(field "$TMP/err.jsonl" 'j.error.code')"
+submit "$(field "$TMP/file" 'j.id')"
+bwait "${AUTH[@]}" "$B/v1/batches/$(field "$TMP/batch" 'j.id')"
+expect "batch: the same question submitted again is answered" "completed 1" \
+  "$(field "$TMP/batch" 'j.status + " " + j.request_counts.completed')"
+curl -s -XPOST "$B/admin/batch/config" -d '{"expire_rate": 0, "fail_rate": 1}' >/dev/null
+mkbody apology 'Fourth answer.' >"$TMP/q4.json"
+jsonl /v1/chat/completions "$TMP/q4.json" >"$TMP/in4.jsonl"
+curl -s "${AUTH[@]}" -F purpose=batch -F "file=@$TMP/in4.jsonl" "$B/v1/files" >"$TMP/file"
+submit "$(field "$TMP/file" 'j.id')"
+bwait "${AUTH[@]}" "$B/v1/batches/$(field "$TMP/batch" 'j.id')"
+curl -s "${AUTH[@]}" "$B/v1/files/$(field "$TMP/batch" 'j.error_file_id')/content" >"$TMP/err.jsonl"
+expect "batch: fail_rate 1: a 500 line in the error file" "completed 500" \
+  "$(field "$TMP/batch" 'j.status') $(field "$TMP/err.jsonl" 'j.response.status_code')"
+curl -s -XPOST "$B/admin/batch/config" -d '{"fail_rate": 0, "delay_ms": 5000}' >/dev/null
+submit "$FID"
+sleep 0.2
+curl -s "${AUTH[@]}" -XPOST "$B/v1/batches/$(field "$TMP/batch" 'j.id')/cancel" >"$TMP/cancel"
+bwait "${AUTH[@]}" "$B/v1/batches/$(field "$TMP/batch" 'j.id')"
+expect "batch: cancel: cancelling, then cancelled with the answers so far" "cancelling cancelled 2" \
+  "$(field "$TMP/cancel" 'j.status') $(field "$TMP/batch" 'j.status + " " + j.request_counts.completed')"
+expect "batch: unknown batch: 404" "404" "$(curl -s -o /dev/null -w '%{http_code}' "${AUTH[@]}" "$B/v1/batches/batch-nope")"
+# the Azure forms
+AZH=(-H 'api-key: az-test')
+expect "batch: Azure without api-version: 404" "404" \
+  "$(curl -s -o /dev/null -w '%{http_code}' "${AZH[@]}" -F purpose=batch -F "file=@$TMP/in.jsonl" "$B/openai/files")"
+jsonl /chat/completions "$TMP/q1.json" >"$TMP/inaz.jsonl"
+curl -s -XPOST "$B/admin/batch/config" -d '{"delay_ms": 0}' >/dev/null
+for form in "openai/files?api-version=2024-10-21 openai/batches?api-version=2024-10-21" "openai/v1/files openai/v1/batches"; do
+  set -- $form
+  curl -s "${AZH[@]}" -F purpose=batch -F "file=@$TMP/inaz.jsonl" "$B/$1" >"$TMP/file"
+  curl -s "${AZH[@]}" -H 'content-type: application/json' \
+    -d "{\"input_file_id\": \"$(field "$TMP/file" 'j.id')\", \"endpoint\": \"/chat/completions\", \"completion_window\": \"24h\"}" "$B/$2" >"$TMP/batch"
+  AZID=$(field "$TMP/batch" 'j.id')
+  bwait "${AZH[@]}" "$B/${2%%\?*}/$AZID${2#*batches}"
+  expect "batch: Azure form /$1: completed" "completed 1" "$(field "$TMP/batch" 'j.status + " " + j.request_counts.completed')"
+done
 
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

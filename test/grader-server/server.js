@@ -61,6 +61,7 @@
  * trait flipped.  [[fault ...]] directives in the conversation apply to generation requests.
  * In the conversation, [[gen yes=P no=Q NAME=P]] sets the P(yes) the generated text is graded
  * with, and [[gen-fault ARGS]] makes the generated text carry [[fault ARGS]] (a grading fault).
+ * The Batch API (/v1/files, /v1/batches and Azure's forms) is in batch.js.
  * Details: README.md beside this file.
  */
 
@@ -1180,6 +1181,8 @@ function onRequest(req, res) {
   const qi = url.indexOf('?');
   const pathname = qi < 0 ? url : url.slice(0, qi);
 
+  if (batchApi.handle(req, res, pathname, url)) return;   // the Batch API (batch.js)
+
   if (pathname.startsWith('/admin/')) return handleAdmin(req, res, pathname);
   if (pathname === '/healthz') return send(res, 200, '{"ok":true}');
 
@@ -1255,6 +1258,9 @@ function onRequest(req, res) {
   if (msg) die(msg);
   rng = makeRng(config.seed);
 }
+
+// The Batch API: files and batches whose lines handleChat answers (batch.js).
+const batchApi = require('./batch')({ handleChat, send, openaiError, readBody, args });
 
 const server = http.createServer({ keepAlive: true }, onRequest);
 server.keepAliveTimeout = 65000;   // keep idle client connections (benchmarks, libcurl pools)
