@@ -244,6 +244,8 @@ is("$bstate " . psql_ok("SELECT count(*) FROM sb_synth WHERE status = 'accepted'
 
 # --- privileges: the estimate and the budget need the grade capability; runs are their owner's
 psql_ok(<<'SQL');
+DROP ROLE IF EXISTS cost_plain;
+DROP ROLE IF EXISTS cost_grader;
 CREATE ROLE cost_plain LOGIN;
 CREATE ROLE cost_grader LOGIN;
 SELECT rbr_grant('cost_grader', 'grade');
@@ -266,4 +268,5 @@ like($err, qr/permission denied for rbr run/, 'a role cannot stop another role\'
 is(psql_ok("SELECT state FROM rbr.run WHERE run_id = $other_run"), 'done', 'the run is untouched');
 
 drop_db();
+psql_ok("DROP ROLE cost_plain; DROP ROLE cost_grader", db => 'postgres');
 done_testing();
