@@ -8,7 +8,10 @@
 # simulates a provider prefix cache (1024 tokens, then steps of 128, as
 # OpenAI documents automatic prompt caching).
 #
-#   test/bench/cost_per_million.sh [rows=1000] [price_input=0] [price_cached_input=0] [price_output=0] [latency_ms=0]
+#   test/bench/cost_per_million.sh [rows=1000] [price_input=0] [price_cached_input=0] [price_output=0] [latency_ms=0] [batch_factor=0.5]
+#
+# batch_factor: the share of the online price a batch token costs (OpenAI and
+# Azure OpenAI bill Batch API tokens at half price: 0.5; pass your provider's).
 #
 # Modes: (a) online: CALL rbr_featurize on rows never graded; (b) cached
 # rerun: the same rows again in a fresh table (everything from rbr's cache);
@@ -25,6 +28,7 @@ p_in=${2:-0}
 p_cached=${3:-0}
 p_out=${4:-0}
 lat=${5:-0}
+bf=${6:-0.5}
 ref=$(cd .. && pwd)/shared/reference
 log=$(mktemp /tmp/rbr-bench-cost.XXXXXX)
 
@@ -60,7 +64,7 @@ END
 SELECT mk('sample_a', 'a'), mk('sample_b', 'a'), mk('sample_c', 'c');
 SQL
 
-q() { psql -X -q -At -v ON_ERROR_STOP=1 -d $db <<<"SET rbr.grader_url = '$base/v1'; SET rbr.grader_timeout_ms = 600000; SET client_min_messages = warning; $1"; }
+q() { psql -X -q -At -v ON_ERROR_STOP=1 -d $db <<<"SET rbr.grader_url = '$base/v1'; SET rbr.grader_timeout_ms = 600000; SET client_min_messages = warning; SET rbr.batch_poll_seconds = 0.5; $1"; }
 results=$(mktemp /tmp/rbr-bench-cost-res.XXXXXX)
 trap 'kill $srv 2>/dev/null; rm -f "$log" "$results"' EXIT
 
@@ -85,9 +89,9 @@ run_mode() {
          FROM rbr.featurize_progress WHERE source = '$table'::regclass" | tr '|' ' ' >>"$results"
 }
 
-echo "command: $0 $rows $p_in $p_cached $p_out $lat"
+echo "command: $0 $rows $p_in $p_cached $p_out $lat $bf"
 echo "rows: $rows completions of the 351 gold rows, policy ../shared/reference/policy.json, grader settings as installed"
-echo "prices (inputs, per million tokens): input $p_in, cached input $p_cached, output $p_out; server latency $lat ms"
+echo "prices (inputs, per million tokens): input $p_in, cached input $p_cached, output $p_out; server latency $lat ms; batch tokens at $bf of these prices"
 t0=$(date +%s.%N)
 est=$(q "SELECT missing, cached, requests, prompt_tokens, completion_tokens FROM rbr_featurize_estimate('sample_a', 'ref')")
 est_secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b - a}')
@@ -105,10 +109,11 @@ echo
 printf '%-16s %9s %10s %12s %12s %12s %9s %11s %10s %12s\n' mode requests "req/compl" "prompt/compl" "compl/compl" "cached/compl" "ms/compl" "req/M" "cost/compl" "cost/M"
 while read -r mode n req pt ct cat secs sent; do
     awk -v m="$mode" -v n="$n" -v r="$req" -v pt="$pt" -v ct="$ct" -v c="$cat" -v s="$secs" \
-        -v pi="$p_in" -v pc="$p_cached" -v po="$p_out" 'BEGIN {
+        -v pi="$p_in" -v pc="$p_cached" -v po="$p_out" -v bf="$bf" 'BEGIN {
         cost = ((pt - c) * pi + c * pc + ct * po) / 1e6;
+        if (m ~ /batch/) cost *= bf;
         printf "%-16s %9d %10.2f %12.1f %12.2f %12.1f %9.3f %11.0f %10.6f %12.2f\n",
                m, r, r / n, pt / n, ct / n, c / n, 1000 * s / n, r / n * 1e6, cost / n, cost / n * 1e6 }'
     [ "$sent" = "$req" ] || echo "  (the server received $sent requests)"
 done <"$results"
-echo "per million (M) completions: the per-completion figures x 1e6; cost = (prompt - cached) x input + cached x cached input + completion x output"
+echo "per million (M) completions: the per-completion figures x 1e6; cost = (prompt - cached) x input + cached x cached input + completion x output, times batch_factor in batch mode"
