@@ -38,12 +38,19 @@ is($rc, 0, "README's sql blocks run in order without an error") or diag($err);
 
 my %q = (db => 'rbr_readme');
 is(psql_ok("SELECT count(*) FROM completions", %q), 240, 'step 2: the sample table has 40 prompts x 6 completions');
-is(psql_ok("SELECT state || ' ' || errors FROM rbr.featurize_progress", %q), 'done 0', 'step 3: graded, no errors');
+is(psql_ok("SELECT state || ' ' || errors FROM rbr.featurize_progress WHERE source = 'completions'::regclass", %q), 'done 0',
+   'step 3: graded, no errors');
 my $types = psql_ok("SELECT count(DISTINCT response_type) FROM completions", %q);
 my $fitted = psql_ok("SELECT count(*) FROM rbr.model WHERE name = 'v1'", %q);
 ok($fitted >= 2 && $fitted <= $types, "step 4: a model for each type with pairs ($fitted of $types)");
 like($out, qr/not_fitted/, 'step 4: the types without pairs are named');
 like($out, qr/reward/, 'step 5: rewards are printed');
+my ($mstate, $merr, $mtotal, $mreq) = split /\|/, psql_ok(
+    "SELECT state, errors, total, requests FROM rbr.featurize_progress WHERE source = 'more'::regclass ORDER BY run_id DESC LIMIT 1", %q);
+ok($mstate eq 'done' && $merr == 0 && $mtotal > 0 && $mreq == $mtotal,
+   "step 6: batch mode graded the second table ($mreq requests for $mtotal values)");
+is(psql_ok("SELECT count(*) > 0 AND count(*) FILTER (WHERE ideal IS NULL) = 0 FROM more_features"
+         . " WHERE rbr_response_type = 'comply'", %q), 't', 'step 6: its comply rows have their classes');
 unlike($err, qr/ERROR/, 'no error anywhere');
 system('psql', '-X', '-q', '-d', 'postgres', '-c', 'DROP DATABASE rbr_readme WITH (FORCE)');
 done_testing();
