@@ -18,6 +18,7 @@
 
 #include "rbr.h"
 #include "grader.h"
+#include "ratelimit.h"
 #include "rowset.h"
 #include "secrets.h"
 
@@ -33,6 +34,7 @@ _PG_init(void)
 	rbr_rowset_init_settings();
 	rbr_grader_init_settings();
 	rbr_generator_init_settings();
+	rbr_ratelimit_init(process_shared_preload_libraries_in_progress);
 	MarkGUCPrefixReserved("rbr");
 }
 
