@@ -18,11 +18,16 @@
  *  - the provider's own view, from the x-ratelimit-remaining-* / -reset-* /
  *    -limit-* headers of the last answer, refilled at the announced rate:
  *    when it says nothing is left, nobody starts until it has refilled;
- *  - an in-flight window: none until the first 429; then half of what was
- *    in flight, one more per window of answers while the window is full
- *    (additive increase, multiplicative decrease, at most one decrease per
- *    round trip), so a run settles just under the provider's limit;
- *  - a pause until the time a 429's retry-after named, for every session.
+ *  - an adaptive in-flight window (AIMD): none until the first 429; then
+ *    0.7 of what was in flight, shrinking by 0.7 again on each later 429 (at
+ *    most once per round trip), growing by 5 % per second while it is what
+ *    holds requests back; requests start at most window / round trip per
+ *    second, so a fractional window is a rate. It is lifted after 5 s with
+ *    neither a 429 nor a request held back. A provider without x-ratelimit-*
+ *    headers is so approached from below and probed gently: a run settles
+ *    just under its limit instead of oscillating;
+ *  - a pause of every session until the time a 429's retry-after named
+ *    (at most 1 s; the request that got the 429 waits all of it).
  * rbr.grader_requests_per_second and rbr.grader_max_in_flight still bound
  * each backend on top of this.
  *
@@ -31,8 +36,9 @@
  * its share of the budget by setting its own (SET, PGOPTIONS, ALTER ROLE are
  * refused), nor disturb the others with a different value.
  *
- * When every slot is taken by endpoints used in the last ten minutes, a
- * backend falls back to a budget of its own, with a WARNING once.
+ * When every slot is taken by endpoints used in the last ten minutes (a role
+ * can choose many model names), the endpoints without a slot share the last
+ * one, with a WARNING once per session: slower, never above a budget.
  */
 #include "postgres.h"
 
@@ -64,12 +70,18 @@ static double generator_tpm = 0;
 #define RATE_IDLE_US ((int64) 600 * 1000000)
 /* The provider's view is forgotten after a minute without an answer. */
 #define RATE_SEEN_US ((int64) 60 * 1000000)
+/* The key of the shared slot of the endpoints that found no slot of their own. */
+#define RATE_OVERFLOW_KEY ((uint64) 1)
 /* Longest pause a 429's retry-after imposes on the other sessions (ms). */
 #define RATE_MAX_PAUSE_MS 1000L
 /* The window is lifted after this long without a 429 (us). */
 #define RATE_WINDOW_QUIET_US ((int64) 5 * 1000000)
-/* AIMD: the window grows by this much per window of answers, shrinks by this factor on a 429. */
-#define RATE_INCREASE 0.25
+/*
+ * The window grows by this share per second while it limits (slowly: the
+ * provider's bucket is drained gently, so a 429 comes seldom), and shrinks by
+ * this factor on a 429 (once per round trip).
+ */
+#define RATE_GROWTH 0.05
 #define RATE_DECREASE 0.7
 #define RATE_MIN_WINDOW 0.1
 /* The largest in-flight window. */
@@ -90,6 +102,8 @@ typedef struct RateSlot
 	int64		win_tat;		/* the window's pacing: window / rtt per us */
 	double		rtt;			/* answers' round trip, smoothed (us) */
 	bool		win_limited;	/* a start waited for the window since the last answer */
+	int64		last_limited;	/* when a start last waited for the window */
+	int64		last_growth;	/* when the last answer came back */
 	int64		last_decrease;
 	int64		last_throttled;
 	int			in_flight;
@@ -264,12 +278,12 @@ url_host(const char *url, char *buf, size_t size)
 
 /* Find or take the slot of key in a table; -1 when every slot is busy. */
 static int
-table_slot(RateTable *t, uint64 key, int64 now, bool evict_any)
+table_slot(RateTable *t, int nslots, uint64 key, int64 now, bool evict_any)
 {
 	int			free_slot = -1;
 	int			oldest = -1;
 
-	for (int i = 0; i < RBR_RATE_SLOTS; i++)
+	for (int i = 0; i < nslots; i++)
 	{
 		RateSlot   *s = &t->slots[i];
 
@@ -306,8 +320,8 @@ rbr_rate_open(RbrRate *r, const char *url, const char *model)
 	appendStringInfoString(&k, model ? model : "");
 	key = hash_bytes_extended((const unsigned char *) k.data, k.len, 0);
 	pfree(k.data);
-	if (key == 0)
-		key = 1;
+	if (key <= RATE_OVERFLOW_KEY)
+		key += RATE_OVERFLOW_KEY + 1;
 
 	r->shared = rbr_rate_shared();
 	if (r->shared)
@@ -318,23 +332,30 @@ rbr_rate_open(RbrRate *r, const char *url, const char *model)
 			exit_registered = true;
 		}
 		LWLockAcquire(shared_lock, LW_EXCLUSIVE);
-		i = table_slot(shared_table, key, now, false);
+		i = table_slot(shared_table, RBR_RATE_SLOTS - 1, key, now, false);
 		if (i < 0)
 		{
-			LWLockRelease(shared_lock);
-			r->shared = false;
+			/* every endpoint that finds no slot shares the last one: stricter, never looser */
+			i = RBR_RATE_SLOTS - 1;
+			key = RATE_OVERFLOW_KEY;
+			url = "";
+			model = "(endpoints without a slot of their own)";
 			if (!warned_full)
+			{
+				LWLockRelease(shared_lock);
+				warned_full = true;
 				ereport(WARNING,
 						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-						 errmsg("rbr's shared rate budget table is full (%d endpoints in use)", RBR_RATE_SLOTS),
-						 errdetail("This session paces itself alone against this endpoint: the cluster may send more than rbr.%s_requests_per_minute.",
+						 errmsg("rbr's shared rate budget table is full (%d endpoints in use)", RBR_RATE_SLOTS - 1),
+						 errdetail("This endpoint shares one budget with every other endpoint that found no slot, so it may be slower than rbr.%s_requests_per_minute allows.",
 								   r->kind == RBR_JOB_GENERATE ? "generator" : "grader"),
 						 errhint("Use fewer distinct endpoints and models at once; a slot unused for ten minutes is given to another.")));
-			warned_full = true;
+				LWLockAcquire(shared_lock, LW_EXCLUSIVE);
+			}
 		}
 	}
-	if (!r->shared)
-		i = table_slot(&local_table, key, now, true);
+	else
+		i = table_slot(&local_table, RBR_RATE_SLOTS, key, now, true);
 	Assert(i >= 0);
 	t = r->shared ? shared_table : &local_table;
 	{
@@ -410,8 +431,9 @@ rbr_rate_admit(RbrRate *r, int64 now, int cost)
 		s->tpm = tpm;
 	}
 
-	/* no 429 for a while: the window is lifted */
-	if (s->window > 0 && s->last_throttled < now - RATE_WINDOW_QUIET_US)
+	/* neither a 429 nor a start held back by the window for a while: the window is lifted */
+	if (s->window > 0 && s->last_throttled < now - RATE_WINDOW_QUIET_US &&
+		s->last_limited < now - RATE_WINDOW_QUIET_US)
 		s->window = 0;
 
 	/* a 429 asked every session to wait */
@@ -422,11 +444,13 @@ rbr_rate_admit(RbrRate *r, int64 now, int cost)
 	{
 		wait = 5000;
 		s->win_limited = true;
+		s->last_limited = now;
 	}
 	else if (s->window > 0 && s->rtt > 0 && s->win_tat > now)
 	{
 		wait = s->win_tat - now;
 		s->win_limited = true;
+		s->last_limited = now;
 	}
 	/* the provider's view: nothing left until it refills */
 	else if (s->seen_at > 0 && s->seen_at > now - RATE_SEEN_US)
@@ -524,9 +548,11 @@ rbr_rate_done(RbrRate *r, int64 now, int64 sent_at, long status, long retry_afte
 
 		s->ok++;
 		s->rtt = s->rtt > 0 ? 0.875 * s->rtt + 0.125 * sample : sample;
-		/* additive increase while the window is what limits */
-		if (s->window > 0 && s->win_limited)
-			s->window = Min(RATE_MAX_WINDOW, s->window + RATE_INCREASE / s->window);
+		/* the window grows while it is what limits, by RATE_GROWTH per second */
+		if (s->window > 0 && s->win_limited && s->last_growth > 0)
+			s->window = Min(RATE_MAX_WINDOW,
+							s->window * (1.0 + RATE_GROWTH * Min(1.0, (now - s->last_growth) / 1e6)));
+		s->last_growth = now;
 		s->win_limited = false;
 	}
 

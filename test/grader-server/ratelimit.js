@@ -3,7 +3,8 @@
  * ratelimit.js: the provider's rate limit of the rbr test grader (server.js), across ALL
  * connections: R requests per second (rate_limit_rps) and optionally T tokens per minute
  * (rate_limit_tpm), each a token bucket that holds one second's worth and starts full.
- * A request's tokens: a quarter of its body's bytes, plus one for the answer.
+ * A request's tokens are what its answer's usage reports (server.js): a quarter of the
+ * characters of its messages' contents (at least 1), plus one for the answer.
  *
  *  - every API answer carries OpenAI's headers: x-ratelimit-limit-requests (per minute),
  *    x-ratelimit-remaining-requests, x-ratelimit-reset-requests (time until the bucket is
@@ -19,6 +20,25 @@
  */
 
 const KEYS = ['rate_limit_rps', 'rate_limit_tpm', 'rate_limit_headers'];
+
+/** The tokens of a request body, as server.js reports them in usage. */
+function tokensOf(buf) {
+  let chars = 0;
+  try {
+    const body = JSON.parse(buf.toString('utf8'));
+    const msgs = body.messages || body.input;
+    if (Array.isArray(msgs)) {
+      for (const m of msgs) {
+        const c = m && m.content;
+        if (typeof c === 'string') chars += c.length;
+        else if (Array.isArray(c)) for (const p of c) chars += p && typeof p.text === 'string' ? p.text.length : 0;
+      }
+    }
+  } catch (e) {
+    chars = buf.length;
+  }
+  return Math.max(1, Math.round(chars / 4)) + 1;
+}
 
 /** Format seconds as OpenAI's x-ratelimit-reset-* values. */
 function duration(s) {
@@ -83,7 +103,7 @@ function create() {
    */
   function gate(res, buf, send, openaiError) {
     const rps = cfg.rate_limit_rps, tpm = cfg.rate_limit_tpm;
-    const cost = Math.ceil((buf ? buf.length : 0) / 4) + 1;
+    const cost = tpm > 0 ? tokensOf(buf || Buffer.alloc(0)) : 1;
     if (!(rps > 0) && !(tpm > 0)) {
       // no limit: counted all the same
       const b = bin(Math.floor(Date.now() / 1000));
@@ -142,4 +162,4 @@ function create() {
   return { owns, validate, apply, gate, reset, stats, config: () => ({ ...cfg }) };
 }
 
-module.exports = { create, duration };
+module.exports = { create, duration, tokensOf };

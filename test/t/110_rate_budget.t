@@ -144,9 +144,36 @@ ok($dt < 1.5, sprintf('cancel while waiting for the budget returned within a sec
 like($$berr, qr/57014: canceling statement due to user request/, 'cancel: SQLSTATE 57014');
 is($$bout, "0|0\n", 'the session goes on: no handle left, nothing counted in flight');
 
-# ===================================================== without the budget: the provider's headers
+# ===================================================== the shared token budget
+# tokens of one request, as the server counts them (its usage): about the same for every question
+my $tok = psql_ok("SET rbr.grader_model = 'rate-probe'; SELECT prompt_tokens + completion_tokens FROM rbr_grade_many('ref',"
+                  . " ARRAY['apology'], ARRAY['\"q\"'::jsonb], ARRAY['probe 1 [[rbr apology=0.6]]'])");
+my $TPM = $tok * 10 * 60;           # ten requests per second
 set_system('rbr.grader_requests_per_minute', undef);
-server_config($base, qq({"rate_limit_rps": $R, "latency_ms": 100}));
+set_system('rbr.grader_tokens_per_minute', $TPM);
+server_config($base, qq({"rate_limit_rps": 0, "rate_limit_tpm": $TPM, "latency_ms": 20}));
+server_reset($base);
+$setup = "SET rbr.grader_model = 'rate-tokens'; SET rbr.grader_max_in_flight = 16; SET rbr.grader_max_retries = 10;"
+       . " SET rbr.grader_retry_base_ms = 50;";
+@out = three_sessions($setup, 'tokens', 60);
+is_deeply(\@out, ["60\n", "60\n", "60\n"], 'tokens: three sessions graded 60 questions each') or diag(join '', @out);
+@b = bins();
+$first = $b[0][0];
+my $toks = 0;
+for (@b) { $toks += $_->[3] if $_->[0] >= $first + 1 && $_->[0] < $first + 11 }
+($adm, $lim) = window_sum(\@b, $first + 1, 10);
+($all_a, $all_l) = window_sum(\@b, 0, 1e12);
+diag("token budget ($TPM per minute, $tok per request): seconds 1-10: $toks tokens in $adm requests, $lim answered 429; per second: "
+     . join(' ', map { "$_->[3]/$_->[1]+$_->[2]" } @b));
+# GCRA bound: 10 s of the rate, plus a tenth of a second's worth, plus one request (the last one may overdraw)
+ok($toks <= 10 * $TPM / 60 + $TPM / 600 + $tok, "together they used at most 10 s of the token budget + burst ($toks <= "
+   . (10 * $TPM / 60 + $TPM / 600 + $tok) . ")");
+ok($all_l < 0.05 * ($all_a + $all_l), "fewer than 5% answered 429 ($all_l of " . ($all_a + $all_l) . ")");
+ok($toks >= 0.8 * 10 * $TPM / 60, "at least 80% of the token budget was used ($toks of " . (10 * $TPM / 60) . ")");
+set_system('rbr.grader_tokens_per_minute', undef);
+
+# ===================================================== without the budget: the provider's headers
+server_config($base, qq({"rate_limit_rps": $R, "rate_limit_tpm": 0, "latency_ms": 100}));
 server_reset($base);
 $setup = "SET rbr.grader_model = 'rate-headers'; SET rbr.grader_max_in_flight = 16; SET rbr.grader_max_retries = 20;"
        . " SET rbr.grader_retry_base_ms = 50;";
@@ -185,38 +212,53 @@ like(psql_ok("SELECT throttled > 0, remaining_requests IS NULL FROM rbr_rate_sta
 drop_db();
 psql_ok("DROP OWNED BY rate_mallory; DROP ROLE rate_mallory", db => 'postgres');
 
-# ===================================================== without preloading: per session
+# A cluster of this test's own (postgresql.conf lines $conf) with rbr and the policy in database rate_np.
 my $root = $> == 0;
 my $owner = $root ? 'postgres' : scalar getpwuid($>);
 my $port = $ENV{RBR_TEST_PORT} // 55432;
 sub as_owner { return $root ? ('runuser', '-u', 'postgres', '--', @_) : @_ }
-my $dir = tempdir('rbr-rate-XXXXXX', TMPDIR => 1, CLEANUP => 1);
-chmod 0755, $dir;
-system('chown', 'postgres:', $dir) if $root;
-my ($io, $ie, $so, $se) = ('') x 4;
-run([as_owner('initdb', '-D', "$dir/data", '-U', $owner, '--auth=trust', '-E', 'UTF8', '--locale=C')],
-    '>', \$io, '2>', \$ie) or die "initdb: $ie";
-open my $c, '>>', "$dir/data/postgresql.conf" or die;
-print $c "listen_addresses = ''\nunix_socket_directories = '$dir'\nport = $port\nfsync = off\n"
-       . "rbr.grader_url = '$url'\nrbr.grader_requests_per_minute = 600\n";
-close $c;
-run([as_owner('pg_ctl', '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', '60', 'start')], '>', \$so, '2>', \$se)
-    or die "pg_ctl start: $se";
+open(my $pfh, '<', REFERENCE . '/policy.json') or die;
+my $policy = do { local $/; <$pfh> };
+close $pfh;
+sub own_cluster {
+    my ($conf) = @_;
+    my $dir = tempdir('rbr-rate-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+    chmod 0755, $dir;
+    system('chown', 'postgres:', $dir) if $root;
+    my ($io, $ie, $so, $se) = ('') x 4;
+    run([as_owner('initdb', '-D', "$dir/data", '-U', $owner, '--auth=trust', '-E', 'UTF8', '--locale=C')],
+        '>', \$io, '2>', \$ie) or die "initdb: $ie";
+    open my $c, '>>', "$dir/data/postgresql.conf" or die;
+    print $c "listen_addresses = ''\nunix_socket_directories = '$dir'\nport = $port\nfsync = off\n"
+           . "rbr.grader_url = '$url'\n$conf";
+    close $c;
+    run([as_owner('pg_ctl', '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', '60', 'start')], '>', \$so, '2>', \$se)
+        or die "pg_ctl start: $se";
+    local $ENV{PGHOST} = $dir;
+    local $ENV{PGPORT} = $port;
+    psql_ok("CREATE DATABASE rate_np", db => 'postgres');
+    psql_ok("CREATE EXTENSION rbr; SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb)", db => 'rate_np');
+    return $dir;
+}
+sub stop_own {
+    my ($dir) = @_;
+    run([as_owner('pg_ctl', '-D', "$dir/data", '-m', 'immediate', '-w', 'stop')], '>', \my $xo, '2>', \my $xe);
+}
+
+# ===================================================== without preloading: per session
+server_config($base, q({"rate_limit_rps": 0, "rate_limit_tpm": 0, "latency_ms": 20}));
+my $dir = own_cluster("rbr.grader_requests_per_minute = 600\n");
 {
     local $ENV{PGHOST} = $dir;
     local $ENV{PGPORT} = $port;
-    open(my $pfh, '<', REFERENCE . '/policy.json') or die;
-    my $policy = do { local $/; <$pfh> };
-    close $pfh;
-    psql_ok("CREATE DATABASE rate_np", db => 'postgres');
-    psql_ok("CREATE EXTENSION rbr; SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb)", db => 'rate_np');
-    server_config($base, q({"rate_limit_rps": 0, "latency_ms": 20}));
     server_reset($base);
     my @hs = map { [bg_psql("SET rbr.grader_max_in_flight = 16;\n" . grade_sql("np s$_", 40) . ";\n"
-                            . "SELECT shared, requests_per_minute FROM rbr_rate_status();\n", db => 'rate_np')] } 1 .. 2;
+                            . "SELECT shared, requests_per_minute FROM rbr_rate_status();\n"
+                            . "SELECT rbr_grader_stats()->>'rate_budget';\n", db => 'rate_np')] } 1 .. 2;
     my @o;
     for my $x (@hs) { $x->[0]->finish; push @o, ${ $x->[1] } . ${ $x->[2] }; }
-    is_deeply(\@o, ["40\nf|600\n", "40\nf|600\n"], 'without preload: each session graded, with a budget of its own (shared = false)')
+    is_deeply(\@o, ["40\nf|600\nsession\n", "40\nf|600\nsession\n"],
+              "without preload: each session graded, with a budget of its own (shared = false, rate_budget 'session')")
         or diag(join '', @o);
     my @nb = bins();
     my $max = 0;
@@ -225,6 +267,24 @@ run([as_owner('pg_ctl', '-D', "$dir/data", '-l', "$dir/server.log", '-w', '-t', 
     # one budget of 10/s allows at most 10 + 1 per second; two sessions with their own send about 20
     ok($max > 10 + 2, "without preload the two sessions together exceed one session's budget ($max in one second)");
 }
-run([as_owner('pg_ctl', '-D', "$dir/data", '-m', 'immediate', '-w', 'stop')], '>', \my $xo, '2>', \my $xe);
+stop_own($dir);
+
+# ===================================================== a full table: the rest share one slot
+# a role that may choose the model fills every slot; the next endpoint shares the last slot
+$dir = own_cluster("shared_preload_libraries = 'rbr'\nrbr.grader_requests_per_minute = 6000\n");
+{
+    local $ENV{PGHOST} = $dir;
+    local $ENV{PGPORT} = $port;
+    my $fill = join("\n", map { "SET rbr.grader_model = 'flood-$_'; " . grade_sql("flood $_", 1) . ";" } 1 .. 31);
+    psql_ok($fill, db => 'rate_np');
+    my ($fo, $fe) = psql("SET rbr.grader_model = 'flood-32';\n" . grade_sql('flood 32', 3) . ";\n"
+                         . "SET rbr.grader_model = 'flood-33';\n" . grade_sql('flood 33', 3) . ";\n", db => 'rate_np');
+    is($fo, "3\n3", 'with every slot taken, the next endpoints still grade');
+    like($fe, qr/WARNING:  53400: rbr's shared rate budget table is full \(31 endpoints in use\)/, '... with a WARNING');
+    is(psql_ok("SELECT count(*), count(*) FILTER (WHERE model LIKE '(endpoints%' AND requests = 6 AND requests_per_minute = 6000)"
+               . " FROM rbr_rate_status()", db => 'rate_np'), '32|1',
+       '... sharing the last slot, under the same budget (stricter, never looser)');
+}
+stop_own($dir);
 
 done_testing();
