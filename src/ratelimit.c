@@ -506,6 +506,20 @@ rbr_rate_admit(RbrRate *r, int64 now, int cost)
 }
 
 /*
+ * How long what an answer said about the provider's bucket holds (us): until
+ * it is full again (the reset header); without it a minute when the refill
+ * rate is known (the limit header), else a second (Azure sends neither: the
+ * next answer will say more).
+ */
+static int64
+view_span(int64 reset_ms, int64 limit)
+{
+	if (reset_ms >= 0)
+		return reset_ms * 1000;
+	return limit > 0 ? RATE_SEEN_US : RATE_MAX_PAUSE_MS * 1000;
+}
+
+/*
  * One admitted request ended (status 0: no HTTP answer): the window adapts,
  * a 429 pauses everybody for its retry-after, the provider's headers update
  * its view, the token bucket is corrected from the tokens used (-1: unknown).
@@ -568,16 +582,14 @@ rbr_rate_done(RbrRate *r, int64 now, int64 sent_at, long status, long retry_afte
 			s->remaining_requests = seen->remaining_requests;
 			s->prov_req = (double) seen->remaining_requests - s->in_flight;
 			s->prov_req_rate = seen->limit_requests > 0 ? seen->limit_requests / 60e6 : 0;
-			s->prov_req_full_at = now + (seen->reset_requests_ms >= 0
-										 ? seen->reset_requests_ms * 1000 : RATE_SEEN_US);
+			s->prov_req_full_at = now + view_span(seen->reset_requests_ms, seen->limit_requests);
 		}
 		if (seen->remaining_tokens >= 0)
 		{
 			s->remaining_tokens = seen->remaining_tokens;
 			s->prov_tok = (double) seen->remaining_tokens - (double) s->in_flight * cost;
 			s->prov_tok_rate = seen->limit_tokens > 0 ? seen->limit_tokens / 60e6 : 0;
-			s->prov_tok_full_at = now + (seen->reset_tokens_ms >= 0
-										 ? seen->reset_tokens_ms * 1000 : RATE_SEEN_US);
+			s->prov_tok_full_at = now + view_span(seen->reset_tokens_ms, seen->limit_tokens);
 		}
 	}
 

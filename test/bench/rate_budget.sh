@@ -30,7 +30,9 @@ node test/grader-server/server.js --port 0 --latency-ms "$lat" >"$log" 2>&1 &
 srv=$!
 cleanup() {
     kill $srv 2>/dev/null || true
-    psql -X -q -d postgres -c "ALTER SYSTEM RESET rbr.grader_requests_per_minute" -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
+    psql -X -q -d rbr_bench_rate -c "LOAD 'rbr'" -c "ALTER SYSTEM RESET rbr.grader_requests_per_minute" \
+        -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
+    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS rbr_bench_rate" >/dev/null 2>&1 || true
     rm -f "$log"
 }
 trap cleanup EXIT
@@ -52,7 +54,9 @@ post() { curl -s -X POST -H 'content-type: application/json' -d "$2" "$base/admi
 run() {
     local name=$1 rpm=$2 rps=$3 headers=$4 model t0 t1 s
     model="bench-$(echo "$name" | tr -c "a-z0-9" "-")-$headers-$$"
-    psql -X -q -d postgres -c "ALTER SYSTEM SET rbr.grader_requests_per_minute = $rpm" -c "SELECT pg_reload_conf()" >/dev/null
+    # in a database with rbr loaded: without preloading, postgres does not know the setting
+    psql -X -q -d rbr_bench_rate -c "LOAD 'rbr'" -c "ALTER SYSTEM SET rbr.grader_requests_per_minute = $rpm" \
+        -c "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
     post config "{\"rate_limit_rps\": $R, \"rate_limit_headers\": $headers}"
     post reset '{}'
@@ -93,4 +97,3 @@ for h in true false; do
     run "shared budget" $((60 * R)) 0 $h
     run "nothing set" 0 0 $h
 done
-psql -X -q -d postgres -c "DROP DATABASE IF EXISTS rbr_bench_rate"
