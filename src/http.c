@@ -23,6 +23,11 @@
  *   exponential backoff and jitter, honouring retry-after-ms / retry-after
  *   (capped); other 4xx are not retried. A job that runs out of retries ends
  *   as an error with its reason.
+ * - Each attempt starts when this backend's rbr.grader_requests_per_second
+ *   and the endpoint's rate budget (ratelimit.c: shared by the cluster when
+ *   rbr is preloaded) allow it; every answer, its x-ratelimit-* headers and
+ *   its token usage are reported back to the budget. While nothing is in
+ *   flight the loop waits on the latch, so a cancel wakes it at once.
  */
 #include "postgres.h"
 

@@ -20,8 +20,9 @@
  *    when it says nothing is left, nobody starts until it has refilled;
  *  - an adaptive in-flight window (AIMD): none until the first 429; then
  *    0.7 of what was in flight, shrinking by 0.7 again on each later 429 (at
- *    most once per round trip), growing by 5 % per second while it is what
- *    holds requests back; requests start at most window / round trip per
+ *    most once per round trip), growing while it is what holds requests back
+ *    by 5 % per second for 5 s after a 429, then twice as fast each second up
+ *    to doubling per second; requests start at most window / round trip per
  *    second, so a fractional window is a rate. It is lifted after 5 s with
  *    neither a 429 nor a request held back. A provider without x-ratelimit-*
  *    headers is so approached from below and probed gently: a run settles
@@ -36,7 +37,7 @@
  * its share of the budget by setting its own (SET, PGOPTIONS, ALTER ROLE are
  * refused), nor disturb the others with a different value.
  *
- * When every slot is taken by endpoints used in the last ten minutes (a role
+ * When every slot is taken by endpoints used in the last minute (a role
  * can choose many model names), the endpoints without a slot share the last
  * one, with a WARNING once per session: slower, never above a budget.
  */
@@ -66,8 +67,9 @@ static double grader_tpm = 0;
 static double generator_rpm = 0;
 static double generator_tpm = 0;
 
-/* A slot not used for this long may be given to another endpoint (us). */
-#define RATE_IDLE_US ((int64) 600 * 1000000)
+/* A slot not used for this long may be given to another endpoint (us): its
+ * buckets are full again by then, the provider's view and the window expired. */
+#define RATE_IDLE_US ((int64) 60 * 1000000)
 /* The provider's view is forgotten after a minute without an answer. */
 #define RATE_SEEN_US ((int64) 60 * 1000000)
 /* The key of the shared slot of the endpoints that found no slot of their own. */
@@ -101,9 +103,8 @@ typedef struct RateSlot
 	double		window;			/* 0: none yet (no 429 seen) */
 	int64		win_tat;		/* the window's pacing: window / rtt per us */
 	double		rtt;			/* answers' round trip, smoothed (us) */
-	bool		win_limited;	/* a start waited for the window since the last answer */
 	int64		last_limited;	/* when a start last waited for the window */
-	int64		last_growth;	/* when the last answer came back */
+	int64		last_growth;	/* when the window last grew (or was asked) */
 	int64		last_decrease;
 	int64		last_throttled;
 	int			in_flight;
@@ -349,7 +350,7 @@ rbr_rate_open(RbrRate *r, const char *url, const char *model)
 						 errmsg("rbr's shared rate budget table is full (%d endpoints in use)", RBR_RATE_SLOTS - 1),
 						 errdetail("This endpoint shares one budget with every other endpoint that found no slot, so it may be slower than rbr.%s_requests_per_minute allows.",
 								   r->kind == RBR_JOB_GENERATE ? "generator" : "grader"),
-						 errhint("Use fewer distinct endpoints and models at once; a slot unused for ten minutes is given to another.")));
+						 errhint("Use fewer distinct endpoints and models at once; a slot unused for a minute is given to another.")));
 				LWLockAcquire(shared_lock, LW_EXCLUSIVE);
 			}
 		}
@@ -436,6 +437,24 @@ rbr_rate_admit(RbrRate *r, int64 now, int cost)
 		s->last_limited < now - RATE_WINDOW_QUIET_US)
 		s->window = 0;
 
+	/*
+	 * The window grows while it is what limits, with the time (answers or
+	 * not: a provider over its limit answers 429 at once): by RATE_GROWTH
+	 * per second for 5 s after a 429, then twice as fast every second, up to
+	 * doubling per second. A near limit is probed gently; a far one, or a
+	 * transient 429, is found again within seconds.
+	 */
+	if (s->window > 0 && (s->in_flight >= (int) ceil(s->window) ||
+						  (s->rtt > 0 && s->win_tat > now)))
+	{
+		double		quiet = Min(10.0, (now - s->last_throttled) / 1e6 - 5.0);
+		double		g = Min(1.0, RATE_GROWTH * pow(2.0, Max(0.0, quiet)));
+		double		dt = Min(1.0, Max(0.0, (now - s->last_growth) / 1e6));
+
+		s->window = Min(RATE_MAX_WINDOW, s->window * (1.0 + g * dt));
+	}
+	s->last_growth = now;
+
 	/* a 429 asked every session to wait */
 	if (now < s->paused_until)
 		wait = s->paused_until - now;
@@ -443,13 +462,11 @@ rbr_rate_admit(RbrRate *r, int64 now, int cost)
 	else if (s->window > 0 && s->in_flight >= (int) ceil(s->window))
 	{
 		wait = 5000;
-		s->win_limited = true;
 		s->last_limited = now;
 	}
 	else if (s->window > 0 && s->rtt > 0 && s->win_tat > now)
 	{
 		wait = s->win_tat - now;
-		s->win_limited = true;
 		s->last_limited = now;
 	}
 	/* the provider's view: nothing left until it refills */
@@ -562,12 +579,6 @@ rbr_rate_done(RbrRate *r, int64 now, int64 sent_at, long status, long retry_afte
 
 		s->ok++;
 		s->rtt = s->rtt > 0 ? 0.875 * s->rtt + 0.125 * sample : sample;
-		/* the window grows while it is what limits, by RATE_GROWTH per second */
-		if (s->window > 0 && s->win_limited && s->last_growth > 0)
-			s->window = Min(RATE_MAX_WINDOW,
-							s->window * (1.0 + RATE_GROWTH * Min(1.0, (now - s->last_growth) / 1e6)));
-		s->last_growth = now;
-		s->win_limited = false;
 	}
 
 	/* the provider's view, less what is in flight or started since */

@@ -38,7 +38,7 @@ typedef struct RbrRate
 } RbrRate;
 
 /* Budget slots in shared memory: one per (kind, endpoint, model) in use. */
-#define RBR_RATE_SLOTS 32
+#define RBR_RATE_SLOTS 64
 
 extern void rbr_ratelimit_init(bool preloading);
 extern void rbr_rate_begin(RbrRate *r, int kind);

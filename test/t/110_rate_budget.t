@@ -275,14 +275,14 @@ $dir = own_cluster("shared_preload_libraries = 'rbr'\nrbr.grader_requests_per_mi
 {
     local $ENV{PGHOST} = $dir;
     local $ENV{PGPORT} = $port;
-    my $fill = join("\n", map { "SET rbr.grader_model = 'flood-$_'; " . grade_sql("flood $_", 1) . ";" } 1 .. 31);
+    my $fill = join("\n", map { "SET rbr.grader_model = 'flood-$_'; " . grade_sql("flood $_", 1) . ";" } 1 .. 63);
     psql_ok($fill, db => 'rate_np');
-    my ($fo, $fe) = psql("SET rbr.grader_model = 'flood-32';\n" . grade_sql('flood 32', 3) . ";\n"
-                         . "SET rbr.grader_model = 'flood-33';\n" . grade_sql('flood 33', 3) . ";\n", db => 'rate_np');
+    my ($fo, $fe) = psql("SET rbr.grader_model = 'flood-64';\n" . grade_sql('flood 64', 3) . ";\n"
+                         . "SET rbr.grader_model = 'flood-65';\n" . grade_sql('flood 65', 3) . ";\n", db => 'rate_np');
     is($fo, "3\n3", 'with every slot taken, the next endpoints still grade');
-    like($fe, qr/WARNING:  53400: rbr's shared rate budget table is full \(31 endpoints in use\)/, '... with a WARNING');
+    like($fe, qr/WARNING:  53400: rbr's shared rate budget table is full \(63 endpoints in use\)/, '... with a WARNING');
     is(psql_ok("SELECT count(*), count(*) FILTER (WHERE model LIKE '(endpoints%' AND requests = 6 AND requests_per_minute = 6000)"
-               . " FROM rbr_rate_status()", db => 'rate_np'), '32|1',
+               . " FROM rbr_rate_status()", db => 'rate_np'), '64|1',
        '... sharing the last slot, under the same budget (stricter, never looser)');
 }
 stop_own($dir);
