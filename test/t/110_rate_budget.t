@@ -126,6 +126,24 @@ server_reset($base);
 ($adm, $lim) = window_sum([bins()], 0, 1e12);
 is($lim, 0, '... and the server answered no 429');
 
+# ===================================================== the generator's budget
+psql_ok("ALTER DATABASE $db SET rbr.generator_url = '$url'", db => 'postgres');
+set_system('rbr.generator_requests_per_minute', 600);   # 10 per second, one at once
+server_reset($base);
+{
+    my $t0 = time;
+    my $g = psql_ok("SET rbr.generator_model = 'rate-gen'; SELECT count(*) FILTER (WHERE status = 'ok') FROM rbr_generate_many("
+                    . "array_fill('\"Say hi.\"'::jsonb, ARRAY[12]), array_fill('rbr-generate/1\nBe brief.'::text, ARRAY[12]),"
+                    . " ARRAY(SELECT i FROM generate_series(1, 12) i))");
+    my $dt = time - $t0;
+    is($g, '12', 'the generator: 12 completions');
+    # 12 requests at 10 per second, one at once: at least 1.1 s
+    ok($dt >= 1.1 * 0.95, sprintf('... paced by rbr.generator_requests_per_minute (%.2f s >= 1.10 s)', $dt));
+    is(psql_ok("SELECT kind, requests_per_minute, requests FROM rbr_rate_status() WHERE model = 'rate-gen'"), 'generator|600|12',
+       "... in a budget of the generator's own");
+}
+set_system('rbr.generator_requests_per_minute', undef);
+
 # ===================================================== cancel while waiting for the budget
 set_system('rbr.grader_requests_per_minute', 6);    # one request every 10 s
 server_reset($base);
