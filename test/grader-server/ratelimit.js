@@ -15,7 +15,8 @@
  *  - admitted requests and 429s are counted per wall-clock second (the second the body was
  *    read), for GET /admin/stats: rate_limit.per_second = [[unix_second, admitted, limited,
  *    tokens], ...] (the last hour), plus totals.
- * rate_limit_headers false: no x-ratelimit-* header (a provider that does not send them).
+ * rate_limit_headers false: no x-ratelimit-* header (a provider that does not send them);
+ * "remaining": only x-ratelimit-remaining-* (as Azure OpenAI sends them).
  * Off (0) by default: then no header is added and nothing is refused (requests are counted).
  */
 
@@ -73,7 +74,9 @@ function create() {
 
   /** An error string for a bad value, or null. */
   function validate(key, v) {
-    if (key === 'rate_limit_headers') return typeof v === 'boolean' ? null : `${key} must be a boolean`;
+    if (key === 'rate_limit_headers') {
+      return typeof v === 'boolean' || v === 'remaining' ? null : `${key} must be a boolean or "remaining"`;
+    }
     if (typeof v !== 'number' || !(v >= 0) || !Number.isFinite(v)) return `${key} must be a number >= 0`;
     return null;
   }
@@ -136,15 +139,16 @@ function create() {
       b[2]++;
       totals.limited++;
     }
+    const all = cfg.rate_limit_headers === true;
     if (rps > 0 && cfg.rate_limit_headers) {
-      res.setHeader('x-ratelimit-limit-requests', String(Math.round(rps * 60)));
+      if (all) res.setHeader('x-ratelimit-limit-requests', String(Math.round(rps * 60)));
       res.setHeader('x-ratelimit-remaining-requests', String(Math.max(0, Math.floor(reqBucket.level))));
-      res.setHeader('x-ratelimit-reset-requests', duration((rcap - reqBucket.level) / rps));
+      if (all) res.setHeader('x-ratelimit-reset-requests', duration((rcap - reqBucket.level) / rps));
     }
     if (tpm > 0 && cfg.rate_limit_headers) {
-      res.setHeader('x-ratelimit-limit-tokens', String(Math.round(tpm)));
+      if (all) res.setHeader('x-ratelimit-limit-tokens', String(Math.round(tpm)));
       res.setHeader('x-ratelimit-remaining-tokens', String(Math.max(0, Math.floor(tokBucket.level))));
-      res.setHeader('x-ratelimit-reset-tokens', duration((tcap - tokBucket.level) / (tpm / 60)));
+      if (all) res.setHeader('x-ratelimit-reset-tokens', duration((tcap - tokBucket.level) / (tpm / 60)));
     }
     if (wait === 0) return true;
     const ms = Math.max(1, Math.ceil(wait * 1000));

@@ -322,6 +322,9 @@ expect "reset: counters cleared" "0 0 0" "$(js "$TMP/stats" '[j.rate_limit.admit
 expect "reset: the bucket is full again" "200 0 4" "$(post apology 'rl 8') $(hdr x-ratelimit-remaining-requests)"
 curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_headers": false}' >/dev/null
 expect "rate_limit_headers false: no x-ratelimit header" "200 0 ''" "$(post apology 'rl 9') '$(hdr x-ratelimit-remaining-requests)'"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_headers": "remaining"}' >/dev/null
+expect "rate_limit_headers remaining: only x-ratelimit-remaining-requests (Azure)" "200 0 true ''" \
+  "$(post apology 'rl 9b') $([ -n "$(hdr x-ratelimit-remaining-requests)" ] && echo true) '$(hdr x-ratelimit-reset-requests)$(hdr x-ratelimit-limit-requests)'"
 curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_rps": 0, "rate_limit_headers": true, "rate_limit_tpm": 3000}' >/dev/null
 R1=$(post apology 'tokens 1'); REM=$(hdr x-ratelimit-remaining-tokens); R2=$(post apology 'tokens 2')
 expect "token limit (50 per second, requests larger): one admitted, then 429 for tokens" "200 0 0 429 0 tokens 3000" \

@@ -207,6 +207,20 @@ ok($adm >= 0.8 * 10 * $R, "... and at least 80% of R ($adm admitted in 10 s)");
 like(psql_ok("SELECT remaining_requests IS NOT NULL, waits > 0 FROM rbr_rate_status() WHERE model = 'rate-headers'"), qr/^t\|t$/,
      "rbr_rate_status(): the provider's remaining requests were read, and sessions waited for them");
 
+# ===================================================== remaining-only headers (Azure): no stall
+# without a reset or limit header, what a 0 remaining said holds one second, never a minute
+server_config($base, qq({"rate_limit_rps": $R, "rate_limit_tpm": 0, "rate_limit_headers": "remaining", "latency_ms": 100}));
+server_reset($base);
+$setup = "SET rbr.grader_model = 'rate-azure'; SET rbr.grader_max_in_flight = 16; SET rbr.grader_max_retries = 20;"
+       . " SET rbr.grader_retry_base_ms = 50;";
+my $ta = time;
+@out = three_sessions($setup, 'azure', 60);
+my $da = time - $ta;
+is_deeply(\@out, ["60\n", "60\n", "60\n"], 'remaining-only headers: three sessions graded 60 questions each') or diag(join '', @out);
+($all_a, $all_l) = window_sum([bins()], 0, 1e12);
+diag(sprintf("remaining-only headers: %d admitted, %d answered 429 in %.1f s", $all_a, $all_l, $da));
+ok($all_a / $da >= 0.5 * $R, sprintf('... at half of R or more over the run (%.1f per second), no stall', $all_a / $da));
+
 # ===================================================== adaptive concurrency alone (no headers)
 server_config($base, qq({"rate_limit_rps": $R, "rate_limit_headers": false, "latency_ms": 100}));
 server_reset($base);
