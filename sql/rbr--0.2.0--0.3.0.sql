@@ -1586,6 +1586,18 @@ $$;
 -- Rate budget shared by the cluster
 -------------------------------------------------------------------------------
 -- (section: rate)
+-- The endpoints' rate budgets: shared by every session when rbr is
+-- preloaded (shared = true), this session's otherwise. The endpoint's host
+-- is shown to superusers and members of pg_read_all_settings only.
+CREATE FUNCTION @extschema@.rbr_rate_status(
+        OUT slot int, OUT kind text, OUT endpoint text, OUT model text, OUT shared boolean,
+        OUT requests_per_minute float8, OUT tokens_per_minute float8, OUT "window" float8,
+        OUT in_flight int, OUT requests bigint, OUT ok bigint, OUT throttled bigint,
+        OUT waits bigint, OUT remaining_requests bigint, OUT remaining_tokens bigint,
+        OUT last_used timestamptz)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'rbr_rate_status'
+    LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
 -------------------------------------------------------------------------------
 -- Cost before and after: dry runs, budgets, prompt caching

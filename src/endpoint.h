@@ -18,6 +18,8 @@
 
 #include "lib/stringinfo.h"
 
+#include "ratelimit.h"
+
 /* Largest response body accepted (a one-token answer with logprobs is ~3 kB). */
 #define RBR_MAX_RESPONSE_BYTES (1024 * 1024)
 
@@ -125,6 +127,11 @@ struct RbrGradeJob
 	int			retries;		/* retries used (token-parameter switch excluded) */
 	char		errbuf[256];	/* curl's error text of the last attempt */
 	bool		done;
+	/* the rate budget (ratelimit.c) */
+	bool		admitted;		/* counted in the budget, not yet reported */
+	int			rate_cost;		/* tokens estimated for this attempt */
+	int64		sent_at;		/* when this attempt started (us) */
+	RbrRateSeen rate_seen;		/* x-ratelimit-* headers of its answer */
 };
 
 /*

@@ -23,6 +23,11 @@
  *   exponential backoff and jitter, honouring retry-after-ms / retry-after
  *   (capped); other 4xx are not retried. A job that runs out of retries ends
  *   as an error with its reason.
+ * - Each attempt starts when this backend's rbr.grader_requests_per_second
+ *   and the endpoint's rate budget (ratelimit.c: shared by the cluster when
+ *   rbr is preloaded) allow it; every answer, its x-ratelimit-* headers and
+ *   its token usage are reported back to the budget. While nothing is in
+ *   flight the loop waits on the latch, so a cancel wakes it at once.
  */
 #include "postgres.h"
 
@@ -41,7 +46,10 @@
 #include "utils/timestamp.h"
 
 #include "endpoint.h"
+#include "ratelimit.h"
 #include "secrets.h"
+#include "storage/latch.h"
+#include "utils/wait_event.h"
 
 /* A batch in flight: what must be freed if the batch ends by ERROR. */
 typedef struct RbrHttpBatch
@@ -55,6 +63,7 @@ typedef struct RbrHttpBatch
 	CURL	  **spare;			/* easy handles between two requests, for reuse */
 	int			nspare;
 	int			maxspare;
+	RbrRate		rate;			/* its endpoint's rate budget */
 	bool		cleaned;
 } RbrHttpBatch;
 
@@ -73,6 +82,8 @@ static int64 stat_errors = 0;
 static int64 stat_batches = 0;
 static int64 stat_param_switches = 0;
 static int64 stat_stopped_batches = 0;
+static int64 stat_rate_waits = 0;	/* loop rounds that waited for the rate budget */
+static int64 stat_throttled = 0;	/* 429 answers */
 
 /* The limits of the batch running (its endpoint's). */
 static int	eng_retry_base_ms = 500;
@@ -142,6 +153,7 @@ batch_cleanup(void *arg)
 
 	if (b->cleaned)
 		return;
+	rbr_rate_end(&b->rate);
 	for (int i = 0; i < b->njobs; i++)
 		job_release(&b->jobs[i]);
 	while (b->nspare > 0)
@@ -219,6 +231,8 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	char	   *end;
 	double		d;
 
+	if (rbr_rate_header(&job->rate_seen, buffer, n))
+		return n;
 	if ((v = header_value(buffer, n, "retry-after-ms")) != NULL ||
 		(v = header_value(buffer, n, "retry-after")) != NULL)
 	{
@@ -431,13 +445,13 @@ batch_connect(RbrHttpBatch *b, MemoryContext bcxt)
 	b->url = endpoint_url(ep);
 	build_headers(b);
 	MemoryContextSwitchTo(old);
+	rbr_rate_open(&b->rate, b->url, ep->model);
 }
 
-/* Start one attempt of a job: ok, or the job ends with an error. */
+/* Build a job's request body if it has none for the token parameter in use. */
 static void
-job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
+job_body(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 {
-	CURL	   *h;
 	int			param = b->ep->token_param();
 
 	if (b->url == NULL)
@@ -456,14 +470,38 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 		job->body_param = param;
 		MemoryContextSwitchTo(old);
 	}
+}
+
+/* An admitted attempt ended (status 0: no HTTP answer): tell the budget. */
+static void
+job_rate_done(RbrHttpBatch *b, RbrGradeJob *job, long status)
+{
+	if (!job->admitted)
+		return;
+	job->admitted = false;
+	stat_throttled += status == 429;
+	rbr_rate_done(&b->rate, GetCurrentTimestamp(), job->sent_at, status,
+				  job->retry_after_ms, &job->rate_seen, job->rate_cost, -1);
+}
+
+/* Start one attempt of a job: ok, or the job ends with an error. */
+static void
+job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
+{
+	CURL	   *h;
+
+	job_body(b, job, bcxt);
 	job->retry_after_ms = -1;
 	job->resp_too_big = false;
 	job->errbuf[0] = '\0';
+	rbr_rate_seen_reset(&job->rate_seen);
+	job->sent_at = GetCurrentTimestamp();
 
 	/* a handle of an earlier request keeps its shared options */
 	h = b->nspare > 0 ? b->spare[--b->nspare] : easy_new(b);
 	if (h == NULL)
 	{
+		job_rate_done(b, job, 0);
 		job->done = true;
 		job->result.error = pstrdup("could not create a libcurl handle (out of memory)");
 		return;
@@ -477,6 +515,7 @@ job_start(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt)
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, job->errbuf);
 	if (curl_multi_add_handle(rbr_multi, h) != CURLM_OK)
 	{
+		job_rate_done(b, job, 0);
 		job_release(job);
 		job->done = true;
 		job->result.error = pstrdup("could not add a request to the libcurl multi handle");
@@ -509,6 +548,7 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 	char	   *reason = NULL;
 
 	curl_easy_getinfo((CURL *) job->easy, CURLINFO_RESPONSE_CODE, &status);
+	job_rate_done(b, job, cc == CURLE_OK ? status : 0);
 	{
 		long		version = 0;
 
@@ -547,6 +587,9 @@ job_finish(RbrHttpBatch *b, RbrGradeJob *job, CURLcode cc)
 									&job->result, &b->json);
 		if (parsed)
 		{
+			if (job->result.prompt_tokens >= 0 && job->result.completion_tokens >= 0)
+				rbr_rate_tokens(&b->rate, GetCurrentTimestamp(), job->rate_cost,
+								job->result.prompt_tokens + job->result.completion_tokens);
 			job_release(job);
 			if (job->result.again)
 			{
@@ -630,16 +673,28 @@ rate_reset(int64 now)
 							now + (int64) (1000000.0 / eng_requests_per_second));
 }
 
-/* May another request start now under rbr.grader_requests_per_second? */
-static bool
-rate_ok(int64 now)
+/*
+ * May this job's attempt start now? Builds its body (its size estimates its
+ * tokens), then asks this backend's rbr.grader_requests_per_second and the
+ * endpoint's budget (ratelimit.c). 0: yes, it is counted; otherwise the
+ * microseconds to wait before asking again.
+ */
+static int64
+job_admit(RbrHttpBatch *b, RbrGradeJob *job, MemoryContext bcxt, int64 now)
 {
-	if (eng_requests_per_second <= 0)
-		return true;
-	if (now < rbr_next_slot)
-		return false;
-	rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / eng_requests_per_second);
-	return true;
+	int64		wait;
+
+	job_body(b, job, bcxt);
+	if (eng_requests_per_second > 0 && now < rbr_next_slot)
+		return rbr_next_slot - now;
+	job->rate_cost = Max(1, (int) (strlen(job->body) / 4));
+	wait = rbr_rate_admit(&b->rate, now, job->rate_cost);
+	if (wait > 0)
+		return wait;
+	job->admitted = true;
+	if (eng_requests_per_second > 0)
+		rbr_next_slot = Max(rbr_next_slot, now) + (int64) (1000000.0 / eng_requests_per_second);
+	return 0;
 }
 
 /*
@@ -680,6 +735,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		int			running = 0;
 		int			nmsg;
 		int			finished = 0;
+		int64		admit_wait = 0;	/* > 0: the budget said to wait this long (us) */
 		CURLMsg    *msg;
 
 		/* after a final error, retries waiting end with it */
@@ -694,11 +750,11 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 			ended[nended++] = job - jobs;
 		}
 		/* retries whose time has come, then new jobs */
-		for (int w = 0; w < nwaiting && in_flight < max_in_flight;)
+		for (int w = 0; w < nwaiting && in_flight < max_in_flight && admit_wait == 0;)
 		{
 			RbrGradeJob *job = &jobs[waiting[w]];
 
-			if (job->not_before <= now && rate_ok(now))
+			if (job->not_before <= now && (admit_wait = job_admit(b, job, cxt, now)) == 0)
 			{
 				waiting[w] = waiting[--nwaiting];
 				job_start(b, job, cxt);
@@ -730,7 +786,7 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 				next_new++;
 				continue;
 			}
-			if (!rate_ok(now))
+			if (admit_wait > 0 || (admit_wait = job_admit(b, job, cxt, now)) > 0)
 				break;
 			next_new++;
 			job_start(b, job, cxt);
@@ -797,12 +853,25 @@ http_loop(RbrHttpBatch *b, MemoryContext cxt, const RbrHttpFeed *feed, int max_i
 		/* wake up in time for the next retry or rate-limit slot */
 		now = GetCurrentTimestamp();
 		for (int w = 0; w < nwaiting; w++)
-			wait_ms = Min(wait_ms, Max(0, (jobs[waiting[w]].not_before - now) / 1000));
-		if (eng_requests_per_second > 0 && rbr_next_slot > now &&
-			(next_new < njobs || nwaiting > 0))
-			wait_ms = Min(wait_ms, Max(1, (rbr_next_slot - now) / 1000));
-		if (in_flight > 0 || wait_ms > 0)
+		{
+			/* a retry that is due waits for a free slot or the budget, not for its time */
+			if (jobs[waiting[w]].not_before > now)
+				wait_ms = Min(wait_ms, Max(1, (jobs[waiting[w]].not_before - now + 999) / 1000));
+		}
+		if (admit_wait > 0)
+		{
+			stat_rate_waits++;
+			wait_ms = Min(wait_ms, Max(1, admit_wait / 1000));
+		}
+		if (in_flight > 0)
 			curl_multi_poll(rbr_multi, NULL, 0, (int) wait_ms, NULL);
+		else if (wait_ms > 0)
+		{
+			/* nothing in flight (waiting for a retry or the budget): a cancel wakes us */
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 wait_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
 		CHECK_FOR_INTERRUPTS();
 	}
 
@@ -853,6 +922,7 @@ rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs, const RbrHttpF
 	b->ep = ep;
 	b->jobs = jobs;
 	b->njobs = njobs;
+	rbr_rate_begin(&b->rate, ep->kind);
 	b->maxspare = max_in_flight;
 	b->spare = MemoryContextAllocZero(cxt, sizeof(CURL *) * max_in_flight);
 	cb = MemoryContextAllocZero(cxt, sizeof(MemoryContextCallback));
@@ -899,14 +969,17 @@ rbr_http_stats(StringInfo buf)
 					 ", \"ok\": " INT64_FORMAT ", \"errors\": " INT64_FORMAT
 					 ", \"token_parameter_switches\": " INT64_FORMAT
 					 ", \"http2_responses\": " INT64_FORMAT
-					 ", \"stopped_batches\": " INT64_FORMAT,
+					 ", \"stopped_batches\": " INT64_FORMAT
+					 ", \"rate_budget\": \"%s\", \"rate_waits\": " INT64_FORMAT
+					 ", \"throttled\": " INT64_FORMAT,
 					 vi->version,
 					 (vi->features & CURL_VERSION_ASYNCHDNS) ? "true" : "false",
 					 (vi->features & CURL_VERSION_HTTP2) ? "true" : "false",
 					 rbr_multi ? "true" : "false",
 					 stat_live_easy, rbr_active_batch ? "true" : "false",
 					 stat_batches, stat_requests, stat_retries, stat_ok, stat_errors,
-					 stat_param_switches, stat_http2, stat_stopped_batches);
+					 stat_param_switches, stat_http2, stat_stopped_batches,
+					 rbr_rate_shared() ? "cluster" : "session", stat_rate_waits, stat_throttled);
 }
 
 /* ---------------------------------------------------------------------------

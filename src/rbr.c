@@ -19,6 +19,7 @@
 #include "rbr.h"
 #include "batch.h"
 #include "grader.h"
+#include "ratelimit.h"
 #include "rowset.h"
 #include "secrets.h"
 
@@ -35,6 +36,7 @@ _PG_init(void)
 	rbr_grader_init_settings();
 	rbr_generator_init_settings();
 	rbr_batch_init_settings();
+	rbr_ratelimit_init(process_shared_preload_libraries_in_progress);
 	MarkGUCPrefixReserved("rbr");
 }
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Self-test of the rbr test grader (test/grader-server/server.js): starts two servers on
 # free ports and checks answers, directives, every fault kind, the admin API, the Azure
-# path, API-key checks, --reject-max-tokens and the Batch API (batch.js) with curl and node
-# one-liners.
+# path, API-key checks, --reject-max-tokens, the Batch API (batch.js) and the rate limit
+# (ratelimit.js) with curl and node one-liners.
 # Last line: "N passed, N failed"; exit status non-zero on any failure.
 set -u
 
@@ -394,6 +394,52 @@ for form in "openai/files?api-version=2024-10-21 openai/batches?api-version=2024
   bwait "${AZH[@]}" "$B/${2%%\?*}/$AZID${2#*batches}"
   expect "batch: Azure form /$1: completed" "completed 1" "$(field "$TMP/batch" 'j.status + " " + j.request_counts.completed')"
 done
+echo "# server e: the provider's rate limit (ratelimit.js)"
+start e --rate-limit-rps 5
+# rpost: post the body in $TMP/req.json again (no node start-up between requests)
+rpost() { curl -s -o "$TMP/resp" -D "$TMP/hdr" -w '%{http_code}' --data-binary @"$TMP/req.json" "http://127.0.0.1:$PORT/v1/chat/completions"; }
+mkbody apology 'rl' >"$TMP/req.json"
+# six requests from one curl (one connection, no process start-up between them)
+U="http://127.0.0.1:$PORT/v1/chat/completions"
+CODES=$(curl -s -o /dev/null -o /dev/null -o /dev/null -o /dev/null -o /dev/null \
+  -w ' %{http_code}/%header{x-ratelimit-remaining-requests}' --data-binary @"$TMP/req.json" "$U" "$U" "$U" "$U" "$U" \
+  --next -s -o "$TMP/resp" -D "$TMP/hdr6" -w ' %{http_code}' --data-binary @"$TMP/req.json" "$U")
+R="${CODES##* } 0"
+CODES=${CODES% *}
+cp "$TMP/hdr6" "$TMP/hdr"
+expect "rate limit 5/s: five admitted, remaining counts down" " 200/4 200/3 200/2 200/1 200/0" "$CODES"
+expect "x-ratelimit-limit-requests is per minute, reset a duration" "300 true" \
+  "$(hdr x-ratelimit-limit-requests) $(R=$(hdr x-ratelimit-reset-requests) node -e 'console.log(/^\d+ms$|^[\d.]+s$/.test(process.env.R))')"
+cp "$TMP/hdr6" "$TMP/hdr"
+expect "above the rate: 429 rate_limit_exceeded, retry-after-ms, retry-after, headers" "429 0 rate_limit_exceeded true 1 0" \
+  "$R $(js "$TMP/resp" 'j.error.code') $(RA=$(hdr retry-after-ms) node -e 'const v = Number(process.env.RA); console.log(v > 0 && v <= 200)') $(hdr retry-after) $(hdr x-ratelimit-remaining-requests)"
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+expect "stats: admitted and 429s, per second" "5 1 5 1 true" \
+  "$(js "$TMP/stats" '[j.rate_limit.admitted, j.rate_limit.limited, j.rate_limit.per_second.reduce((a, b) => a + b[1], 0), j.rate_limit.per_second.reduce((a, b) => a + b[2], 0), j.by_status["429"] === 1].join(" ")')"
+sleep 0.25
+expect "the bucket refills at the rate" "200 0" "$(post apology 'rl 7')"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/reset" >/dev/null
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+expect "reset: counters cleared" "0 0 0" "$(js "$TMP/stats" '[j.rate_limit.admitted, j.rate_limit.limited, j.rate_limit.per_second.length].join(" ")')"
+expect "reset: the bucket is full again" "200 0 4" "$(post apology 'rl 8') $(hdr x-ratelimit-remaining-requests)"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_headers": false}' >/dev/null
+expect "rate_limit_headers false: no x-ratelimit header" "200 0 ''" "$(post apology 'rl 9') '$(hdr x-ratelimit-remaining-requests)'"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_headers": "remaining"}' >/dev/null
+expect "rate_limit_headers remaining: only x-ratelimit-remaining-requests (Azure)" "200 0 true ''" \
+  "$(post apology 'rl 9b') $([ -n "$(hdr x-ratelimit-remaining-requests)" ] && echo true) '$(hdr x-ratelimit-reset-requests)$(hdr x-ratelimit-limit-requests)'"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_rps": 0, "rate_limit_headers": true, "rate_limit_tpm": 3000}' >/dev/null
+R1=$(post apology 'tokens 1'); REM=$(hdr x-ratelimit-remaining-tokens); R2=$(post apology 'tokens 2')
+expect "token limit (50 per second, requests larger): one admitted, then 429 for tokens" "200 0 0 429 0 tokens 3000" \
+  "$R1 $REM $R2 $(js "$TMP/resp" 'j.error.type') $(hdr x-ratelimit-limit-tokens)"
+curl -s -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_tpm": 0}' >/dev/null
+curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"
+N0=$(js "$TMP/stats" 'j.rate_limit.admitted')
+expect "limits off: no header, every request admitted and counted" "200 0 '' 1" \
+  "$(post apology 'rl 10') '$(hdr x-ratelimit-limit-requests)' $(curl -s "http://127.0.0.1:$PORT/admin/stats" >"$TMP/stats"; N0=$N0 js "$TMP/stats" 'j.rate_limit.admitted - Number(process.env.N0)')"
+expect "config: bad rate_limit_rps rejected" "400" \
+  "$(curl -s -o /dev/null -w '%{http_code}' -XPOST "http://127.0.0.1:$PORT/admin/config" -d '{"rate_limit_rps": -1}')"
+expect "reset durations written as OpenAI does" "20ms 1.5s 6m0s 0s" \
+  "$(node -e 'const d = require(process.argv[1]).duration; console.log([d(0.02), d(1.5), d(360), d(0)].join(" "))' "$HERE/ratelimit.js")"
 
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

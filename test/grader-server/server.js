@@ -78,14 +78,14 @@ const USAGE = `usage: node server.js --port N [--policy FILE] [--labels FILE.jso
   [--latency-ms N] [--jitter-ms N] [--noise X] [--pid-file F] [--log FILE]
   [--api-key K] [--azure-key K] [--reject-max-tokens]
   [--fault-rate X] [--fault-kind 429|500|503|drop|malformed|timeout|nologprobs|textbody|400[,...]]
-  [--seed N] [--gen-miss-rate X]
+  [--seed N] [--gen-miss-rate X] [--rate-limit-rps R] [--rate-limit-tpm T]
   [--profile openai|openai-reasoning|gpt-5.4|azure|vllm-thinking|llama.cpp-old|ollama|no-logprobs|together|groq|quota]`;
 
 const FLAG_SPECS = {
   port: 'int', policy: 'str', labels: 'str', 'latency-ms': 'num', 'jitter-ms': 'num',
   noise: 'num', 'pid-file': 'str', log: 'str', 'api-key': 'str', 'azure-key': 'str',
   'reject-max-tokens': 'bool', 'fault-rate': 'num', 'fault-kind': 'str', seed: 'int', help: 'bool',
-  'gen-miss-rate': 'num', profile: 'str',
+  'gen-miss-rate': 'num', profile: 'str', 'rate-limit-rps': 'num', 'rate-limit-tpm': 'num',
 };
 
 function die(msg) {
@@ -153,6 +153,9 @@ if (!PROFILES.has(profile)) die(`unknown profile ${profile}\n${USAGE}`);
 
 const FAULT_KINDS = new Set(['429', '500', '503', 'drop', 'malformed', 'timeout', 'nologprobs', 'textbody', '400']);
 
+// the provider's rate limit across all connections (ratelimit.js)
+const rateLimit = require('./ratelimit').create();
+
 const config = {
   latency_ms: 0, jitter_ms: 0, noise: 0,
   fault_rate: 0, fault_kind: '500', seed: 0,
@@ -163,8 +166,15 @@ const config = {
 /** Validate and apply settings; keys may use - or _.  Returns an error string or null. */
 function applyConfig(obj) {
   const next = { ...config };
+  const nextRate = {};
   for (const [rawKey, v] of Object.entries(obj)) {
     const key = rawKey.replace(/-/g, '_');
+    if (rateLimit.owns(key)) {
+      const e = rateLimit.validate(key, v);
+      if (e) return e;
+      nextRate[key] = v;
+      continue;
+    }
     switch (key) {
       case 'latency_ms': case 'jitter_ms':
         if (typeof v !== 'number' || !(v >= 0)) return `${key} must be a number >= 0`;
@@ -195,6 +205,7 @@ function applyConfig(obj) {
   }
   const seedChanged = next.seed !== config.seed;
   Object.assign(config, next);
+  rateLimit.apply(nextRate);
   faultKinds = config.fault_kind.split(',');
   if (seedChanged) rng = makeRng(config.seed);
   return null;
@@ -1137,17 +1148,19 @@ function handleGeneration(req, res, body, messages, sys, model, maxTok, log) {
 function statsSnapshot() {
   return JSON.stringify({
     ...stats, in_flight: inFlight, uptime_s: Math.round((Date.now() - startedAt) / 1000),
-    attempt_keys: attempts.size, prefix_cache: prefixCache.stats(),
+    attempt_keys: attempts.size, prefix_cache: prefixCache.stats(), rate_limit: rateLimit.stats(),
   });
 }
 
 function handleAdmin(req, res, pathname) {
   if (pathname === '/admin/stats' && req.method === 'GET') return send(res, 200, statsSnapshot());
-  if (pathname === '/admin/config' && req.method === 'GET') return send(res, 200, JSON.stringify({ ...config, ...prefixCache.config() }));
+  if (pathname === '/admin/config' && req.method === 'GET')
+    return send(res, 200, JSON.stringify({ ...config, ...prefixCache.config(), ...rateLimit.config() }));
   if (pathname === '/admin/reset' && req.method === 'POST') {
     readBody(req, () => {
       resetStats();
       prefixCache.resetStats();
+      rateLimit.reset();
       attempts.clear();
       rng = makeRng(config.seed);
       send(res, 200, JSON.stringify({ ok: true }));
@@ -1161,7 +1174,7 @@ function handleAdmin(req, res, pathname) {
       if (!obj || typeof obj !== 'object' || Array.isArray(obj)) return send(res, 400, JSON.stringify({ error: 'body must be a JSON object' }));
       const msg = applyConfig(obj);
       if (msg) return send(res, 400, JSON.stringify({ error: msg }));
-      send(res, 200, JSON.stringify(config));
+      send(res, 200, JSON.stringify({ ...config, ...rateLimit.config() }));
     });
     return;
   }
@@ -1242,6 +1255,7 @@ function onRequest(req, res) {
   res.on('close', () => { inFlight--; });
   readBody(req, (err, buf) => {
     if (err) return reject(413, 'bad_request', openaiError('Request body too large.', 'invalid_request_error'));
+    if (!rateLimit.gate(res, buf, send, openaiError)) return bump(stats.rejections, 'rate_limit');
     handleChat(req, res, buf, model0, log, api);
   });
 }
@@ -1252,7 +1266,7 @@ function onRequest(req, res) {
 
 {
   const initial = {};
-  for (const k of ['latency-ms', 'jitter-ms', 'noise', 'fault-rate', 'fault-kind', 'seed', 'gen-miss-rate']) if (args[k] !== undefined) initial[k] = args[k];
+  for (const k of ['latency-ms', 'jitter-ms', 'noise', 'fault-rate', 'fault-kind', 'seed', 'gen-miss-rate', 'rate-limit-rps', 'rate-limit-tpm']) if (args[k] !== undefined) initial[k] = args[k];
   if (args['reject-max-tokens']) initial.reject_max_tokens = true;
   const msg = applyConfig(initial);
   if (msg) die(msg);
