@@ -23,6 +23,7 @@
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
+#include "fit_options.h"
 #include "fit_solver.h"
 #include "jsonutil.h"
 #include "rbr.h"
@@ -117,29 +118,9 @@ typedef struct FitOptions
 	bool	   *fixed_zero;
 } FitOptions;
 
-/* ERROR about one option. */
-#define option_error(key, fmt, ...) \
-	ereport(ERROR, \
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE), \
-			 errmsg("invalid rbr_fit option \"%s\": " fmt, (key), ##__VA_ARGS__), \
-			 errhint("See the options of rbr_fit in doc/reference.md.")))
-
-/* A number option within [lo, hi]. */
-static double
-option_number(JsonbContainer *c, const char *key, double dflt, double lo, double hi)
-{
-	JsonbValue *v = rbr_obj_get(c, key);
-	double		x;
-
-	if (v == NULL)
-		return dflt;
-	if (v->type != jbvNumeric)
-		option_error(key, "must be a number, not %s", rbr_jbv_type_name(v));
-	x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
-	if (!(x >= lo && x <= hi))
-		option_error(key, "%g is outside [%g, %g]", x, lo, hi);
-	return x;
-}
+/* ERROR about one option; a number option within [lo, hi]. */
+#define option_error(key, ...) rbr_fit_option_error("rbr_fit", (key), __VA_ARGS__)
+#define option_number(c, key, dflt, lo, hi) rbr_fit_option_number((c), "rbr_fit", (key), (dflt), (lo), (hi))
 
 /* Parse the options text of the first row into o (d features). */
 static void
@@ -206,94 +187,25 @@ parse_fit_options(const char *text, int d, FitOptions *o)
 	o->solver.beta2 = option_number(c, "beta2", o->solver.beta2, 0, 0.99999999);
 	o->solver.eps = option_number(c, "eps", o->solver.eps, 1e-300, 1);
 
-	if ((v = rbr_obj_get(c, "feature_names")) != NULL)
 	{
-		JsonbValue *e;
+		RbrFitSharedOptions sh;
 
-		if (!rbr_jbv_is_array(v))
-			option_error("feature_names", "must be an array of names, such as rbr_feature_names() returns");
-		e = rbr_arr_items(v->val.binary.data, &o->nnames);
-		if (o->nnames != d)
-			option_error("feature_names", "has %d names for %d features", o->nnames, d);
-		o->names = palloc(sizeof(char *) * Max(o->nnames, 1));
-		for (int i = 0; i < o->nnames; i++)
+		rbr_fit_parse_shared_options(c, "rbr_fit", d, &sh);
+		o->nnames = sh.nnames;
+		o->names = sh.names;
+		if (sh.fixed_zero != NULL)
 		{
-			if (e[i].type != jbvString)
-				option_error("feature_names", "names must be strings");
-			o->names[i] = rbr_jbv_cstring(&e[i]);
+			o->fixed_zero = sh.fixed_zero;
+			o->solver.fixed_zero = o->fixed_zero;
+		}
+		if (sh.tier_margin != NULL)
+		{
+			o->solver.n_tier_margin = sh.n_tier_margin;
+			o->tier_margin = sh.tier_margin;
+			o->solver.tier_margin = o->tier_margin;
 		}
 	}
 
-	if ((v = rbr_obj_get(c, "fixed_zero")) != NULL)
-	{
-		JsonbValue *e;
-		int			ne;
-
-		if (!rbr_jbv_is_array(v))
-			option_error("fixed_zero", "must be an array of feature positions (from 1) or names");
-		e = rbr_arr_items(v->val.binary.data, &ne);
-		o->fixed_zero = palloc0(sizeof(bool) * Max(d, 1));
-		for (int i = 0; i < ne; i++)
-		{
-			int			pos = -1;
-
-			if (e[i].type == jbvNumeric)
-			{
-				double		x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(e[i].val.numeric)));
-
-				if (x == floor(x) && x >= 1 && x <= d)
-					pos = (int) x - 1;
-			}
-			else if (e[i].type == jbvString && o->names != NULL)
-			{
-				char	   *name = rbr_jbv_cstring(&e[i]);
-
-				for (int k = 0; k < o->nnames; k++)
-					if (strcmp(o->names[k], name) == 0)
-						pos = k;
-			}
-			if (pos < 0)
-				option_error("fixed_zero", "entry %d is neither a feature position in 1..%d nor a name in feature_names", i + 1, d);
-			o->fixed_zero[pos] = true;
-		}
-		o->solver.fixed_zero = o->fixed_zero;
-	}
-
-	if ((v = rbr_obj_get(c, "tier_margin")) != NULL)
-	{
-		RbrJsonItem *t;
-		int			nt;
-		int			maxtier = -1;
-
-		if (!rbr_jbv_is_object(v))
-			option_error("tier_margin", "must be an object from the better side's tier to its margin, such as {\"0\": 2}");
-		t = rbr_obj_items(v->val.binary.data, &nt);
-		for (int i = 0; i < nt; i++)
-		{
-			char	   *end;
-			long		tier = strtol(t[i].key, &end, 10);
-
-			if (*t[i].key == '\0' || *end != '\0' || tier < 0 || tier > 1000)
-				option_error("tier_margin", "key \"%s\" is not a tier in 0..1000", t[i].key);
-			maxtier = Max(maxtier, (int) tier);
-		}
-		o->solver.n_tier_margin = maxtier + 1;
-		o->tier_margin = palloc(sizeof(double) * (maxtier + 1));
-		for (int i = 0; i <= maxtier; i++)
-			o->tier_margin[i] = NAN;
-		for (int i = 0; i < nt; i++)
-		{
-			double		m;
-
-			if (t[i].value.type != jbvNumeric)
-				option_error("tier_margin", "margins must be numbers");
-			m = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(t[i].value.val.numeric)));
-			if (!(m >= 0 && m <= 1e6))
-				option_error("tier_margin", "margin %g is outside [0, 1e6]", m);
-			o->tier_margin[strtol(t[i].key, NULL, 10)] = m;
-		}
-		o->solver.tier_margin = o->tier_margin;
-	}
 }
 
 /* ---------------------------------------------------------------------------

@@ -55,6 +55,7 @@
 #include "utils/rel.h"
 #include "utils/syscache.h"
 
+#include "fit_options.h"
 #include "jsonutil.h"
 #include "rbr.h"
 #include "rowset.h"
@@ -758,29 +759,9 @@ static const char *const so_option_keys[] = {
 	"validation_fraction", "seed", "tol", "max_iter", "working_set", NULL
 };
 
-/* ERROR about one option. */
-#define so_option_error(key, fmt, ...) \
-	ereport(ERROR, \
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE), \
-			 errmsg("invalid rbr_fit_table option \"%s\": " fmt, (key), ##__VA_ARGS__), \
-			 errhint("See the options of rbr_fit_table in doc/reference.md.")))
-
-/* A number option within [lo, hi]. */
-static double
-so_option_number(JsonbContainer *c, const char *key, double dflt, double lo, double hi)
-{
-	JsonbValue *v = rbr_obj_get(c, key);
-	double		x;
-
-	if (v == NULL)
-		return dflt;
-	if (v->type != jbvNumeric)
-		so_option_error(key, "must be a number, not %s", rbr_jbv_type_name(v));
-	x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
-	if (!(x >= lo && x <= hi))
-		so_option_error(key, "%g is outside [%g, %g]", x, lo, hi);
-	return x;
-}
+/* ERROR about one option; a number option within [lo, hi]. */
+#define so_option_error(key, ...) rbr_fit_option_error("rbr_fit_table", (key), __VA_ARGS__)
+#define so_option_number(c, key, dflt, lo, hi) rbr_fit_option_number((c), "rbr_fit_table", (key), (dflt), (lo), (hi))
 
 /* Parse the options (NULL = defaults) for d features. */
 static void
@@ -836,88 +817,17 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->max_iter = (int) so_option_number(c, "max_iter", o->max_iter, 1, 1e6);
 	o->working_set = (int) so_option_number(c, "working_set", o->working_set, 16, BAND_MAX_CAP);
 
-	if ((v = rbr_obj_get(c, "feature_names")) != NULL)
 	{
-		JsonbValue *e;
+		RbrFitSharedOptions sh;
 
-		if (!rbr_jbv_is_array(v))
-			so_option_error("feature_names", "must be an array of names, such as rbr_feature_names() returns");
-		e = rbr_arr_items(v->val.binary.data, &o->nnames);
-		if (o->nnames != d)
-			so_option_error("feature_names", "has %d names for %d features", o->nnames, d);
-		o->names = palloc(sizeof(char *) * Max(o->nnames, 1));
-		for (int i = 0; i < o->nnames; i++)
+		rbr_fit_parse_shared_options(c, "rbr_fit_table", d, &sh);
+		o->nnames = sh.nnames;
+		o->names = sh.names;
+		o->fixed_zero = sh.fixed_zero;
+		if (sh.tier_margin != NULL)
 		{
-			if (e[i].type != jbvString)
-				so_option_error("feature_names", "names must be strings");
-			o->names[i] = rbr_jbv_cstring(&e[i]);
-		}
-	}
-	if ((v = rbr_obj_get(c, "fixed_zero")) != NULL)
-	{
-		JsonbValue *e;
-		int			ne;
-
-		if (!rbr_jbv_is_array(v))
-			so_option_error("fixed_zero", "must be an array of feature positions (from 1) or names");
-		e = rbr_arr_items(v->val.binary.data, &ne);
-		o->fixed_zero = palloc0(sizeof(bool) * Max(d, 1));
-		for (int i = 0; i < ne; i++)
-		{
-			int			pos = -1;
-
-			if (e[i].type == jbvNumeric)
-			{
-				double		x = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(e[i].val.numeric)));
-
-				if (x == floor(x) && x >= 1 && x <= d)
-					pos = (int) x - 1;
-			}
-			else if (e[i].type == jbvString && o->names != NULL)
-			{
-				char	   *name = rbr_jbv_cstring(&e[i]);
-
-				for (int k = 0; k < o->nnames; k++)
-					if (strcmp(o->names[k], name) == 0)
-						pos = k;
-			}
-			if (pos < 0)
-				so_option_error("fixed_zero", "entry %d is neither a feature position in 1..%d nor a name in feature_names", i + 1, d);
-			o->fixed_zero[pos] = true;
-		}
-	}
-	if ((v = rbr_obj_get(c, "tier_margin")) != NULL)
-	{
-		RbrJsonItem *t;
-		int			nt;
-		int			maxtier = -1;
-
-		if (!rbr_jbv_is_object(v))
-			so_option_error("tier_margin", "must be an object from the better side's tier to its margin, such as {\"0\": 2}");
-		t = rbr_obj_items(v->val.binary.data, &nt);
-		for (int i = 0; i < nt; i++)
-		{
-			char	   *end;
-			long		tier = strtol(t[i].key, &end, 10);
-
-			if (*t[i].key == '\0' || *end != '\0' || tier < 0 || tier > 1000)
-				so_option_error("tier_margin", "key \"%s\" is not a tier in 0..1000", t[i].key);
-			maxtier = Max(maxtier, (int) tier);
-		}
-		o->ntm = maxtier + 1;
-		o->tier_margin = palloc(sizeof(double) * Max(o->ntm, 1));
-		for (int i = 0; i < o->ntm; i++)
-			o->tier_margin[i] = NAN;
-		for (int i = 0; i < nt; i++)
-		{
-			double		m;
-
-			if (t[i].value.type != jbvNumeric)
-				so_option_error("tier_margin", "margins must be numbers");
-			m = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(t[i].value.val.numeric)));
-			if (!(m >= 0 && m <= 1e6))
-				so_option_error("tier_margin", "margin %g is outside [0, 1e6]", m);
-			o->tier_margin[strtol(t[i].key, NULL, 10)] = m;
+			o->ntm = sh.n_tier_margin;
+			o->tier_margin = sh.tier_margin;
 		}
 	}
 }
