@@ -9,7 +9,7 @@ OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/rowset.o src/fit_solver.o src/fit.o src/model.o src/evaluate.o \
        src/grader.o src/http.o src/cache.o src/generator.o src/synth.o \
        src/secrets.o src/owner.o src/runs.o src/cost.o src/nodes.o \
-       src/fit_scaleout.o src/fit_options.o src/batch.o src/ratelimit.o
+       src/fit_scaleout.o src/fit_options.o src/batch.o src/ratelimit.o src/jsonc.o
 
 DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--$(EXTVERSION).sql
 

@@ -55,6 +55,7 @@
 
 #include "batch.h"
 #include "grader.h"
+#include "jsonc.h"
 #include "owner.h"
 
 /* Settings */
@@ -109,41 +110,16 @@ put_held(void)
 static json_object *
 parse_held(const char *text, size_t len)
 {
-	json_tokener *tok;
-
 	put_held();
-	if (text == NULL || len == 0)
-		return NULL;
-	tok = json_tokener_new();
-	if (tok == NULL)
-		return NULL;
-	json_tokener_set_flags(tok, JSON_TOKENER_VALIDATE_UTF8);
-	held_json = json_tokener_parse_ex(tok, text, (int) len);
-	if (held_json != NULL && json_tokener_get_error(tok) != json_tokener_success)
-	{
-		json_object_put(held_json);
-		held_json = NULL;
-	}
-	json_tokener_free(tok);
+	held_json = rbr_jsonc_parse(text, len);
 	return held_json;
-}
-
-/* Member of a json-c object, or NULL. */
-static json_object *
-jget(json_object *o, const char *key)
-{
-	json_object *v = NULL;
-
-	if (o == NULL || !json_object_is_type(o, json_type_object))
-		return NULL;
-	return json_object_object_get_ex(o, key, &v) ? v : NULL;
 }
 
 /* String member as a palloc'd copy, or NULL. */
 static char *
 jstr(json_object *o, const char *key)
 {
-	json_object *v = jget(o, key);
+	json_object *v = rbr_jsonc_get(o, key);
 
 	return v && json_object_is_type(v, json_type_string) ? pstrdup(json_object_get_string(v)) : NULL;
 }
@@ -163,31 +139,6 @@ id_ok(const char *id)
 /* ---------------------------------------------------------------------------
  * Ownership
  * ------------------------------------------------------------------------- */
-
-/* The owner of a run after checking that the caller may act on it (inside SPI). */
-static Oid
-run_owner(int64 run_id)
-{
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1] = {Int64GetDatum(run_id)};
-	bool		isnull;
-	Oid			owner;
-
-	if (rbr_spi_execute_as_owner("SELECT owner FROM rbr.run WHERE run_id OPERATOR(pg_catalog.=) $1",
-								 1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "rbr: run lookup failed");
-	if (SPI_processed != 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("no rbr run %lld", (long long) run_id)));
-	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (isnull || !has_privs_of_role(GetUserId(), owner))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied for rbr run %lld", (long long) run_id),
-				 errdetail("The run belongs to another role; only its owner, members of the owning role and superusers may use it.")));
-	return owner;
-}
 
 /* Is a run (of the caller's, checked) a run of rbr_synthesize? (inside SPI) */
 static bool
@@ -315,17 +266,6 @@ typedef struct LineEntry
 	int			attempts;
 } LineEntry;
 
-/* A bytea Datum of a 32-byte key. */
-static Datum
-key_datum(const uint8 *key)
-{
-	bytea	   *b = palloc(VARHDRSZ + 32);
-
-	SET_VARSIZE(b, VARHDRSZ + 32);
-	memcpy(VARDATA(b), key, 32);
-	return PointerGetDatum(b);
-}
-
 /* An int8[] Datum. */
 static Datum
 int8_array(int64 *v, int n)
@@ -364,7 +304,7 @@ prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names, const char *kin
 	kind_endpoint(&ep, kind);
 	for (int i = 0; i < n; i++)
 		if (!jobs[i].done || (jobs[i].result.ok && jobs[i].result.cached))
-			keys[nkeys++] = key_datum(jobs[i].key);
+			keys[nkeys++] = rbr_cache_key_datum(jobs[i].key);
 	if (nkeys == 0)
 		return;
 	memset(&ctl, 0, sizeof(ctl));
@@ -512,7 +452,7 @@ prepare_jobs(RbrGradeJob *jobs, int n, const char *const *names, const char *kin
 			else if (e == NULL)
 				e = hash_search(lines, job->key, HASH_ENTER, NULL);
 			e->state = 'n';
-			new_keys[nnew] = key_datum(job->key);
+			new_keys[nnew] = rbr_cache_key_datum(job->key);
 			new_props[nnew] = CStringGetTextDatum(names ? names[i] : "");
 			new_bodies[nnew] = CStringGetTextDatum(body);
 			nnew++;
@@ -587,7 +527,7 @@ rbr_batch_chunk(PG_FUNCTION_ARGS)
 	int			claimed = 0;
 
 	SPI_connect();
-	owner = run_owner(run_id);
+	owner = rbr_run_owner(run_id);
 	PG_TRY();
 	{
 		bool		isnull;
@@ -620,7 +560,7 @@ rbr_batch_rewind(PG_FUNCTION_ARGS)
 	Datum		args[1] = {PG_GETARG_DATUM(0)};
 
 	SPI_connect();
-	(void) run_owner(PG_GETARG_INT64(0));
+	(void) rbr_run_owner(PG_GETARG_INT64(0));
 	exec_owner("UPDATE rbr.run SET last_key = NULL, updated_at = pg_catalog.clock_timestamp() "
 			   "WHERE run_id OPERATOR(pg_catalog.=) $1", 1, argtypes, args, NULL, SPI_OK_UPDATE);
 	SPI_finish();
@@ -800,7 +740,7 @@ rbr_batch_prepare(PG_FUNCTION_ARGS)
 	RbrEndpoint ep;
 
 	SPI_connect();
-	owner = run_owner(run_id);
+	owner = rbr_run_owner(run_id);
 	argtypes[0] = OIDOID;
 	args[0] = ObjectIdGetDatum(owner);
 	/* one session at a time chooses an owner's lines (until it commits) */
@@ -976,8 +916,8 @@ find_batch(const RbrEndpoint *ep, const char *input_file_id)
 		char	   *resp = api_call(ep, "list the batches", "GET", api_url(ep, "batches", query), NULL,
 									NULL, NULL, 0, 64 * 1024 * 1024, &len, NULL);
 		json_object *root = parse_held(resp, len);
-		json_object *data = jget(root, "data");
-		json_object *more = jget(root, "has_more");
+		json_object *data = rbr_jsonc_get(root, "data");
+		json_object *more = rbr_jsonc_get(root, "has_more");
 		char	   *found = NULL;
 		char	   *last = NULL;
 		size_t		n = data && json_object_is_type(data, json_type_array) ? json_object_array_length(data) : 0;
@@ -1168,12 +1108,12 @@ read_results(const RbrEndpoint *ep, const char *data, size_t len, CollectLine *l
 		cl = &lines[found[1]];
 		if (cl->outcome == 'd')
 			continue;
-		resp = jget(root, "response");
-		err = jget(root, "error");
-		if (resp != NULL && jget(resp, "status_code") != NULL)
+		resp = rbr_jsonc_get(root, "response");
+		err = rbr_jsonc_get(root, "error");
+		if (resp != NULL && rbr_jsonc_get(resp, "status_code") != NULL)
 		{
-			long		status = json_object_get_int(jget(resp, "status_code"));
-			json_object *body = jget(resp, "body");
+			long		status = json_object_get_int(rbr_jsonc_get(resp, "status_code"));
+			json_object *body = rbr_jsonc_get(resp, "body");
 			char	   *text = body ? pstrdup(json_object_to_json_string_ext(body, JSON_C_TO_STRING_PLAIN |
 																			JSON_C_TO_STRING_NOSLASHESCAPE)) : pstrdup("");
 
@@ -1421,7 +1361,7 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 	MemoryContext old;
 
 	SPI_connect();
-	owner = run_owner(run_id);
+	owner = rbr_run_owner(run_id);
 	argtypes[0] = OIDOID;
 	args[0] = ObjectIdGetDatum(owner);
 	rbr_grader_endpoint(&ep);
@@ -1487,9 +1427,9 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 		status = jstr(root, "status");
 		out_file = jstr(root, "output_file_id");
 		err_file = jstr(root, "error_file_id");
-		counts = jget(root, "request_counts");
+		counts = rbr_jsonc_get(root, "request_counts");
 		{
-			json_object *errs = jget(jget(root, "errors"), "data");
+			json_object *errs = rbr_jsonc_get(rbr_jsonc_get(root, "errors"), "data");
 
 			if (errs && json_object_is_type(errs, json_type_array) && json_object_array_length(errs) > 0)
 			{
@@ -1504,9 +1444,9 @@ rbr_batch_collect(PG_FUNCTION_ARGS)
 		argtypes[1] = TEXTOID;
 		args[1] = CStringGetTextDatum(status ? status : "unknown");
 		argtypes[2] = INT4OID;
-		args[2] = Int32GetDatum(counts && jget(counts, "completed") ? json_object_get_int(jget(counts, "completed")) : 0);
+		args[2] = Int32GetDatum(counts && rbr_jsonc_get(counts, "completed") ? json_object_get_int(rbr_jsonc_get(counts, "completed")) : 0);
 		argtypes[3] = INT4OID;
-		args[3] = Int32GetDatum(counts && jget(counts, "failed") ? json_object_get_int(jget(counts, "failed")) : 0);
+		args[3] = Int32GetDatum(counts && rbr_jsonc_get(counts, "failed") ? json_object_get_int(rbr_jsonc_get(counts, "failed")) : 0);
 		put_held();
 		exec_owner("UPDATE rbr.batch SET provider_status = $2, provider_completed = $3, provider_failed = $4, "
 				   "updated_at = pg_catalog.clock_timestamp() WHERE batch_id OPERATOR(pg_catalog.=) $1",
@@ -1539,7 +1479,7 @@ rbr_batch_state(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	args[0] = Int64GetDatum(run_id);
-	args[1] = ObjectIdGetDatum(run_owner(run_id));
+	args[1] = ObjectIdGetDatum(rbr_run_owner(run_id));
 	ret = rbr_spi_execute_as_owner("SELECT "
 								   "pg_catalog.count(*) FILTER (WHERE l.state OPERATOR(pg_catalog.=) 'queued') AS queued, "
 								   "pg_catalog.count(*) FILTER (WHERE l.state OPERATOR(pg_catalog.=) 'submitted') AS submitted, "

@@ -28,9 +28,9 @@
 #include "grader.h"
 #include "owner.h"
 
-/* A bytea Datum holding a 32-byte key. */
-static Datum
-key_datum(const uint8 *key)
+/* A bytea Datum holding a 32-byte cache key. */
+Datum
+rbr_cache_key_datum(const uint8 *key)
 {
 	bytea	   *b = palloc(VARHDRSZ + 32);
 
@@ -83,7 +83,7 @@ cache_lookup(RbrGradeJob *jobs, int njobs, const char *sql, const char *what, Ca
 
 		next[i] = found ? e->first : -1;
 		e->first = i;
-		keys[i] = key_datum(jobs[i].key);
+		keys[i] = rbr_cache_key_datum(jobs[i].key);
 	}
 	args[0] = PointerGetDatum(construct_array(keys, njobs, BYTEAOID, -1, false, TYPALIGN_INT));
 
@@ -244,7 +244,7 @@ rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *pro
 
 		if (!r->ok || r->cached)
 			continue;
-		b.v[0][m] = key_datum(job->key);
+		b.v[0][m] = rbr_cache_key_datum(job->key);
 		b.v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_grader_model);
 		b.v[2][m] = CStringGetTextDatum(props[idx[k]]);
 		b.v[3][m] = Float8GetDatum(r->probability);
@@ -342,7 +342,7 @@ rbr_gen_cache_store(RbrGradeJob *jobs, int njobs)
 
 		if (!r->ok || r->cached)
 			continue;
-		b.v[0][m] = key_datum(jobs[i].key);
+		b.v[0][m] = rbr_cache_key_datum(jobs[i].key);
 		b.v[1][m] = CStringGetTextDatum(r->model ? r->model : rbr_generator_model);
 		b.v[2][m] = CStringGetTextDatum(r->text);
 		b.v[3][m] = r->finish_reason ? CStringGetTextDatum(r->finish_reason) : (Datum) 0;

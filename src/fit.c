@@ -128,8 +128,6 @@ parse_fit_options(const char *text, int d, FitOptions *o)
 {
 	Jsonb	   *jb;
 	JsonbContainer *c;
-	RbrJsonItem *items;
-	int			n;
 	JsonbValue *v;
 
 	memset(o, 0, sizeof(*o));
@@ -141,25 +139,8 @@ parse_fit_options(const char *text, int d, FitOptions *o)
 		return;
 	}
 	jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
-	if (!JB_ROOT_IS_OBJECT(jb))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rbr_fit options must be a JSON object"),
-				 errhint("For example '{\"l2\": 0.001, \"validation_fraction\": 0.1}'.")));
-	c = &jb->root;
-	items = rbr_obj_items(c, &n);
-	for (int i = 0; i < n; i++)
-	{
-		bool		known = false;
-
-		for (int k = 0; fit_option_keys[k]; k++)
-			known |= strcmp(fit_option_keys[k], items[i].key) == 0;
-		if (!known)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("unknown rbr_fit option \"%s\"", items[i].key),
-					 errhint("Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, lr, steps, weight_decay, beta1, beta2, eps.")));
-	}
+	c = rbr_fit_check_option_keys(jb, "rbr_fit", fit_option_keys,
+								  "Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, lr, steps, weight_decay, beta1, beta2, eps.");
 
 	if ((v = rbr_obj_get(c, "solver")) != NULL)
 	{

@@ -25,6 +25,34 @@ rbr_fit_option_fail(const char *fn, const char *key, const char *detail)
 	pg_unreachable();
 }
 
+/* The options object, every key known. */
+JsonbContainer *
+rbr_fit_check_option_keys(Jsonb *jb, const char *fn, const char *const *keys, const char *options_hint)
+{
+	RbrJsonItem *items;
+	int			n;
+
+	if (!JB_ROOT_IS_OBJECT(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s options must be a JSON object", fn),
+				 errhint("For example '{\"l2\": 0.001, \"validation_fraction\": 0.1}'.")));
+	items = rbr_obj_items(&jb->root, &n);
+	for (int i = 0; i < n; i++)
+	{
+		bool		known = false;
+
+		for (int k = 0; keys[k]; k++)
+			known |= strcmp(keys[k], items[i].key) == 0;
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown %s option \"%s\"", fn, items[i].key),
+					 errhint("%s", options_hint)));
+	}
+	return &jb->root;
+}
+
 /* A number option within [lo, hi]. */
 double
 rbr_fit_option_number(JsonbContainer *c, const char *fn, const char *key, double dflt, double lo, double hi)

@@ -23,6 +23,13 @@ extern void rbr_fit_option_fail(const char *fn, const char *key, const char *det
 
 #define rbr_fit_option_error(fn, key, ...) rbr_fit_option_fail((fn), (key), psprintf(__VA_ARGS__))
 
+/*
+ * The options object of fn: ERROR unless jb is a JSON object whose keys are
+ * all in keys (NULL-terminated); options_hint lists them for the user.
+ */
+extern JsonbContainer *rbr_fit_check_option_keys(Jsonb *jb, const char *fn, const char *const *keys,
+												 const char *options_hint);
+
 /* A number option of fn within [lo, hi], or dflt when it is absent. */
 extern double rbr_fit_option_number(JsonbContainer *c, const char *fn, const char *key,
 									double dflt, double lo, double hi);

@@ -768,9 +768,7 @@ static void
 so_parse_options(Jsonb *jb, int d, SoOptions *o)
 {
 	JsonbContainer *c;
-	RbrJsonItem *items;
 	JsonbValue *v;
-	int			n;
 
 	memset(o, 0, sizeof(*o));
 	o->margin = 1;
@@ -783,25 +781,8 @@ so_parse_options(Jsonb *jb, int d, SoOptions *o)
 	o->working_set = Min(SO_BAND_CAP, (1 << 22) / (d + 2));
 	if (jb == NULL)
 		return;
-	if (!JB_ROOT_IS_OBJECT(jb))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rbr_fit_table options must be a JSON object"),
-				 errhint("For example '{\"l2\": 0.001, \"validation_fraction\": 0.1}'.")));
-	c = &jb->root;
-	items = rbr_obj_items(c, &n);
-	for (int i = 0; i < n; i++)
-	{
-		bool		known = false;
-
-		for (int k = 0; so_option_keys[k]; k++)
-			known |= strcmp(so_option_keys[k], items[i].key) == 0;
-		if (!known)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("unknown rbr_fit_table option \"%s\"", items[i].key),
-					 errhint("Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, working_set (AdamW is rbr_fit's alone).")));
-	}
+	c = rbr_fit_check_option_keys(jb, "rbr_fit_table", so_option_keys,
+								  "Options: solver, margin, tier_margin, l2, fixed_zero, feature_names, validation_fraction, seed, tol, max_iter, working_set (AdamW is rbr_fit's alone).");
 	if ((v = rbr_obj_get(c, "solver")) != NULL)
 	{
 		char	   *s = v->type == jbvString ? rbr_jbv_cstring(v) : "";

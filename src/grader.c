@@ -54,6 +54,7 @@
 
 #include "batch.h"
 #include "grader.h"
+#include "jsonc.h"
 #include "jsonutil.h"
 
 char	   *rbr_grader_model = NULL;
@@ -797,17 +798,6 @@ rbr_grader_p_yes(const char *const *tokens, const double *logprobs, int n,
 	return yes / (yes + no);
 }
 
-/* Member of a json-c object, or NULL. */
-static json_object *
-jget(json_object *o, const char *key)
-{
-	json_object *v = NULL;
-
-	if (o == NULL || !json_object_is_type(o, json_type_object))
-		return NULL;
-	return json_object_object_get_ex(o, key, &v) ? v : NULL;
-}
-
 /* Element i of a json-c array, or NULL. */
 static json_object *
 jidx(json_object *a, size_t i)
@@ -821,7 +811,7 @@ jidx(json_object *a, size_t i)
 static int
 jint(json_object *o, const char *key)
 {
-	json_object *v = jget(o, key);
+	json_object *v = rbr_jsonc_get(o, key);
 
 	return v && json_object_is_type(v, json_type_int) ? json_object_get_int(v) : -1;
 }
@@ -863,23 +853,8 @@ clean_text(const char *s, size_t len)
 static json_object *
 parse_json(const char *body, size_t len, void **holder)
 {
-	json_tokener *tok;
-	json_object *root;
+	json_object *root = rbr_jsonc_parse(body, len);
 
-	if (body == NULL || len == 0)
-		return NULL;
-	tok = json_tokener_new();
-	if (tok == NULL)
-		return NULL;
-	/* invalid UTF-8 must never reach SQL text: reject the whole body */
-	json_tokener_set_flags(tok, JSON_TOKENER_VALIDATE_UTF8);
-	root = json_tokener_parse_ex(tok, body, (int) len);
-	if (root != NULL && json_tokener_get_error(tok) != json_tokener_success)
-	{
-		json_object_put(root);
-		root = NULL;
-	}
-	json_tokener_free(tok);
 	*holder = root;
 	return root;
 }
@@ -979,8 +954,8 @@ positions_chat(json_object *content, int *npos)
 	for (size_t i = 0; i < m; i++)
 	{
 		json_object *e = json_object_array_get_idx(content, i);
-		json_object *t = jget(e, "token");
-		json_object *top = jget(e, "top_logprobs");
+		json_object *t = rbr_jsonc_get(e, "token");
+		json_object *top = rbr_jsonc_get(e, "top_logprobs");
 		LpPos	   *ps = &pos[n];
 
 		if (t == NULL || !json_object_is_type(t, json_type_string))
@@ -995,8 +970,8 @@ positions_chat(json_object *content, int *npos)
 			for (size_t j = 0; j < k; j++)
 			{
 				json_object *a = json_object_array_get_idx(top, j);
-				json_object *at = jget(a, "token");
-				json_object *al = jget(a, "logprob");
+				json_object *at = rbr_jsonc_get(a, "token");
+				json_object *al = rbr_jsonc_get(a, "logprob");
 
 				if (at && json_object_is_type(at, json_type_string) && jnum(al))
 				{
@@ -1005,13 +980,13 @@ positions_chat(json_object *content, int *npos)
 				}
 			}
 		}
-		else if (jnum(jget(e, "logprob")))
+		else if (jnum(rbr_jsonc_get(e, "logprob")))
 		{
 			/* no alternatives listed: the chosen token alone */
 			ps->alt = palloc(sizeof(char *));
 			ps->lp = palloc(sizeof(double));
 			ps->alt[0] = ps->token;
-			ps->lp[0] = json_object_get_double(jget(e, "logprob"));
+			ps->lp[0] = json_object_get_double(rbr_jsonc_get(e, "logprob"));
 			ps->nalt = 1;
 		}
 		n++;
@@ -1027,9 +1002,9 @@ positions_chat(json_object *content, int *npos)
 static LpPos *
 positions_completions(json_object *lp, int *npos)
 {
-	json_object *toks = jget(lp, "tokens");
-	json_object *tlps = jget(lp, "token_logprobs");
-	json_object *tops = jget(lp, "top_logprobs");
+	json_object *toks = rbr_jsonc_get(lp, "tokens");
+	json_object *tlps = rbr_jsonc_get(lp, "token_logprobs");
+	json_object *tops = rbr_jsonc_get(lp, "top_logprobs");
 	size_t		m = json_object_array_length(toks);
 	LpPos	   *pos = palloc0(sizeof(LpPos) * Max(m, 1));
 	int			n = 0;
@@ -1082,9 +1057,9 @@ positions_of(json_object *lp, int *npos)
 	*npos = 0;
 	if (lp && json_object_is_type(lp, json_type_array))
 		return positions_chat(lp, npos);	/* Responses: output_text.logprobs */
-	if (jget(lp, "content") && json_object_is_type(jget(lp, "content"), json_type_array))
-		return positions_chat(jget(lp, "content"), npos);
-	if (jget(lp, "tokens") && json_object_is_type(jget(lp, "tokens"), json_type_array))
+	if (rbr_jsonc_get(lp, "content") && json_object_is_type(rbr_jsonc_get(lp, "content"), json_type_array))
+		return positions_chat(rbr_jsonc_get(lp, "content"), npos);
+	if (rbr_jsonc_get(lp, "tokens") && json_object_is_type(rbr_jsonc_get(lp, "tokens"), json_type_array))
 		return positions_completions(lp, npos);
 	return NULL;
 }
@@ -1138,7 +1113,7 @@ answer_position(LpPos *pos, int n)
 static int
 jint2(json_object *o, const char *key1, const char *key2)
 {
-	return jint(jget(o, key1), key2);
+	return jint(rbr_jsonc_get(o, key1), key2);
 }
 
 /*
@@ -1225,16 +1200,16 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 		res->retry = true;
 		return false;
 	}
-	model = jget(root, "model");
+	model = rbr_jsonc_get(root, "model");
 	if (model && json_object_is_type(model, json_type_string))
 		res->model = pstrdup(json_object_get_string(model));
-	usage = jget(root, "usage");
-	if (jget(root, "output") && json_object_is_type(jget(root, "output"), json_type_array))
+	usage = rbr_jsonc_get(root, "usage");
+	if (rbr_jsonc_get(root, "output") && json_object_is_type(rbr_jsonc_get(root, "output"), json_type_array))
 	{
 		/* Responses API: output[] items; reasoning items are skipped */
-		json_object *out = jget(root, "output");
+		json_object *out = rbr_jsonc_get(root, "output");
 		size_t		m = json_object_array_length(out);
-		json_object *inc = jget(jget(root, "incomplete_details"), "reason");
+		json_object *inc = rbr_jsonc_get(rbr_jsonc_get(root, "incomplete_details"), "reason");
 
 		responses = true;
 		texts = palloc0(sizeof(json_object *) * 1);
@@ -1242,8 +1217,8 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 		for (size_t i = 0; i < m; i++)
 		{
 			json_object *item = json_object_array_get_idx(out, i);
-			json_object *ty = jget(item, "type");
-			json_object *content = jget(item, "content");
+			json_object *ty = rbr_jsonc_get(item, "type");
+			json_object *content = rbr_jsonc_get(item, "content");
 
 			if (!ty || strcmp(json_object_get_string(ty), "message") != 0 || content == NULL ||
 				!json_object_is_type(content, json_type_array))
@@ -1251,16 +1226,16 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 			for (size_t j = 0; j < json_object_array_length(content); j++)
 			{
 				json_object *c = json_object_array_get_idx(content, j);
-				const char *ct = jget(c, "type") ? json_object_get_string(jget(c, "type")) : "";
+				const char *ct = rbr_jsonc_get(c, "type") ? json_object_get_string(rbr_jsonc_get(c, "type")) : "";
 
 				if (strcmp(ct, "output_text") == 0 && nans == 0)
 				{
-					texts[0] = jget(c, "text");
-					lps[0] = jget(c, "logprobs");
+					texts[0] = rbr_jsonc_get(c, "text");
+					lps[0] = rbr_jsonc_get(c, "logprobs");
 					nans = 1;
 				}
 				else if (strcmp(ct, "refusal") == 0)
-					refusal = short_json(jget(c, "refusal"));
+					refusal = short_json(rbr_jsonc_get(c, "refusal"));
 			}
 		}
 		if (inc && json_object_is_type(inc, json_type_string) &&
@@ -1275,7 +1250,7 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 	}
 	else
 	{
-		json_object *choices = jget(root, "choices");
+		json_object *choices = rbr_jsonc_get(root, "choices");
 		size_t		m = choices && json_object_is_type(choices, json_type_array) ? json_object_array_length(choices) : 0;
 
 		if (m == 0)
@@ -1290,8 +1265,8 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 		for (size_t i = 0; i < m; i++)
 		{
 			json_object *choice = json_object_array_get_idx(choices, i);
-			json_object *msg = jget(choice, "message");
-			json_object *fr = jget(choice, "finish_reason");
+			json_object *msg = rbr_jsonc_get(choice, "message");
+			json_object *fr = rbr_jsonc_get(choice, "finish_reason");
 
 			if (fr && json_object_is_type(fr, json_type_string) &&
 				strcmp(json_object_get_string(fr), "content_filter") == 0)
@@ -1299,10 +1274,10 @@ rbr_grader_parse_answer(const char *body, size_t len, RbrGradeResult *res, void 
 			if (fr && json_object_is_type(fr, json_type_string) &&
 				strcmp(json_object_get_string(fr), "length") == 0)
 				truncated = true;
-			if (jget(msg, "refusal") && json_object_is_type(jget(msg, "refusal"), json_type_string))
-				refusal = short_json(jget(msg, "refusal"));
-			texts[nans] = msg ? jget(msg, "content") : jget(choice, "text");
-			lps[nans] = jget(choice, "logprobs");
+			if (rbr_jsonc_get(msg, "refusal") && json_object_is_type(rbr_jsonc_get(msg, "refusal"), json_type_string))
+				refusal = short_json(rbr_jsonc_get(msg, "refusal"));
+			texts[nans] = msg ? rbr_jsonc_get(msg, "content") : rbr_jsonc_get(choice, "text");
+			lps[nans] = rbr_jsonc_get(choice, "logprobs");
 			nans++;
 		}
 		res->prompt_tokens = jint(usage, "prompt_tokens");
@@ -1455,13 +1430,13 @@ rbr_generator_parse_answer(const char *body, size_t len, RbrGradeResult *res, vo
 		res->error = pstrdup("malformed answer: the response body is not valid JSON in UTF-8");
 		return false;
 	}
-	choice = jidx(jget(root, "choices"), 0);
-	message = jget(choice, "message");
-	content = jget(message, "content");
-	refusal = jget(message, "refusal");
-	finish = jget(choice, "finish_reason");
-	model = jget(root, "model");
-	usage = jget(root, "usage");
+	choice = jidx(rbr_jsonc_get(root, "choices"), 0);
+	message = rbr_jsonc_get(choice, "message");
+	content = rbr_jsonc_get(message, "content");
+	refusal = rbr_jsonc_get(message, "refusal");
+	finish = rbr_jsonc_get(choice, "finish_reason");
+	model = rbr_jsonc_get(root, "model");
+	usage = rbr_jsonc_get(root, "usage");
 	if (model && json_object_is_type(model, json_type_string))
 		res->model = pstrdup(json_object_get_string(model));
 	res->prompt_tokens = jint(usage, "prompt_tokens");
@@ -1491,10 +1466,10 @@ char *
 rbr_grader_error_reason(long status, const char *body, size_t len, char **param, void **json_holder)
 {
 	json_object *root = parse_json(body, len, json_holder);
-	json_object *err = jget(root, "error");
-	json_object *msg = jget(err, "message");
-	json_object *par = jget(err, "param");
-	json_object *code = jget(err, "code");
+	json_object *err = rbr_jsonc_get(root, "error");
+	json_object *msg = rbr_jsonc_get(err, "message");
+	json_object *par = rbr_jsonc_get(err, "param");
+	json_object *code = rbr_jsonc_get(err, "code");
 	char	   *reason;
 
 	*param = NULL;
@@ -1556,9 +1531,9 @@ rbr_error_classify(long status, const char *body, size_t len, int body_param,
 		 * request's messages (too long, say) fails that question alone.
 		 */
 		json_object *root = parse_json(body, len, json_holder);
-		json_object *err = jget(root, "error");
-		json_object *par = jget(err, "param");
-		json_object *code = jget(err, "code");
+		json_object *err = rbr_jsonc_get(root, "error");
+		json_object *par = rbr_jsonc_get(err, "param");
+		json_object *code = rbr_jsonc_get(err, "code");
 		const char *p = par && json_object_is_type(par, json_type_string) ? json_object_get_string(par) : NULL;
 		const char *c = code && json_object_is_type(code, json_type_string) ? json_object_get_string(code) : "";
 

@@ -82,6 +82,7 @@ extern double rbr_grader_p_yes(const char *const *tokens, const double *logprobs
 
 
 /* cache.c */
+extern Datum rbr_cache_key_datum(const uint8 *key);
 extern void rbr_cache_lookup(RbrGradeJob *jobs, int njobs, const char *const *props);
 extern void rbr_cache_store(RbrGradeJob *jobs, const int *idx, int n, const char *const *props);
 extern void rbr_gen_cache_key(RbrGradeJob *job);

@@ -21,4 +21,11 @@ extern Oid	rbr_extension_owner(void);
 extern int	rbr_spi_execute_as_owner(const char *sql, int nargs, Oid *argtypes, Datum *values,
 									 const char *nulls, bool read_only, long count);
 
+/*
+ * The owner of rbr run run_id (runs.c), after checking that it exists and
+ * that the caller may act on it (its owner, a member, a superuser); inside
+ * SPI.
+ */
+extern Oid	rbr_run_owner(int64 run_id);
+
 #endif							/* RBR_OWNER_H */

@@ -23,9 +23,9 @@
 
 #include "owner.h"
 
-/* Check that run_id exists and that the caller may act on it. */
-static void
-run_check_owner(int64 run_id)
+/* The owner of run_id, after checking that it exists and that the caller may act on it (inside SPI). */
+Oid
+rbr_run_owner(int64 run_id)
 {
 	Oid			argtypes[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(run_id)};
@@ -45,6 +45,7 @@ run_check_owner(int64 run_id)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for rbr run %lld", (long long) run_id),
 				 errdetail("The run belongs to another role; only its owner, members of the owning role and superusers may use it.")));
+	return owner;
 }
 
 /* Run a statement returning one rbr.run row as the owner; that row as a Datum. */
@@ -117,7 +118,7 @@ owned_run_row(int64 run_id, const char *sql)
 	Datum		row;
 
 	SPI_connect();
-	run_check_owner(run_id);
+	(void) rbr_run_owner(run_id);
 	row = run_row(sql, 1, argtypes, args, NULL);
 	SPI_finish();
 	return row;
@@ -161,7 +162,7 @@ rbr_run_advance(PG_FUNCTION_ARGS)
 					 errmsg("run counters only grow")));
 	}
 	SPI_connect();
-	run_check_owner(PG_GETARG_INT64(0));
+	(void) rbr_run_owner(PG_GETARG_INT64(0));
 	row = run_row("UPDATE rbr.run r SET "
 				  "done = r.done + COALESCE($2, 0), errors = r.errors + COALESCE($3, 0), "
 				  "cached = r.cached + COALESCE($4, 0), requests = r.requests + COALESCE($5, 0), "
@@ -206,7 +207,7 @@ rbr_run_stop(PG_FUNCTION_ARGS)
 	args[0] = PG_GETARG_DATUM(0);
 	args[1] = PG_GETARG_DATUM(1);
 	SPI_connect();
-	run_check_owner(PG_GETARG_INT64(0));
+	(void) rbr_run_owner(PG_GETARG_INT64(0));
 	row = run_row("UPDATE rbr.run r SET state = 'stopped', stop_reason = $2, "
 				  "finished_at = pg_catalog.clock_timestamp(), updated_at = pg_catalog.clock_timestamp() "
 				  "WHERE r.run_id = $1 RETURNING r.*",
