@@ -2,7 +2,7 @@
 # before pg_config exists: they install what is missing first (test/setup.sh).
 
 EXTENSION = rbr
-EXTVERSION = 0.3.0
+EXTVERSION = 0.4.0
 
 MODULE_big = rbr
 OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
@@ -11,7 +11,7 @@ OBJS = src/rbr.o src/jsonutil.o src/policy.o src/classes.o src/reward.o \
        src/secrets.o src/owner.o src/runs.o src/cost.o src/nodes.o \
        src/fit_scaleout.o src/fit_options.o src/batch.o src/ratelimit.o src/jsonc.o
 
-DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--$(EXTVERSION).sql
+DATA = sql/rbr--0.1.0.sql sql/rbr--0.1.0--0.2.0.sql sql/rbr--0.2.0--0.3.0.sql sql/rbr--0.3.0--0.4.0.sql sql/rbr--$(EXTVERSION).sql
 
 # pg_regress suites: sql/<name>.sql -> expected/<name>.out
 REGRESS = policy classes gold reward fit evaluate grader grader_report safety curation synthesize pictures citus \

@@ -12,7 +12,22 @@ SELECT count(*) FROM rbr_citus_sync();
 SELECT rbr.citus_payload() AS what_a_role_without_policies_sees;
 SELECT * FROM rbr.citus_ship('{}');
 SELECT rbr.citus_apply('{}');
+-- nor the TRUNCATE bookkeeping
+INSERT INTO rbr.citus_resync DEFAULT VALUES;
+SELECT count(*) FROM rbr.citus_resync;
+DELETE FROM rbr.citus_resync;
+SELECT rbr.citus_resync_push();
 RESET ROLE;
 DROP ROLE rbr_citus_r;
+-- a mirror must see every committed row: not in a transaction snapshot
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT count(*) FROM rbr_citus_sync();
+ROLLBACK;
+-- a TRUNCATE without Citus asks for nothing
+BEGIN;
+TRUNCATE rbr.policy_version CASCADE;
+SELECT count(*) AS resync_requests FROM rbr.citus_resync;
+ROLLBACK;
+SELECT count(*) > 0 AS versions_back FROM rbr.policy_version WHERE policy = 'citus_p';
 SELECT tgname, tgdeferrable, tginitdeferred FROM pg_trigger
  WHERE tgrelid IN ('rbr.policy_version'::regclass, 'rbr.model'::regclass) AND tgname LIKE '%to_workers' ORDER BY 1;

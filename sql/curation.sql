@@ -90,7 +90,7 @@ SELECT m.response_type, cardinality(m.weights) AS weights
  ORDER BY 1;
 CREATE TABLE export AS SELECT rbr_model_export('cu_m1') AS e;
 SELECT e->'format' AS format, e->'model' AS model, e->'policy' AS policy, e->'policy_version' AS version,
-       e->'rbr_version' AS rbr_version, (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(e->'response_types') k) AS response_types,
+       e->>'rbr_version' = (SELECT extversion FROM pg_extension WHERE extname = 'rbr') AS rbr_version, (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(e->'response_types') k) AS response_types,
        e->'response_types'->'comply'->'weights' AS comply_weights,
        e->'response_types'->'comply'->'weights_by_name'->'disallowed_content' AS comply_disallowed_weight,
        e->'response_types'->'hard_refuse' ? 'policy_spec' AS has_spec

@@ -6,6 +6,13 @@
 # training and 20% held out; plus the backend's peak memory.
 # The exact fit runs three times (each in a fresh backend; the median is
 # reported, the best in brackets), AdamW once.
+# With RBR_RELEASED_DIR set to a checkout of the paper's released code
+# (https://github.com/openai/safety-rbr-code-and-data, which holds
+# rbr_weight_fitter.py), the released fitter itself (Python, PyTorch: Debian's
+# python3-torch python3-numpy python3-tqdm) fits the same training rows too,
+# through test/bench/released_fitter.py: as published, and with its pairs
+# formed per prompt (its own pair search tests every pair of rows of a
+# response type, so it is run only up to 20,000 rows per response type).
 # Usage (against a running server; PG* variables select it):
 #   test/bench/fit_bench.sh [prompts=6250]      # 16 rows per prompt: 6250 -> 100k rows
 #   test/bench/fit_bench.sh 500                 # the 500-prompt set (8000 rows)
@@ -54,6 +61,31 @@ read -r ad_s ad_hwm ad_shm <<<"$(fit adamw '{"solver": "adamw", "validation_frac
 # what every fit pays before the solver: scan, collect and sort the rows (AdamW cut to one step)
 read -r co_s co_hwm co_shm <<<"$(fit collect '{"solver": "adamw", "steps": 1, "validation_fraction": 0}')"
 ex_acc=$(heldout exact); ad_acc=$(heldout adamw)
+
+# the paper's released fitter on the same training rows (optional)
+released() { # mode: prints "<seconds of fit_weights, summed over response types> <held-out acc>"
+    local out; out=$(/usr/bin/python3 test/bench/released_fitter.py "$csv" "$RBR_RELEASED_DIR" "$1" 2>/dev/null)
+    "${psql[@]}" -c "DROP TABLE IF EXISTS fit_released; CREATE TABLE fit_released (rt text, r jsonb)"
+    grep '"rt"' <<<"$out" | "${psql[@]}" -c "COPY fit_released (r) FROM STDIN"
+    "${psql[@]}" -c "UPDATE fit_released SET rt = r->>'rt'"
+    echo "$("${psql[@]}" -At -c "SELECT round(sum((r->>'total_s')::float8)::numeric, 3) FROM fit_released") $(heldout released)"
+}
+rel_pub=(); rel_pp=()
+if [ -n "${RBR_RELEASED_DIR:-}" ]; then
+    [ -f "$RBR_RELEASED_DIR/rbr_weight_fitter.py" ] || { echo "RBR_RELEASED_DIR: no rbr_weight_fitter.py in $RBR_RELEASED_DIR" >&2; exit 1; }
+    /usr/bin/python3 -c 'import torch, numpy, tqdm' 2>/dev/null \
+        || { echo "the released fitter needs: apt-get install python3-torch python3-numpy python3-tqdm" >&2; exit 1; }
+    csv=$(mktemp /tmp/rbr-fit-rows.XXXXXX.csv)
+    d=$("${psql[@]}" -At -c "SELECT max(cardinality(features)) FROM comparisons")
+    { printf 'prompt,rt,tier,rm'; for j in $(seq 1 "$d"); do printf ',f%d' "$j"; done; echo
+      "${psql[@]}" -At -c "COPY (SELECT concat_ws(',', prompt, rt, tier, rm, array_to_string(features, ','))
+                                  FROM comparisons WHERE prompt % 5 <> 0) TO STDOUT"; } >"$csv"
+    max_rt=$("${psql[@]}" -At -c "SELECT max(n) FROM (SELECT count(*) AS n FROM comparisons WHERE prompt % 5 <> 0 GROUP BY rt) s")
+    [ "$max_rt" -le 20000 ] && read -r -a rel_pub <<<"$(released as-released)"
+    read -r -a rel_pp <<<"$(released pairs-per-prompt)"
+    rel_threads=$(/usr/bin/python3 -c 'import os, torch; torch.set_num_threads(os.cpu_count() or 1); print(torch.get_num_threads(), torch.__version__)')
+    rm -f "$csv"
+fi
 # one small state per prompt (GROUP BY prompt): the aggregate's memory per group
 read -r pc_s pc_hwm pc_shm pc_acc <<<"$("${psql[@]}" -At <<SQL
 SET max_parallel_workers_per_gather = 0;
@@ -79,8 +111,24 @@ printf '%-34s %10.3f %12s %14.0f\n' "rbr_fit AdamW, 1000 steps" "$ad_s" "$ad_acc
 printf '%-34s %10s %12s %14s\n' "reward model alone" "-" "$rm_acc" "-"
 printf '%-34s %10.3f %12s %14.0f\n' "collect + sort only (AdamW, 1 step)" "$co_s" "-" "$(echo "($co_hwm - $co_shm) / 1024" | bc -l)"
 printf '%-34s %10.3f %12s %14.0f\n' "rbr_pair_accuracy GROUP BY prompt" "$pc_s" "-" "$(echo "($pc_hwm - $pc_shm) / 1024" | bc -l)"
+if [ ${#rel_pp[@]} -gt 0 ]; then
+    if [ ${#rel_pub[@]} -gt 0 ]; then
+        printf '%-34s %10.3f %12s %14s\n' "released fitter, as published" "${rel_pub[0]}" "${rel_pub[1]}" "-"
+    else
+        printf '%-34s %10s %12s %14s\n' "released fitter, as published" "not run" "-" "-"
+        echo "  (its pair search tests every pair of rows of a response type: $max_rt rows, $(echo "$max_rt * ($max_rt - 1) / 2" | bc) row pairs)"
+    fi
+    printf '%-34s %10.3f %12s %14s\n' "released fitter, pairs per prompt" "${rel_pp[0]}" "${rel_pp[1]}" "-"
+    echo "  (released fitter: fit_weights() summed over the response types, PyTorch ${rel_threads#* } on ${rel_threads%% *} threads)"
+fi
 printf 'speed-up of the exact solver over AdamW: %.1fx (median exact), %.1fx (best exact)\n' \
     "$(echo "$ad_s / $ex_s" | bc -l)" "$(echo "$ad_s / $ex_best" | bc -l)"
+if [ ${#rel_pp[@]} -gt 0 ]; then
+    [ ${#rel_pub[@]} -gt 0 ] && printf 'speed-up of the exact solver over the released fitter as published: %.1fx (median exact)\n' \
+        "$(echo "${rel_pub[0]} / $ex_s" | bc -l)"
+    printf 'speed-up of the exact solver over the released fitter with pairs per prompt: %.1fx (median exact)\n' \
+        "$(echo "${rel_pp[0]} / $ex_s" | bc -l)"
+fi
 echo "exact solver: $conv"
 echo "(peak RSS = the backend's VmHWM minus its shared memory at the end)"
-"${psql[@]}" -c "DROP TABLE comparisons, fit_exact, fit_adamw, fit_collect"
+"${psql[@]}" -c "DROP TABLE IF EXISTS comparisons, fit_exact, fit_adamw, fit_collect, fit_released"

@@ -1,4 +1,4 @@
-# ALTER EXTENSION rbr UPDATE from 0.1.0 and from 0.2.0: the updated catalog equals a fresh
+# ALTER EXTENSION rbr UPDATE from 0.1.0, 0.2.0 and 0.3.0: the updated catalog equals a fresh
 # install's (every member object, function definition, column, constraint,
 # index, trigger, row-security policy and privilege), stored policies and
 # models survive, and the direct grants 0.1.0's docs listed are replaced by
@@ -16,6 +16,19 @@ my $version = do {
     my ($v) = join('', <$fh>) =~ /default_version\s*=\s*'([^']+)'/;
     $v;
 };
+
+# pass when two catalog snapshots are equal, else fail listing what differs
+sub same_catalog {
+    my ($updated, $fresh, $name) = @_;
+    return pass($name) if $updated eq $fresh;
+    my %o = map { $_ => 1 } split /\n(?=\S)/, $updated;
+    my %n = map { $_ => 1 } split /\n(?=\S)/, $fresh;
+    my @only_old = grep { !$n{$_} } sort keys %o;
+    my @only_new = grep { !$o{$_} } sort keys %n;
+    fail($name);
+    diag("only after the update:\n  " . join("\n  ", @only_old[0 .. ($#only_old < 30 ? $#only_old : 30)]));
+    diag("only in a fresh install:\n  " . join("\n  ", @only_new[0 .. ($#only_new < 30 ? $#only_new : 30)]));
+}
 
 sub fresh_db {
     my ($name) = @_;
@@ -51,17 +64,7 @@ psql_ok("CREATE EXTENSION rbr", db => 'rbr_tap_upgrade_new');
 my $old = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_old');
 my $new = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_new');
 ok(length($new) > 10000 && $new =~ /function rbr_grant\(regrole,text\)/, 'the snapshot covers the catalog');
-if ($old eq $new) {
-    pass('the updated catalog equals a fresh install');
-} else {
-    my %o = map { $_ => 1 } split /\n(?=\S)/, $old;
-    my %n = map { $_ => 1 } split /\n(?=\S)/, $new;
-    my @only_old = grep { !$n{$_} } sort keys %o;
-    my @only_new = grep { !$o{$_} } sort keys %n;
-    fail('the updated catalog equals a fresh install');
-    diag("only after the update:\n  " . join("\n  ", @only_old[0 .. ($#only_old < 30 ? $#only_old : 30)]));
-    diag("only in a fresh install:\n  " . join("\n  ", @only_new[0 .. ($#only_new < 30 ? $#only_new : 30)]));
-}
+same_catalog($old, $new, 'the updated catalog equals a fresh install');
 
 # --- a 0.1.0 installation with the grants its docs listed
 fresh_db('rbr_tap_upgrade_grants');
@@ -112,24 +115,35 @@ my $from02 = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_02');
 # the same capability in the fresh install, so that the privileges compare
 psql_ok("SELECT rbr_grant('rbr_old_grader2', 'grade')", db => 'rbr_tap_upgrade_new');
 $new = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_new');
-if ($from02 eq $new) {
-    pass('updated from 0.2.0, the catalog equals a fresh install');
-} else {
-    my %o = map { $_ => 1 } split /\n(?=\S)/, $from02;
-    my %n = map { $_ => 1 } split /\n(?=\S)/, $new;
-    my @only_old = grep { !$n{$_} } sort keys %o;
-    my @only_new = grep { !$o{$_} } sort keys %n;
-    fail('updated from 0.2.0, the catalog equals a fresh install');
-    diag("only after the update:\n  " . join("\n  ", @only_old[0 .. ($#only_old < 30 ? $#only_old : 30)]));
-    diag("only in a fresh install:\n  " . join("\n  ", @only_new[0 .. ($#only_new < 30 ? $#only_new : 30)]));
-}
+same_catalog($from02, $new, 'updated from 0.2.0, the catalog equals a fresh install');
 is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')",
            db => 'rbr_tap_upgrade_02'),
    'grade=true,synthesize=false,policies=false,models=false', 'capabilities survive the update from 0.2.0');
 is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => 'rbr_tap_upgrade_02'),
    'm1 comply', 'models survive the update from 0.2.0');
 
+# --- from 0.3.0: a database created at 0.3.0 (a policy, a model, a
+# capability) updates to the same catalog as a fresh install
+fresh_db('rbr_tap_upgrade_03');
+psql_ok(<<SQL, db => 'rbr_tap_upgrade_03');
+CREATE EXTENSION rbr VERSION '0.3.0';
+SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb);
+SELECT rbr_model_save('m1', 'ref', 'comply',
+       jsonb_build_object('weights', (SELECT jsonb_agg(0.5) FROM unnest(rbr_feature_names('ref', 'comply')))));
+SELECT rbr_grant('rbr_old_grader2', 'grade');
+SQL
+($out, $err, $rc) = psql("ALTER EXTENSION rbr UPDATE", db => 'rbr_tap_upgrade_03');
+is($rc, 0, 'ALTER EXTENSION rbr UPDATE from 0.3.0 succeeds') or diag($err);
+same_catalog(psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_03'), $new,
+             'updated from 0.3.0, the catalog equals a fresh install');
+is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')",
+           db => 'rbr_tap_upgrade_03'),
+   'grade=true,synthesize=false,policies=false,models=false', 'capabilities survive the update from 0.3.0');
+is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => 'rbr_tap_upgrade_03'),
+   'm1 comply', 'models survive the update from 0.3.0');
+
 psql_ok("DROP DATABASE rbr_tap_upgrade_old WITH (FORCE)", db => 'postgres');
+psql_ok("DROP DATABASE rbr_tap_upgrade_03 WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_new WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_grants WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_02 WITH (FORCE)", db => 'postgres');

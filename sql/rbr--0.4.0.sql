@@ -4190,7 +4190,8 @@ $$;
 
 -- On a worker: store the policy versions and models the coordinator sent
 -- (rows as to_jsonb() of rbr.policy_version / rbr.model, roles by name) and
--- remove the deleted ones; returns what it sent and what changed here.
+-- remove the deleted ones (named, or for a mirror every row of the listed
+-- owners the payload lacks); returns what it sent and what changed here.
 -- Idempotent. A name owned here by another role is refused (the owner
 -- guard), so no role's policy or model replaces another's. Called by
 -- rbr.citus_ship() as the extension's owner; no other role may call it.
@@ -4209,6 +4210,7 @@ DECLARE
     md int := 0;
     md_changed int := 0;
     removed int := 0;
+    owners text[];
 BEGIN
     FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e LOOP
         PERFORM rbr.citus_role(p ->> 'owner');
@@ -4261,6 +4263,26 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         removed := removed + n;
     END LOOP;
+    -- a mirror (rbr_citus_sync(), or a TRUNCATE on the coordinator): the
+    -- payload holds every row of the owners it lists, so their rows that it
+    -- lacks were deleted on the coordinator (while this node was down, or by
+    -- TRUNCATE) and go here too; a version a model here still uses stays
+    IF payload ? 'mirror_owners' THEN
+        owners := ARRAY(SELECT jsonb_array_elements_text(payload -> 'mirror_owners'));
+        DELETE FROM rbr.model m
+         WHERE m.owner::text = ANY (owners)
+           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'models', '[]')) e
+                            WHERE e.value ->> 'name' = m.name AND e.value ->> 'response_type' = m.response_type);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+        DELETE FROM rbr.policy_version v
+         WHERE v.owner::text = ANY (owners)
+           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e
+                            WHERE e.value ->> 'policy' = v.policy AND (e.value ->> 'version')::int = v.version)
+           AND NOT EXISTS (SELECT 1 FROM rbr.model m WHERE m.policy = v.policy AND m.policy_version = v.version);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+    END IF;
     RETURN jsonb_build_object('policy_versions', pv, 'policy_versions_added', pv_added,
                               'models', md, 'models_changed', md_changed, 'removed', removed);
 END
@@ -4363,8 +4385,10 @@ CREATE CONSTRAINT TRIGGER model_to_workers
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION rbr.citus_push();
 
--- Every policy version and model the caller sees (row security), as a
--- payload of rbr.citus_apply().
+-- Every policy version and model the caller sees (row security: the rows
+-- of the roles it has USAGE of), as a payload of rbr.citus_apply() that
+-- mirrors them: those roles are listed, so that a worker removes their rows
+-- the coordinator no longer has.
 CREATE FUNCTION rbr.citus_payload() RETURNS jsonb
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
@@ -4373,8 +4397,64 @@ CREATE FUNCTION rbr.citus_payload() RETURNS jsonb
         'policy_versions', COALESCE((SELECT jsonb_agg(to_jsonb(v) ORDER BY v.policy, v.version)
                                        FROM rbr.policy_version v), '[]'),
         'models', COALESCE((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.name, m.response_type)
-                              FROM rbr.model m), '[]'))
+                              FROM rbr.model m), '[]'),
+        'mirror_owners', COALESCE((SELECT jsonb_agg(r.oid::regrole::text ORDER BY r.rolname)
+                                     FROM pg_catalog.pg_roles r
+                                    WHERE pg_catalog.pg_has_role(r.oid, 'USAGE')), '[]'))
 $$;
+
+-- A TRUNCATE of rbr.policy_version or rbr.model on the coordinator leaves a
+-- row in rbr.citus_resync; at commit its deferred trigger mirrors every row
+-- to the workers, so a rolled-back TRUNCATE sends nothing. Written only by
+-- these triggers.
+CREATE TABLE rbr.citus_resync (
+    requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE rbr.citus_resync IS
+    'TRUNCATEs of rbr.policy_version / rbr.model waiting for commit, to be mirrored to the Citus workers';
+REVOKE ALL ON rbr.citus_resync FROM PUBLIC;
+
+-- Statement trigger of TRUNCATE on rbr.policy_version and rbr.model: ask
+-- for a mirror at commit (on a Citus coordinator).
+CREATE FUNCTION rbr.citus_truncated() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF rbr.citus_coordinator() THEN
+        INSERT INTO rbr.citus_resync DEFAULT VALUES;
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.citus_truncated() FROM PUBLIC;
+CREATE TRIGGER policy_version_truncate_to_workers
+    AFTER TRUNCATE ON rbr.policy_version
+    FOR EACH STATEMENT EXECUTE FUNCTION rbr.citus_truncated();
+CREATE TRIGGER model_truncate_to_workers
+    AFTER TRUNCATE ON rbr.model
+    FOR EACH STATEMENT EXECUTE FUNCTION rbr.citus_truncated();
+
+-- Deferred row trigger of rbr.citus_resync: at commit, once per
+-- transaction, mirror every policy version and model (read as the
+-- extension's owner, who sees them all) to every worker.
+CREATE FUNCTION rbr.citus_resync_push() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    DELETE FROM rbr.citus_resync;
+    IF FOUND THEN
+        PERFORM rbr.citus_ship(rbr.citus_payload());
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rbr.citus_resync_push() FROM PUBLIC;
+CREATE CONSTRAINT TRIGGER resync_to_workers
+    AFTER INSERT ON rbr.citus_resync
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION rbr.citus_resync_push();
 
 -- The C part of rbr_citus_sync(): rbr.citus_payload() as the caller, then
 -- rbr.citus_ship() of it as the extension's owner.
@@ -4383,16 +4463,20 @@ CREATE FUNCTION rbr.citus_sync(OUT node text, OUT port int, OUT result jsonb)
     AS 'MODULE_PATHNAME', 'rbr_citus_sync'
     LANGUAGE C VOLATILE;
 
--- Copy every policy version and model the caller sees to every Citus worker
--- (e.g. after citus_add_node); one row per worker with the counts sent and
--- changed there. Idempotent; nothing without Citus or on a worker.
+-- Mirror every policy version and model the caller sees to every Citus
+-- worker (e.g. after citus_add_node, or after a worker was down): copy what
+-- is missing or changed, remove what the coordinator no longer has (of the
+-- roles whose rows the caller sees); one row per worker with the counts sent,
+-- changed and removed there. Idempotent; nothing without Citus or on a
+-- worker.
 CREATE FUNCTION @extschema@.rbr_citus_sync(OUT node text, OUT port int, OUT policy_versions int,
-                                           OUT policy_versions_added int, OUT models int, OUT models_changed int)
+                                           OUT policy_versions_added int, OUT models int, OUT models_changed int,
+                                           OUT removed int)
     RETURNS SETOF record
     LANGUAGE sql VOLATILE
     SET search_path = pg_catalog, pg_temp
     AS $$
     SELECT s.node, s.port, (s.result ->> 'policy_versions')::int, (s.result ->> 'policy_versions_added')::int,
-           (s.result ->> 'models')::int, (s.result ->> 'models_changed')::int
+           (s.result ->> 'models')::int, (s.result ->> 'models_changed')::int, (s.result ->> 'removed')::int
       FROM rbr.citus_sync() s
 $$;
