@@ -10,7 +10,10 @@
 #    into coordinator-local features and grades tables;
 #  - rbr_fit / rbr_pair_accuracy grouped by a column other than the
 #    distribution column aggregate partially on the workers (EXPLAIN) and
-#    equal a local table's; the bytes the workers send are printed.
+#    equal a local table's; the bytes the workers send are printed;
+#  - the workers mirror the coordinator: rbr_citus_sync() removes what the
+#    coordinator no longer has (of the roles the caller sees, waiting for
+#    stores in flight), and a TRUNCATE is mirrored at commit only.
 # Skipped when citus.so is not installed in the PostgreSQL being tested.
 use strict;
 use warnings;
@@ -19,7 +22,7 @@ use lib $FindBin::Bin;
 use RbrTest;
 use Test::More;
 use File::Temp qw(tempdir);
-use IPC::Run qw(run timeout);
+use IPC::Run qw(run start finish timeout);
 
 my $pg_config = $ENV{RBR_PG_CONFIG} // '/usr/lib/postgresql/15/bin/pg_config';
 chomp(my $pkglib = `$pg_config --pkglibdir`);
@@ -30,6 +33,11 @@ plan skip_all => "citus.so is not installed in $pkglib: the Citus tests need Cit
 my $root = $> == 0;
 my $owner = $root ? 'postgres' : scalar getpwuid($>);
 my $port = $ENV{RBR_TEST_PORT} // 55432;
+my $version = do {
+    open(my $fh, '<', REPO . '/rbr.control') or die "rbr.control: $!";
+    my ($v) = join('', <$fh>) =~ /default_version\s*=\s*'([^']+)'/;
+    $v;
+};
 my ($C, $W1, $W2) = ($port, $port + 1, $port + 2);
 chdir REPO or die;    # test/sample/completions.sql reads ../shared/reference from here
 
@@ -113,7 +121,7 @@ GRANT CREATE ON SCHEMA public TO alice;
 SELECT rbr_grant('alice', 'policies'), rbr_grant('alice', 'models'), rbr_grant('alice', 'grade'),
        rbr_grant('bob', 'policies');
 SQL
-is(q_ok($W1, "SELECT extversion FROM pg_extension WHERE extname = 'rbr'"), '0.3.0',
+is(q_ok($W1, "SELECT extversion FROM pg_extension WHERE extname = 'rbr'"), $version,
    'CREATE EXTENSION rbr on the coordinator installs it on the worker (Citus)');
 is(q_ok($W1, "SELECT count(*) FROM pg_roles WHERE rolname IN ('alice', 'bob')"), 2, 'the roles exist on the worker');
 q_ok($C, "CREATE ROLE team NOLOGIN; GRANT team TO alice");
@@ -204,7 +212,7 @@ is(q_ok($W1, "SELECT count(*) FROM rbr.model WHERE name = 'scratch'"), 0, 'delet
 
 # --- a worker added later has rbr but none of the rows, until rbr_citus_sync()
 q_ok($C, "SELECT citus_add_node('localhost', $W2)");
-is(q_ok($W2, "SELECT extversion FROM pg_extension WHERE extname = 'rbr'"), '0.3.0', 'the new worker has rbr (Citus)');
+is(q_ok($W2, "SELECT extversion FROM pg_extension WHERE extname = 'rbr'"), $version, 'the new worker has rbr (Citus)');
 is(q_ok($W2, "SELECT (SELECT count(*) FROM rbr.policy_version) + (SELECT count(*) FROM rbr.model)"), 0,
    '... and no policy or model yet');
 my $pv_alice = alice("SELECT count(*) FROM rbr.policy_version");
@@ -216,7 +224,7 @@ is(q_ok($W2, "SELECT string_agg(DISTINCT owner::text, ',') FROM rbr.policy_versi
    "... only the policies alice sees (hers and her group's): bob's is not hers to copy");
 is(q_ok($W2, "SELECT string_agg(response_type || ':' || array_to_string(weights, ','), ' ' ORDER BY response_type) FROM rbr.model"),
    $models, '... and her model, weights exact');
-is(alice("SELECT string_agg(format('%s %s', policy_versions_added, models_changed), '; ') FROM rbr_citus_sync()"), '0 0; 0 0',
+is(alice("SELECT string_agg(format('%s %s %s', policy_versions_added, models_changed, removed), '; ') FROM rbr_citus_sync()"), '0 0 0; 0 0 0',
    'rbr_citus_sync() again changes nothing');
 q_ok($C, "SELECT count(*) FROM rbr_citus_sync()");
 is(q_ok($W2, "SELECT owner FROM rbr.policy_version WHERE policy = 'bobs'"), 'bob', "the superuser's sync copies bob's too");
@@ -361,5 +369,60 @@ alice("SELECT rbr_policy_load('down', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb |
 my $spec_c = q_ok($C, "SELECT md5(spec::text) FROM rbr.policy_version WHERE policy = 'down' AND version = 1");
 is(on_workers("SELECT md5(spec::text) FROM rbr.policy_version WHERE policy = 'down'"), "$spec_c / $spec_c",
    "once the worker is back, both workers have the coordinator's version 1 (the kept one replaced)");
+
+# --- the workers mirror the coordinator
+# rows the coordinator no longer has (deleted while a worker was down, say), made here on a worker
+my $mk_stale = "INSERT INTO rbr.policy_version (policy, version, spec, owner) SELECT 'stale_' || o, 1, spec, o::regrole "
+             . "FROM rbr.policy_version, (VALUES ('alice'), ('bob')) r(o) WHERE policy = 'paper' AND version = 1; "
+             . "INSERT INTO rbr.model (name, response_type, policy, policy_version, feature_names, weights, report, owner) "
+             . "SELECT 'stale_' || o, response_type, policy, policy_version, feature_names, weights, report, o::regrole "
+             . "FROM rbr.model, (VALUES ('alice'), ('bob')) r(o) WHERE name = 'v1'";
+q_ok($W2, $mk_stale);
+my $nrt = alice("SELECT count(*) FROM rbr.model WHERE name = 'v1'");
+my $stale = "SELECT string_agg(DISTINCT owner::text, ',' ORDER BY owner::text) FROM "
+          . "(SELECT owner FROM rbr.policy_version WHERE policy LIKE 'stale%' UNION ALL SELECT owner FROM rbr.model WHERE name LIKE 'stale%') s";
+is(alice("SELECT string_agg(format('%s %s', port, removed), '; ' ORDER BY port) FROM rbr_citus_sync()"),
+   "$W1 0; $W2 " . (1 + $nrt), "alice's rbr_citus_sync() removes her stale version and models from the worker");
+is(q_ok($W2, $stale), 'bob', "... and leaves bob's, which are not hers to mirror");
+q_ok($C, "SELECT count(*) FROM rbr_citus_sync()");
+is(q_ok($W2, $stale) // '', '', "the superuser's sync removes bob's too");
+my $all_c = "SELECT (SELECT count(*) FROM rbr.policy_version) || ' ' || (SELECT count(*) FROM rbr.model)";
+my $counts = q_ok($C, $all_c);
+is(on_workers($all_c), "$counts / $counts", '... and every row the coordinator has stays on the workers');
+
+# a policy being stored in another transaction: the mirror waits for it (its copy at commit
+# would race the mirror's removal), and then carries it
+my ($bo, $be) = ('', '');
+my $bsql = "BEGIN; SELECT rbr_policy_load('held', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb); SELECT pg_sleep(3); COMMIT;";
+my $bg = start(["$bindir/psql", '-X', '-q', '-A', '-t', '-h', 'localhost', '-p', $C, '-v', 'ON_ERROR_STOP=1',
+                '-U', 'alice', '-d', 'postgres', '-c', $bsql], '>', \$bo, '2>', \$be, timeout(120));
+my $held = 0;
+for (1 .. 100) {
+    $held = q_ok($C, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'alice' "
+                   . "AND l.relation = 'rbr.policy_version'::regclass AND l.mode = 'RowExclusiveLock' AND l.granted");
+    last if $held;
+    select(undef, undef, undef, 0.05);
+}
+ok($held, 'a load is in flight');
+(undef, $e, $rc) = sq($C, "SET lock_timeout = '300ms'; SELECT count(*) FROM rbr_citus_sync()");
+ok($rc != 0 && $e =~ /lock timeout/, 'rbr_citus_sync() waits for it (here: until lock_timeout)') or diag($e);
+finish($bg) or diag("background load: $be");
+q_ok($C, "SELECT count(*) FROM rbr_citus_sync()");
+is(on_workers("SELECT count(*) FROM rbr.policy_version WHERE policy = 'held'"), '1 / 1',
+   '... and once it committed, both workers have it');
+
+# TRUNCATE: mirrored at commit, and not at all when rolled back
+q_ok($C, "BEGIN; TRUNCATE rbr.model; ROLLBACK");
+is(on_workers("SELECT count(*) FROM rbr.model"), join(' / ', (q_ok($C, "SELECT count(*) FROM rbr.model")) x 2),
+   'a TRUNCATE of rbr.model that is rolled back leaves the workers as they were');
+q_ok($C, "BEGIN; TRUNCATE rbr.model; TRUNCATE rbr.model; COMMIT");
+is(on_workers("SELECT count(*) FROM rbr.model"), '0 / 0', 'a committed TRUNCATE of rbr.model empties it on the workers');
+is(on_workers("SELECT count(*) FROM rbr.policy_version"), join(' / ', (q_ok($C, "SELECT count(*) FROM rbr.policy_version")) x 2),
+   "... and leaves the policy versions");
+q_ok($C, "TRUNCATE rbr.policy_version CASCADE");
+is(on_workers("SELECT count(*) FROM rbr.policy_version"), '0 / 0', 'TRUNCATE rbr.policy_version CASCADE: the workers have none');
+is(q_ok($C, "SELECT count(*) FROM rbr.citus_resync"), 0, 'no mirror request is left behind');
+(undef, $e, $rc) = sq($C, "INSERT INTO rbr.citus_resync DEFAULT VALUES", user => 'alice');
+like($e, qr/permission denied for table citus_resync/, 'a role cannot ask for a mirror by writing rbr.citus_resync');
 
 done_testing();
