@@ -63,12 +63,12 @@ read -r co_s co_hwm co_shm <<<"$(fit collect '{"solver": "adamw", "steps": 1, "v
 ex_acc=$(heldout exact); ad_acc=$(heldout adamw)
 
 # the paper's released fitter on the same training rows (optional)
-released() { # mode: prints "<seconds of fit_weights, summed over response types> <held-out acc>"
+released() { # mode: prints "<seconds of fit_weights> <held-out acc> <seconds of its pair search>", summed over response types
     local out; out=$(/usr/bin/python3 test/bench/released_fitter.py "$csv" "$RBR_RELEASED_DIR" "$1" 2>/dev/null)
     "${psql[@]}" -c "DROP TABLE IF EXISTS fit_released; CREATE TABLE fit_released (rt text, r jsonb)"
     grep '"rt"' <<<"$out" | "${psql[@]}" -c "COPY fit_released (r) FROM STDIN"
     "${psql[@]}" -c "UPDATE fit_released SET rt = r->>'rt'"
-    echo "$("${psql[@]}" -At -c "SELECT round(sum((r->>'total_s')::float8)::numeric, 3) FROM fit_released") $(heldout released)"
+    echo "$("${psql[@]}" -At -c "SELECT round(sum((r->>'total_s')::float8)::numeric, 3) FROM fit_released") $(heldout released) $("${psql[@]}" -At -c "SELECT round(sum((r->>'pairs_s')::float8)::numeric, 3) FROM fit_released")"
 }
 rel_pub=(); rel_pp=()
 if [ -n "${RBR_RELEASED_DIR:-}" ]; then
@@ -114,11 +114,13 @@ printf '%-34s %10.3f %12s %14.0f\n' "rbr_pair_accuracy GROUP BY prompt" "$pc_s" 
 if [ ${#rel_pp[@]} -gt 0 ]; then
     if [ ${#rel_pub[@]} -gt 0 ]; then
         printf '%-34s %10.3f %12s %14s\n' "released fitter, as published" "${rel_pub[0]}" "${rel_pub[1]}" "-"
+        printf '  (of which its pair search: %.3f s)\n' "${rel_pub[2]}"
     else
         printf '%-34s %10s %12s %14s\n' "released fitter, as published" "not run" "-" "-"
         echo "  (its pair search tests every pair of rows of a response type: $max_rt rows, $(echo "$max_rt * ($max_rt - 1) / 2" | bc) row pairs)"
     fi
     printf '%-34s %10.3f %12s %14s\n' "released fitter, pairs per prompt" "${rel_pp[0]}" "${rel_pp[1]}" "-"
+    printf '  (of which the pair search per prompt: %.3f s)\n' "${rel_pp[2]}"
     echo "  (released fitter: fit_weights() summed over the response types, PyTorch ${rel_threads#* } on ${rel_threads%% *} threads)"
 fi
 printf 'speed-up of the exact solver over AdamW: %.1fx (median exact), %.1fx (best exact)\n' \

@@ -97,56 +97,36 @@ is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabi
            db => 'rbr_tap_upgrade_grants'),
    'grade=true,synthesize=false,policies=false,models=false', 'a role that could grade has the grade capability');
 
-# --- from 0.2.0: a database created at 0.2.0 (with a policy, a model and a
-# capability granted) updates to the same catalog as a fresh install
-fresh_db('rbr_tap_upgrade_02');
-psql_ok(<<SQL, db => 'rbr_tap_upgrade_02');
-CREATE EXTENSION rbr VERSION '0.2.0';
-SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb);
-SELECT rbr_model_save('m1', 'ref', 'comply',
-       jsonb_build_object('weights', (SELECT jsonb_agg(0.5) FROM unnest(rbr_feature_names('ref', 'comply')))));
-DROP ROLE IF EXISTS rbr_old_grader2;
-CREATE ROLE rbr_old_grader2;
-SELECT rbr_grant('rbr_old_grader2', 'grade');
-SQL
-($out, $err, $rc) = psql("ALTER EXTENSION rbr UPDATE", db => 'rbr_tap_upgrade_02');
-is($rc, 0, 'ALTER EXTENSION rbr UPDATE from 0.2.0 succeeds') or diag($err);
-my $from02 = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_02');
+# --- from 0.2.0 and from 0.3.0: a database created at that version (with a
+# policy, a model and a capability granted) updates to the same catalog as a
+# fresh install, and keeps its data
+psql_ok("DROP ROLE IF EXISTS rbr_old_grader2; CREATE ROLE rbr_old_grader2", db => 'postgres');
 # the same capability in the fresh install, so that the privileges compare
 psql_ok("SELECT rbr_grant('rbr_old_grader2', 'grade')", db => 'rbr_tap_upgrade_new');
 $new = psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_new');
-same_catalog($from02, $new, 'updated from 0.2.0, the catalog equals a fresh install');
-is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')",
-           db => 'rbr_tap_upgrade_02'),
-   'grade=true,synthesize=false,policies=false,models=false', 'capabilities survive the update from 0.2.0');
-is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => 'rbr_tap_upgrade_02'),
-   'm1 comply', 'models survive the update from 0.2.0');
-
-# --- from 0.3.0: a database created at 0.3.0 (a policy, a model, a
-# capability) updates to the same catalog as a fresh install
-fresh_db('rbr_tap_upgrade_03');
-psql_ok(<<SQL, db => 'rbr_tap_upgrade_03');
-CREATE EXTENSION rbr VERSION '0.3.0';
+for my $from ('0.2.0', '0.3.0') {
+    (my $db = "rbr_tap_upgrade_$from") =~ s/\.//g;
+    fresh_db($db);
+    psql_ok(<<SQL, db => $db);
+CREATE EXTENSION rbr VERSION '$from';
 SELECT rbr_policy_load('ref', \$p\$$policy\$p\$::jsonb);
 SELECT rbr_model_save('m1', 'ref', 'comply',
        jsonb_build_object('weights', (SELECT jsonb_agg(0.5) FROM unnest(rbr_feature_names('ref', 'comply')))));
 SELECT rbr_grant('rbr_old_grader2', 'grade');
 SQL
-($out, $err, $rc) = psql("ALTER EXTENSION rbr UPDATE", db => 'rbr_tap_upgrade_03');
-is($rc, 0, 'ALTER EXTENSION rbr UPDATE from 0.3.0 succeeds') or diag($err);
-same_catalog(psql_ok($snapshot_sql, db => 'rbr_tap_upgrade_03'), $new,
-             'updated from 0.3.0, the catalog equals a fresh install');
-is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')",
-           db => 'rbr_tap_upgrade_03'),
-   'grade=true,synthesize=false,policies=false,models=false', 'capabilities survive the update from 0.3.0');
-is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => 'rbr_tap_upgrade_03'),
-   'm1 comply', 'models survive the update from 0.3.0');
+    ($out, $err, $rc) = psql("ALTER EXTENSION rbr UPDATE", db => $db);
+    is($rc, 0, "ALTER EXTENSION rbr UPDATE from $from succeeds") or diag($err);
+    same_catalog(psql_ok($snapshot_sql, db => $db), $new, "updated from $from, the catalog equals a fresh install");
+    is(psql_ok("SELECT string_agg(capability || '=' || granted, ',') FROM rbr_capabilities('rbr_old_grader2')", db => $db),
+       'grade=true,synthesize=false,policies=false,models=false', "capabilities survive the update from $from");
+    is(psql_ok("SELECT name || ' ' || response_type FROM rbr.model", db => $db),
+       'm1 comply', "models survive the update from $from");
+    psql_ok(qq{DROP DATABASE "$db" WITH (FORCE)}, db => 'postgres');
+}
 
 psql_ok("DROP DATABASE rbr_tap_upgrade_old WITH (FORCE)", db => 'postgres');
-psql_ok("DROP DATABASE rbr_tap_upgrade_03 WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_new WITH (FORCE)", db => 'postgres');
 psql_ok("DROP DATABASE rbr_tap_upgrade_grants WITH (FORCE)", db => 'postgres');
-psql_ok("DROP DATABASE rbr_tap_upgrade_02 WITH (FORCE)", db => 'postgres');
 psql_ok("DROP ROLE rbr_old_grader", db => 'postgres');
 psql_ok("DROP ROLE rbr_old_grader2", db => 'postgres');
 done_testing();
