@@ -583,19 +583,9 @@ static char *
 api_url(const RbrEndpoint *ep, const char *what, const char *query)
 {
 	StringInfoData u;
-	char	   *base = pstrdup(ep->url);
-	int			len = strlen(base);
+	char	   *base = rbr_endpoint_base(ep);
 
-	while (len > 0 && base[len - 1] == '/')
-		base[--len] = '\0';
 	initStringInfo(&u);
-	if (is_azure(ep))
-	{
-		if (len >= 10 && strcmp(base + len - 10, "/openai/v1") == 0)
-			base[len - 10] = '\0';
-		else if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
-			base[len - 7] = '\0';
-	}
 	if (is_azure(ep) && pg_strcasecmp(ep->azure_api_version, "v1") == 0)
 		appendStringInfo(&u, "%s/openai/v1/%s%s%s", base, what, query ? "?" : "", query ? query : "");
 	else if (is_azure(ep))

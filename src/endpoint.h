@@ -165,4 +165,11 @@ extern void rbr_http_run(const RbrEndpoint *ep, RbrGradeJob *jobs, int njobs,
 						 const RbrHttpFeed *feed);
 extern void rbr_http_stats(StringInfo buf);
 
+/*
+ * The base URL of an endpoint, palloc'd: rbr.*_url without trailing slashes
+ * and, for Azure, without a trailing /openai or /openai/v1 (the path to each
+ * resource is added by its caller).
+ */
+extern char *rbr_endpoint_base(const RbrEndpoint *ep);
+
 #endif							/* RBR_ENDPOINT_H */

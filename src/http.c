@@ -270,24 +270,36 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
-/* The chat completions URL of an endpoint. */
-static char *
-endpoint_url(const RbrEndpoint *ep)
+/* The base URL of an endpoint (see endpoint.h). */
+char *
+rbr_endpoint_base(const RbrEndpoint *ep)
 {
-	StringInfoData u;
 	char	   *base = pstrdup(ep->url);
 	int			len = strlen(base);
 
 	while (len > 0 && base[len - 1] == '/')
 		base[--len] = '\0';
-	initStringInfo(&u);
-	if (pg_strcasecmp(ep->azure_api_version, "v1") == 0)
+	if (ep->azure_api_version != NULL && ep->azure_api_version[0] != '\0')
 	{
-		/* Azure's v1 form: <resource>/openai/v1/<path>, no api-version */
 		if (len >= 10 && strcmp(base + len - 10, "/openai/v1") == 0)
 			base[len - 10] = '\0';
 		else if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
 			base[len - 7] = '\0';
+	}
+	return base;
+}
+
+/* The chat completions URL of an endpoint. */
+static char *
+endpoint_url(const RbrEndpoint *ep)
+{
+	StringInfoData u;
+	char	   *base = rbr_endpoint_base(ep);
+
+	initStringInfo(&u);
+	if (pg_strcasecmp(ep->azure_api_version, "v1") == 0)
+	{
+		/* Azure's v1 form: <resource>/openai/v1/<path>, no api-version */
 		appendStringInfo(&u, "%s/openai/v1/%s", base, ep->path);
 	}
 	else if (ep->azure_api_version[0] != '\0')
@@ -300,8 +312,6 @@ endpoint_url(const RbrEndpoint *ep)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 		model = curl_easy_escape(h, ep->model, 0);
 		ver = curl_easy_escape(h, ep->azure_api_version, 0);
-		if (len >= 7 && strcmp(base + len - 7, "/openai") == 0)
-			base[len - 7] = '\0';
 		if (model && ver)
 			appendStringInfo(&u, "%s/openai/deployments/%s/%s?api-version=%s",
 							 base, model, ep->path, ver);
