@@ -145,6 +145,14 @@ sub share { my ($k) = @_; return sub { my $p = shift; my $y = int($p * $k + 0.5)
          'azure: a 200 content_filter is its own error kind');
     is(psql_ok("SELECT count(*) FROM ${t}_grades WHERE id > $n AND probability IS NOT NULL"), 0,
        'azure: no value for a filtered answer');
+    # a dated api-version on a base URL that ends in /openai/v1/: the deployments form, not a doubled path
+    server_reset($base);
+    $t = source();
+    ($o, $e, $rc) = featurize($base, "SET rbr.grader_azure_api_version = '2024-10-21'; SET rbr.grader_api_key = 'az-KEY-24680';"
+        . " SET rbr.grader_model = 'my-dated-deploy'; SET rbr.grader_top_logprobs = 5;", $t, url => "$base/openai/v1/");
+    is($rc, 0, 'azure, dated api-version, base URL ending in /openai/v1/: the run succeeds') or diag($e);
+    ok(server_stats($base)->{chat_requests} > 0, '... through the deployments URL (requests reached the server)');
+    check_values($t, 'logprobs', 'azure, dated api-version');
 }
 
 # --- vLLM with a thinking model: <think> first
