@@ -167,6 +167,91 @@ typedef struct PairScratch
 	double	   *z;
 } PairScratch;
 
+/*
+ * The parameters (argument 1) of a pass aggregate's transition function
+ * (name: rbr.fit_pairs or rbr.fit_band), at least hdr doubles; sets *aggcxt.
+ */
+static const double *
+pass_params(FunctionCallInfo fcinfo, const char *name, int hdr, int *npar, MemoryContext *aggcxt)
+{
+	const double *par;
+
+	if (!AggCheckCallContext(fcinfo, aggcxt))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s called in non-aggregate context", name)));
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s needs its parameters", name),
+				 errhint("%s is a step of rbr_fit_table(); call that instead.", name)));
+	par = float8_items(PG_GETARG_ARRAYTYPE_P(1), npar, psprintf("the parameters of %s", name));
+	if (*npar < hdr)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s parameters are too short", name)));
+	return par;
+}
+
+/* One ordered pair of a pass (a better than b), read from its row and scored at w. */
+typedef struct PassPair
+{
+	const double *xa,
+			   *xb;				/* features, d each */
+	double		m;				/* the pair's margin */
+	double		c;				/* m - (base_a - base_b): the pair's u at w = 0 */
+	double		sa,
+				sb;				/* scores at w */
+	double		u;				/* m - (sa - sb) */
+	bool		validation;		/* its group is held out */
+} PassPair;
+
+/*
+ * Read the pair of a pass row (arguments group_key, tier_a, tier_b,
+ * features_a, features_b, base_a, base_b: 2..8) and score it at w (d
+ * features; the margins by tier at tm, ntm of them): false when the row is
+ * to be skipped (a NULL: the pass query sends none, the row check counted
+ * rows with a NULL feature).
+ */
+static bool
+pass_pair(FunctionCallInfo fcinfo, const double *par, const double *tm, int ntm, int d, const double *w, PassPair *p)
+{
+	text	   *key;
+	int32		tier_a;
+	int			na,
+				nb;
+
+	for (int i = 2; i <= 8; i++)
+		if (PG_ARGISNULL(i))
+			return false;
+	if (ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(5)) || ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(6)))
+		return false;
+	key = PG_GETARG_TEXT_PP(2);
+	tier_a = PG_GETARG_INT32(3);
+	p->xa = float8_items(PG_GETARG_ARRAYTYPE_P(5), &na, "features");
+	p->xb = float8_items(PG_GETARG_ARRAYTYPE_P(6), &nb, "features");
+	if (na != d || nb != d)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("feature arrays differ in length"),
+				 errhint("Fit one response type at a time (where_column => 'response_type'): each has its own feature list.")));
+	p->m = (tier_a < ntm && !isnan(tm[tier_a])) ? tm[tier_a] : par[PAR_MARGIN];
+	p->sa = PG_GETARG_FLOAT8(7);
+	p->sb = PG_GETARG_FLOAT8(8);
+	p->c = p->m - (p->sa - p->sb);
+	for (int j = 0; j < d; j++)
+	{
+		p->sa += w[j] * p->xa[j];
+		p->sb += w[j] * p->xb[j];
+	}
+	p->u = p->m - (p->sa - p->sb);
+	if (isnan(p->u) || isinf(p->u))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("a pair's score difference is not finite"),
+				 errhint("Features and base rewards must be finite numbers.")));
+	p->validation = key_is_validation(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), (uint64) par[PAR_SEED], par[PAR_VF]);
+	return true;
+}
+
 PG_FUNCTION_INFO_V1(rbr_fit_pairs_transfn);
 /*
  * rbr.fit_pairs transition: one ordered pair (a better than b) of one group:
@@ -183,45 +268,23 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 	const double *par,
 			   *w,
 			   *dir,
-			   *ts,
-			   *xa,
-			   *xb;
+			   *ts;
 	int			npar,
 				d,
 				ntm,
 				K,
-				slen,
-				na,
-				nb;
+				slen;
 	double		mu,
-				margin,
-				m,
-				sa,
-				sb,
 				du,
-				u0,
-				cpair;
-	int32		tier_a;
-	text	   *key;
+				u0;
+	PassPair	pp;
 	PairScratch *sc;
 
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("rbr.fit_pairs called in non-aggregate context")));
-	if (PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("rbr.fit_pairs needs its parameters"),
-				 errhint("rbr.fit_pairs is a step of rbr_fit_table(); call that instead.")));
-	par = float8_items(PG_GETARG_ARRAYTYPE_P(1), &npar, "the parameters of rbr.fit_pairs");
-	if (npar < PAR_HDR)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("rbr.fit_pairs parameters are too short")));
+	par = pass_params(fcinfo, "rbr.fit_pairs", PAR_HDR, &npar, &aggcxt);
 	d = (int) par[PAR_D];
 	ntm = (int) par[PAR_NTM];
 	K = (int) par[PAR_K];
 	mu = par[PAR_MU];
-	margin = par[PAR_MARGIN];
 	if (d < 0 || d > SO_MAX_D || ntm < 0 || ntm > 1001 || K < 1 || K > SO_MAX_K ||
 		npar != PAR_HDR + ntm + K + 2 * d || !(mu > 0))
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("rbr.fit_pairs parameters are malformed")));
@@ -245,23 +308,8 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 	if (ARR_NDIM(state) != 1 || ARR_DIMS(state)[0] != K * slen || st[ST_D] != d)
 		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("rbr.fit_pairs state does not match its parameters")));
 
-	/* the pass query never sends incomplete rows; skip one defensively */
-	for (int i = 2; i <= 8; i++)
-		if (PG_ARGISNULL(i))
-			PG_RETURN_ARRAYTYPE_P(state);
-
-	/* a row with a NULL feature is skipped (the row check counted it) */
-	if (ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(5)) || ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(6)))
+	if (!pass_pair(fcinfo, par, par + PAR_HDR, ntm, d, w, &pp))
 		PG_RETURN_ARRAYTYPE_P(state);
-	key = PG_GETARG_TEXT_PP(2);
-	tier_a = PG_GETARG_INT32(3);
-	xa = float8_items(PG_GETARG_ARRAYTYPE_P(5), &na, "features");
-	xb = float8_items(PG_GETARG_ARRAYTYPE_P(6), &nb, "features");
-	if (na != d || nb != d)
-		ereport(ERROR,
-				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
-				 errmsg("feature arrays differ in length"),
-				 errhint("Fit one response type at a time (where_column => 'response_type'): each has its own feature list.")));
 
 	sc = (PairScratch *) fcinfo->flinfo->fn_extra;
 	if (sc == NULL || sc->d != d)
@@ -271,27 +319,20 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 		sc->z = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(double) * Max(d, 1));
 		fcinfo->flinfo->fn_extra = sc;
 	}
-
-	m = (tier_a < ntm && !isnan(par[PAR_HDR + tier_a])) ? par[PAR_HDR + tier_a] : margin;
-	sa = PG_GETARG_FLOAT8(7);
-	sb = PG_GETARG_FLOAT8(8);
 	du = 0;
 	for (int j = 0; j < d; j++)
 	{
-		sa += w[j] * xa[j];
-		sb += w[j] * xb[j];
-		sc->z[j] = xa[j] - xb[j];
+		sc->z[j] = pp.xa[j] - pp.xb[j];
 		du += dir[j] * sc->z[j];
 	}
-	u0 = m - (sa - sb);
-	cpair = m - (PG_GETARG_FLOAT8(7) - PG_GETARG_FLOAT8(8));
-	if (isnan(u0) || isinf(u0) || isnan(du) || isinf(du))
+	u0 = pp.u;
+	if (isnan(du) || isinf(du))
 		ereport(ERROR,
 				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
 				 errmsg("a pair's score difference is not finite"),
 				 errhint("Features and base rewards must be finite numbers.")));
 
-	if (key_is_validation(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), (uint64) par[PAR_SEED], par[PAR_VF]))
+	if (pp.validation)
 	{
 		for (int k = 0; k < K; k++)
 		{
@@ -300,7 +341,7 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 
 			sk[ST_VAL_PAIRS] += 1;
 			sk[ST_VAL_HINGE] += u > 0 ? u : 0;
-			sk[ST_VAL_RIGHT] += ts[k] == 0 ? sa > sb : m - u > 0;
+			sk[ST_VAL_RIGHT] += ts[k] == 0 ? pp.sa > pp.sb : pp.m - u > 0;
 		}
 		PG_RETURN_ARRAYTYPE_P(state);
 	}
@@ -340,9 +381,9 @@ rbr_fit_pairs_transfn(PG_FUNCTION_ARGS)
 		sk[ST_TRAIN_HINGE] += u > 0 ? u : 0;
 		sk[ST_BARRIER] += xi - mu * (log(xi) + log(xmu));
 		sk[ST_GAP_TERMS] += u > 0 ? u * (mu / xi) : -u * alpha;
-		sk[ST_ALPHA_C] += alpha * cpair;
+		sk[ST_ALPHA_C] += alpha * pp.c;
 		/* s_a > s_b strictly (ties are wrong), as rbr_fit counts */
-		sk[ST_TRAIN_RIGHT] += ts[k] == 0 ? sa > sb : m - u > 0;
+		sk[ST_TRAIN_RIGHT] += ts[k] == 0 ? pp.sa > pp.sb : pp.m - u > 0;
 		sk[ST_TRAIN_ZERO] += u <= 0;
 		for (int i = 0; i < d; i++)
 			v[i] += alpha * sc->z[i];
@@ -455,38 +496,18 @@ rbr_fit_band_transfn(PG_FUNCTION_ARGS)
 	ArrayType  *state;
 	double	   *st;
 	const double *par,
-			   *w,
-			   *xa,
-			   *xb;
+			   *w;
 	int			npar,
 				d,
 				ntm,
 				cap,
-				na,
-				nb,
 				bin;
 	double		mu,
 				tau,
-				m,
-				sa,
-				sb,
-				u,
-				c;
-	int32		tier_a;
-	text	   *key;
+				u;
+	PassPair	pp;
 
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("rbr.fit_band called in non-aggregate context")));
-	if (PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("rbr.fit_band needs its parameters"),
-				 errhint("rbr.fit_band is a step of rbr_fit_table(); call that instead.")));
-	par = float8_items(PG_GETARG_ARRAYTYPE_P(1), &npar, "the parameters of rbr.fit_band");
-	if (npar < BP_HDR)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("rbr.fit_band parameters are too short")));
+	par = pass_params(fcinfo, "rbr.fit_band", BP_HDR, &npar, &aggcxt);
 	d = (int) par[PAR_D];
 	ntm = (int) par[PAR_NTM];
 	cap = (int) par[BP_CAP];
@@ -515,47 +536,19 @@ rbr_fit_band_transfn(PG_FUNCTION_ARGS)
 	if (ARR_NDIM(state) != 1 || ARR_DIMS(state)[0] != band_len(d, cap) || st[B_D] != d || st[B_CAP] != cap)
 		ereport(ERROR, (errcode(ERRCODE_DATA_EXCEPTION), errmsg("rbr.fit_band state does not match its parameters")));
 
-	for (int i = 2; i <= 8; i++)
-		if (PG_ARGISNULL(i))
-			PG_RETURN_ARRAYTYPE_P(state);
-	if (ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(5)) || ARR_HASNULL(PG_GETARG_ARRAYTYPE_P(6)))
+	if (!pass_pair(fcinfo, par, par + BP_HDR, ntm, d, w, &pp))
 		PG_RETURN_ARRAYTYPE_P(state);
-	key = PG_GETARG_TEXT_PP(2);
-	tier_a = PG_GETARG_INT32(3);
-	xa = float8_items(PG_GETARG_ARRAYTYPE_P(5), &na, "features");
-	xb = float8_items(PG_GETARG_ARRAYTYPE_P(6), &nb, "features");
-	if (na != d || nb != d)
-		ereport(ERROR,
-				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
-				 errmsg("feature arrays differ in length"),
-				 errhint("Fit one response type at a time (where_column => 'response_type'): each has its own feature list.")));
-
-	m = (tier_a < ntm && !isnan(par[BP_HDR + tier_a])) ? par[BP_HDR + tier_a] : par[PAR_MARGIN];
-	sa = PG_GETARG_FLOAT8(7);
-	sb = PG_GETARG_FLOAT8(8);
-	c = m - (sa - sb);
-	for (int j = 0; j < d; j++)
-	{
-		sa += w[j] * xa[j];
-		sb += w[j] * xb[j];
-	}
-	u = m - (sa - sb);
-	if (isnan(u) || isinf(u))
-		ereport(ERROR,
-				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-				 errmsg("a pair's score difference is not finite"),
-				 errhint("Features and base rewards must be finite numbers.")));
-
-	if (key_is_validation(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key), (uint64) par[PAR_SEED], par[PAR_VF]))
+	u = pp.u;
+	if (pp.validation)
 	{
 		st[B_VAL_PAIRS] += 1;
 		st[B_VAL_HINGE] += u > 0 ? u : 0;
-		st[B_VAL_RIGHT] += sa > sb;
+		st[B_VAL_RIGHT] += pp.sa > pp.sb;
 		PG_RETURN_ARRAYTYPE_P(state);
 	}
 	st[B_TRAIN_PAIRS] += 1;
 	st[B_TRAIN_HINGE] += u > 0 ? u : 0;
-	st[B_TRAIN_RIGHT] += sa > sb;
+	st[B_TRAIN_RIGHT] += pp.sa > pp.sb;
 	st[B_TRAIN_ZERO] += u <= 0;
 	for (bin = 0; bin < BAND_NBINS - 1 && fabs(u) > band_edge(bin); bin++)
 		;
@@ -565,9 +558,9 @@ rbr_fit_band_transfn(PG_FUNCTION_ARGS)
 		double	   *vA = st + B_HDR;
 
 		st[B_NA] += 1;
-		st[B_AC] += c;
+		st[B_AC] += pp.c;
 		for (int j = 0; j < d; j++)
-			vA[j] += xa[j] - xb[j];
+			vA[j] += pp.xa[j] - pp.xb[j];
 	}
 	else if (u >= -tau)
 	{
@@ -578,8 +571,8 @@ rbr_fit_band_transfn(PG_FUNCTION_ARGS)
 			double		B = u >= 0 ? 4 * mu * mu / (u + S) : S - u;
 
 			for (int j = 0; j < d; j++)
-				slot[j] = xa[j] - xb[j];
-			slot[d] = c;
+				slot[j] = pp.xa[j] - pp.xb[j];
+			slot[d] = pp.c;
 			slot[d + 1] = 2 * mu / (B + 2 * mu);	/* the barrier multiplier, a warm start */
 			st[B_NBAND] += 1;
 		}
