@@ -193,16 +193,6 @@ parse_fit_options(const char *text, int d, FitOptions *o)
  * Final functions
  * ------------------------------------------------------------------------- */
 
-/* Append a double as JSON (null for NaN or infinity). */
-static void
-append_json_number(StringInfo buf, double v)
-{
-	if (isnan(v) || isinf(v))
-		appendStringInfoString(buf, "null");
-	else
-		appendStringInfoString(buf, float8out_internal(v));
-}
-
 /* Allocator callbacks for fit_solver.c: palloc in the current context. */
 static void *
 solver_alloc(void *ctx pg_attribute_unused(), size_t size)
@@ -303,86 +293,68 @@ rbr_fit_finalfn(PG_FUNCTION_ARGS)
 				 errmsg("rbr_fit failed: %s", errbuf)));
 
 	initStringInfo(&buf);
-	appendStringInfoString(&buf, "{\"weights\": [");
-	for (int i = 0; i < s->d; i++)
-	{
-		if (i)
-			appendStringInfoString(&buf, ", ");
-		append_json_number(&buf, res.w[i]);
-	}
-	appendStringInfoString(&buf, "]");
-	if (o.names)
-	{
-		appendStringInfoString(&buf, ", \"feature_names\": [");
-		for (int i = 0; i < o.nnames; i++)
-		{
-			if (i)
-				appendStringInfoString(&buf, ", ");
-			escape_json(&buf, o.names[i]);
-		}
-		appendStringInfoString(&buf, "]");
-	}
+	rbr_fit_json_weights(&buf, res.w, s->d, o.names, o.nnames);
 	appendStringInfo(&buf, ", \"rows\": %lld, \"rows_skipped_null\": %lld, \"groups\": %lld, \"groups_without_pairs\": %lld",
 					 (long long) s->nrows, (long long) rs->skipped, (long long) s->ngroups,
 					 (long long) groups_without_pairs);
 	appendStringInfo(&buf, ", \"pairs\": {\"train\": %lld, \"validation\": %lld}",
 					 (long long) res.train_pairs, (long long) res.val_pairs);
 	appendStringInfoString(&buf, ", \"loss\": {\"train\": ");
-	append_json_number(&buf, res.train_loss);
+	rbr_fit_json_number(&buf, res.train_loss);
 	appendStringInfoString(&buf, ", \"validation\": ");
-	append_json_number(&buf, res.val_loss);
+	rbr_fit_json_number(&buf, res.val_loss);
 	appendStringInfoString(&buf, "}, \"objective\": ");
-	append_json_number(&buf, res.objective);
+	rbr_fit_json_number(&buf, res.objective);
 	appendStringInfoString(&buf, ", \"zero_loss_share\": ");
-	append_json_number(&buf, res.zero_loss_share);
+	rbr_fit_json_number(&buf, res.zero_loss_share);
 	appendStringInfoString(&buf, ", \"accuracy\": {\"train\": ");
-	append_json_number(&buf, res.train_accuracy);
+	rbr_fit_json_number(&buf, res.train_accuracy);
 	appendStringInfoString(&buf, ", \"validation\": ");
-	append_json_number(&buf, res.val_accuracy);
+	rbr_fit_json_number(&buf, res.val_accuracy);
 	appendStringInfo(&buf, "}, \"solver\": \"%s\", \"iterations\": %d, \"converged\": %s, \"gap\": ",
 					 o.solver.solver == RBR_SOLVER_EXACT ? "exact" : "adamw",
 					 res.iterations, res.converged ? "true" : "false");
-	append_json_number(&buf, res.gap);
+	rbr_fit_json_number(&buf, res.gap);
 	appendStringInfo(&buf, ", \"passes\": %lld, \"options\": {\"margin\": ", (long long) res.passes);
-	append_json_number(&buf, o.solver.margin);
+	rbr_fit_json_number(&buf, o.solver.margin);
 	appendStringInfoString(&buf, ", \"tier_margin\": {");
 	for (int i = 0, k = 0; i < o.solver.n_tier_margin; i++)
 		if (!isnan(o.tier_margin[i]))
 		{
 			appendStringInfo(&buf, "%s\"%d\": ", k++ ? ", " : "", i);
-			append_json_number(&buf, o.tier_margin[i]);
+			rbr_fit_json_number(&buf, o.tier_margin[i]);
 		}
 	appendStringInfoString(&buf, "}, \"l2\": ");
-	append_json_number(&buf, o.solver.l2);
+	rbr_fit_json_number(&buf, o.solver.l2);
 	appendStringInfoString(&buf, ", \"l2_used\": ");
-	append_json_number(&buf, res.l2_used);
+	rbr_fit_json_number(&buf, res.l2_used);
 	appendStringInfoString(&buf, ", \"fixed_zero\": [");
 	for (int i = 0, k = 0; o.fixed_zero && i < s->d; i++)
 		if (o.fixed_zero[i])
 			appendStringInfo(&buf, "%s%d", k++ ? ", " : "", i + 1);
 	appendStringInfoString(&buf, "], \"validation_fraction\": ");
-	append_json_number(&buf, o.validation_fraction);
+	rbr_fit_json_number(&buf, o.validation_fraction);
 	appendStringInfo(&buf, ", \"validation_split\": \"%s\", \"seed\": %llu",
 					 o.solver.solver == RBR_SOLVER_EXACT ? "groups" : "pairs",
 					 (unsigned long long) o.seed);
 	if (o.solver.solver == RBR_SOLVER_EXACT)
 	{
 		appendStringInfoString(&buf, ", \"tol\": ");
-		append_json_number(&buf, o.solver.tol);
+		rbr_fit_json_number(&buf, o.solver.tol);
 		appendStringInfo(&buf, ", \"max_iter\": %d", o.solver.max_iter);
 	}
 	else
 	{
 		appendStringInfoString(&buf, ", \"lr\": ");
-		append_json_number(&buf, o.solver.lr);
+		rbr_fit_json_number(&buf, o.solver.lr);
 		appendStringInfo(&buf, ", \"steps\": %d, \"weight_decay\": ", o.solver.steps);
-		append_json_number(&buf, o.solver.weight_decay);
+		rbr_fit_json_number(&buf, o.solver.weight_decay);
 		appendStringInfoString(&buf, ", \"beta1\": ");
-		append_json_number(&buf, o.solver.beta1);
+		rbr_fit_json_number(&buf, o.solver.beta1);
 		appendStringInfoString(&buf, ", \"beta2\": ");
-		append_json_number(&buf, o.solver.beta2);
+		rbr_fit_json_number(&buf, o.solver.beta2);
 		appendStringInfoString(&buf, ", \"eps\": ");
-		append_json_number(&buf, o.solver.eps);
+		rbr_fit_json_number(&buf, o.solver.eps);
 	}
 	appendStringInfoString(&buf, "}}");
 

@@ -9,6 +9,7 @@
 
 #include "utils/builtins.h"
 #include "utils/float.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 
 #include "fit_options.h"
@@ -162,5 +163,40 @@ rbr_fit_parse_shared_options(JsonbContainer *c, const char *fn, int d, RbrFitSha
 				rbr_fit_option_error(fn, "tier_margin", "margin %g is outside [0, 1e6]", m);
 			out->tier_margin[strtol(t[i].key, NULL, 10)] = m;
 		}
+	}
+}
+
+/* Append a number of a fit's report: JSON null for NaN or an infinity. */
+void
+rbr_fit_json_number(StringInfo buf, double v)
+{
+	if (isnan(v) || isinf(v))
+		appendStringInfoString(buf, "null");
+	else
+		appendStringInfoString(buf, float8out_internal(v));
+}
+
+/* Start a fit's report: {"weights": [...] and, when names, "feature_names": [...]. */
+void
+rbr_fit_json_weights(StringInfo buf, const double *w, int d, char **names, int nnames)
+{
+	appendStringInfoString(buf, "{\"weights\": [");
+	for (int j = 0; j < d; j++)
+	{
+		if (j)
+			appendStringInfoString(buf, ", ");
+		rbr_fit_json_number(buf, w[j]);
+	}
+	appendStringInfoString(buf, "]");
+	if (names)
+	{
+		appendStringInfoString(buf, ", \"feature_names\": [");
+		for (int i = 0; i < nnames; i++)
+		{
+			if (i)
+				appendStringInfoString(buf, ", ");
+			escape_json(buf, names[i]);
+		}
+		appendStringInfoString(buf, "]");
 	}
 }

@@ -6,6 +6,7 @@
 #ifndef RBR_FIT_OPTIONS_H
 #define RBR_FIT_OPTIONS_H
 
+#include "lib/stringinfo.h"
 #include "utils/jsonb.h"
 
 /* The shared options, for d features; NULL / 0 where not given. */
@@ -36,5 +37,11 @@ extern double rbr_fit_option_number(JsonbContainer *c, const char *fn, const cha
 
 /* Parse feature_names, fixed_zero and tier_margin of fn's options for d features. */
 extern void rbr_fit_parse_shared_options(JsonbContainer *c, const char *fn, int d, RbrFitSharedOptions *out);
+
+/* Append a number of a fit's report: JSON null for NaN or an infinity. */
+extern void rbr_fit_json_number(StringInfo buf, double v);
+
+/* Start a fit's report: {"weights": [...] and, when names, "feature_names": [...]. */
+extern void rbr_fit_json_weights(StringInfo buf, const double *w, int d, char **names, int nnames);
 
 #endif

@@ -1229,16 +1229,6 @@ typedef struct SoPoint
 	double	   *grad;			/* nf, of F_mu */
 } SoPoint;
 
-/* Append a double as JSON (null for NaN or infinity). */
-static void
-so_json_number(StringInfo buf, double v)
-{
-	if (isnan(v) || isinf(v))
-		appendStringInfoString(buf, "null");
-	else
-		appendStringInfoString(buf, float8out_internal(v));
-}
-
 /* Evaluate the sums of a pass at w: losses, barrier value, gradient on the free features, gap. */
 static void
 so_point(SoPoint *p, int d, const int *freej, int nf, double lambda)
@@ -1902,67 +1892,49 @@ rbr_fit_table(PG_FUNCTION_ARGS)
 		for (int j = 0; j < d; j++)
 			ww += best.w[j] * best.w[j];
 		initStringInfo(&buf);
-		appendStringInfoString(&buf, "{\"weights\": [");
-		for (int j = 0; j < d; j++)
-		{
-			if (j)
-				appendStringInfoString(&buf, ", ");
-			so_json_number(&buf, best.w[j]);
-		}
-		appendStringInfoString(&buf, "]");
-		if (o.names)
-		{
-			appendStringInfoString(&buf, ", \"feature_names\": [");
-			for (int i = 0; i < o.nnames; i++)
-			{
-				if (i)
-					appendStringInfoString(&buf, ", ");
-				escape_json(&buf, o.names[i]);
-			}
-			appendStringInfoString(&buf, "]");
-		}
+		rbr_fit_json_weights(&buf, best.w, d, o.names, o.nnames);
 		appendStringInfo(&buf, ", \"rows\": %.0f, \"rows_skipped_null\": %.0f, \"groups\": %.0f, \"groups_without_pairs\": %.0f",
 						 rows, skipped, groups, groups_single);
 		appendStringInfo(&buf, ", \"pairs\": {\"train\": %.0f, \"validation\": %.0f}", P, V);
 		appendStringInfoString(&buf, ", \"loss\": {\"train\": ");
-		so_json_number(&buf, best.sums[ST_TRAIN_HINGE] / P);
+		rbr_fit_json_number(&buf, best.sums[ST_TRAIN_HINGE] / P);
 		appendStringInfoString(&buf, ", \"validation\": ");
-		so_json_number(&buf, V > 0 ? best.sums[ST_VAL_HINGE] / V : NAN);
+		rbr_fit_json_number(&buf, V > 0 ? best.sums[ST_VAL_HINGE] / V : NAN);
 		appendStringInfoString(&buf, "}, \"objective\": ");
-		so_json_number(&buf, best.sums[ST_TRAIN_HINGE] / P + o.l2 / 2 * ww);
+		rbr_fit_json_number(&buf, best.sums[ST_TRAIN_HINGE] / P + o.l2 / 2 * ww);
 		appendStringInfoString(&buf, ", \"zero_loss_share\": ");
-		so_json_number(&buf, best.sums[ST_TRAIN_ZERO] / P);
+		rbr_fit_json_number(&buf, best.sums[ST_TRAIN_ZERO] / P);
 		appendStringInfoString(&buf, ", \"accuracy\": {\"train\": ");
-		so_json_number(&buf, best.sums[ST_TRAIN_RIGHT] / P);
+		rbr_fit_json_number(&buf, best.sums[ST_TRAIN_RIGHT] / P);
 		appendStringInfoString(&buf, ", \"validation\": ");
-		so_json_number(&buf, V > 0 ? best.sums[ST_VAL_RIGHT] / V : NAN);
+		rbr_fit_json_number(&buf, V > 0 ? best.sums[ST_VAL_RIGHT] / V : NAN);
 		appendStringInfo(&buf, "}, \"solver\": \"barrier\", \"iterations\": %d, \"converged\": %s, \"gap\": ",
 						 newton, converged ? "true" : "false");
-		so_json_number(&buf, best.gap);
+		rbr_fit_json_number(&buf, best.gap);
 		appendStringInfo(&buf, ", \"passes\": %d, \"mu\": ", passes);
-		so_json_number(&buf, best.mu);
+		rbr_fit_json_number(&buf, best.mu);
 		appendStringInfoString(&buf, ", \"options\": {\"margin\": ");
-		so_json_number(&buf, o.margin);
+		rbr_fit_json_number(&buf, o.margin);
 		appendStringInfoString(&buf, ", \"tier_margin\": {");
 		for (int i = 0, k = 0; i < o.ntm; i++)
 			if (!isnan(o.tier_margin[i]))
 			{
 				appendStringInfo(&buf, "%s\"%d\": ", k++ ? ", " : "", i);
-				so_json_number(&buf, o.tier_margin[i]);
+				rbr_fit_json_number(&buf, o.tier_margin[i]);
 			}
 		appendStringInfoString(&buf, "}, \"l2\": ");
-		so_json_number(&buf, o.l2);
+		rbr_fit_json_number(&buf, o.l2);
 		appendStringInfoString(&buf, ", \"l2_used\": ");
-		so_json_number(&buf, lambda);
+		rbr_fit_json_number(&buf, lambda);
 		appendStringInfoString(&buf, ", \"fixed_zero\": [");
 		for (int i = 0, k = 0; o.fixed_zero && i < d; i++)
 			if (o.fixed_zero[i])
 				appendStringInfo(&buf, "%s%d", k++ ? ", " : "", i + 1);
 		appendStringInfoString(&buf, "], \"validation_fraction\": ");
-		so_json_number(&buf, o.validation_fraction);
+		rbr_fit_json_number(&buf, o.validation_fraction);
 		appendStringInfo(&buf, ", \"validation_split\": \"groups\", \"seed\": %llu, \"tol\": ",
 						 (unsigned long long) o.seed);
-		so_json_number(&buf, o.tol);
+		rbr_fit_json_number(&buf, o.tol);
 		appendStringInfo(&buf, ", \"max_iter\": %d, \"working_set\": %d}}", o.max_iter, o.working_set);
 	}
 	MemoryContextSwitchTo(old);
