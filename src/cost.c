@@ -99,6 +99,54 @@ typedef struct PlanSeenKey
 	uint8		key[32];
 } PlanSeenKey;
 
+/* The cache keys seen in one call of a plan function, for n requests. */
+static HTAB *
+plan_seen_create(int n)
+{
+	HASHCTL		hctl;
+
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = 32;
+	hctl.entrysize = sizeof(PlanSeenKey);
+	hctl.hcxt = CurrentMemoryContext;
+	return hash_create("rbr plan keys", Max(n, 16), &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+/* Mark a job free (done) when an earlier one of the same call has its key. */
+static void
+plan_seen_mark(HTAB *seen, RbrGradeJob *job)
+{
+	bool		found;
+
+	hash_search(seen, job->key, HASH_ENTER, &found);
+	if (found)
+		job->done = true;
+}
+
+/*
+ * The rows of a plan function: per job (ord), whether it is free (done),
+ * and, when not, its requests, their estimated prompt tokens (est[i] per
+ * request) and the completion tokens they may take.
+ */
+static void
+plan_emit(ReturnSetInfo *rsinfo, const RbrGradeJob *jobs, const int *est, int n, int requests,
+		  int completion_tokens)
+{
+	for (int i = 0; i < n; i++)
+	{
+		bool		free_ = jobs[i].done;
+		Datum		v[5];
+		bool		nulls[5] = {0};
+
+		v[0] = Int32GetDatum(i + 1);
+		v[1] = BoolGetDatum(free_);
+		v[2] = Int32GetDatum(free_ ? 0 : requests);
+		v[3] = Int32GetDatum(free_ ? 0 : est[i] * requests);
+		v[4] = Int32GetDatum(free_ ? 0 : completion_tokens);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
+	}
+}
+
 PG_FUNCTION_INFO_V1(rbr_grade_plan);
 /*
  * rbr.grade_plan(policy, propositions text[], prompts jsonb[], completions
@@ -124,7 +172,6 @@ rbr_grade_plan(PG_FUNCTION_ARGS)
 	const char **names;
 	int		   *est;
 	HTAB	   *seen;
-	HASHCTL		hctl;
 	bool		sampled = rbr_grader_method == RBR_METHOD_SAMPLED;
 	int			answers = sampled ? rbr_grader_samples : 1;
 	int			requests = sampled && rbr_grader_one_sample_per_request() ? rbr_grader_samples : 1;
@@ -143,18 +190,13 @@ rbr_grade_plan(PG_FUNCTION_ARGS)
 	jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
 	names = palloc0(sizeof(char *) * Max(n, 1));
 	est = palloc0(sizeof(int) * Max(n, 1));
-	memset(&hctl, 0, sizeof(hctl));
-	hctl.keysize = 32;
-	hctl.entrysize = sizeof(PlanSeenKey);
-	hctl.hcxt = CurrentMemoryContext;
-	seen = hash_create("rbr plan keys", Max(n, 16), &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	seen = plan_seen_create(n);
 	work = AllocSetContextCreate(CurrentMemoryContext, "rbr grade plan", ALLOCSET_DEFAULT_SIZES);
 
 	for (int i = 0; i < n; i++)
 	{
 		int			prop;
 		char	   *body;
-		bool		found;
 
 		CHECK_FOR_INTERRUPTS();
 		if (n_props[i] || n_prompts[i] || n_compl[i])
@@ -178,25 +220,11 @@ rbr_grade_plan(PG_FUNCTION_ARGS)
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(work);
 		jobs[i].messages_json = NULL;
-		hash_search(seen, jobs[i].key, HASH_ENTER, &found);
-		if (found)
-			jobs[i].done = true;
+		plan_seen_mark(seen, &jobs[i]);
 	}
 	rbr_cache_lookup(jobs, n, names);
 
-	for (int i = 0; i < n; i++)
-	{
-		bool		free_ = jobs[i].done;
-		Datum		v[5];
-		bool		nulls[5] = {0};
-
-		v[0] = Int32GetDatum(i + 1);
-		v[1] = BoolGetDatum(free_);
-		v[2] = Int32GetDatum(free_ ? 0 : requests);
-		v[3] = Int32GetDatum(free_ ? 0 : est[i] * requests);
-		v[4] = Int32GetDatum(free_ ? 0 : rbr_grader_max_answer_tokens * answers);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
-	}
+	plan_emit(rsinfo, jobs, est, n, requests, rbr_grader_max_answer_tokens * answers);
 	MemoryContextDelete(work);
 	hash_destroy(seen);
 	PG_RETURN_NULL();
@@ -226,7 +254,6 @@ rbr_generate_plan(PG_FUNCTION_ARGS)
 	RbrGradeJob *jobs;
 	int		   *est;
 	HTAB	   *seen;
-	HASHCTL		hctl;
 	MemoryContext work,
 				old;
 
@@ -241,17 +268,11 @@ rbr_generate_plan(PG_FUNCTION_ARGS)
 				 errdetail("They have %d, %d and %d elements.", n, n2, n3)));
 	jobs = palloc0(sizeof(RbrGradeJob) * Max(n, 1));
 	est = palloc0(sizeof(int) * Max(n, 1));
-	memset(&hctl, 0, sizeof(hctl));
-	hctl.keysize = 32;
-	hctl.entrysize = sizeof(PlanSeenKey);
-	hctl.hcxt = CurrentMemoryContext;
-	seen = hash_create("rbr plan keys", Max(n, 16), &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	seen = plan_seen_create(n);
 	work = AllocSetContextCreate(CurrentMemoryContext, "rbr generate plan", ALLOCSET_DEFAULT_SIZES);
 
 	for (int i = 0; i < n; i++)
 	{
-		bool		found;
-
 		CHECK_FOR_INTERRUPTS();
 		if (n_prompts[i] || n_instr[i] || n_samples[i])
 			ereport(ERROR,
@@ -267,25 +288,11 @@ rbr_generate_plan(PG_FUNCTION_ARGS)
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(work);
 		jobs[i].messages_json = NULL;
-		hash_search(seen, jobs[i].key, HASH_ENTER, &found);
-		if (found)
-			jobs[i].done = true;
+		plan_seen_mark(seen, &jobs[i]);
 	}
 	rbr_gen_cache_lookup(jobs, n);
 
-	for (int i = 0; i < n; i++)
-	{
-		bool		free_ = jobs[i].done;
-		Datum		v[5];
-		bool		nulls[5] = {0};
-
-		v[0] = Int32GetDatum(i + 1);
-		v[1] = BoolGetDatum(free_);
-		v[2] = Int32GetDatum(free_ ? 0 : 1);
-		v[3] = Int32GetDatum(free_ ? 0 : est[i]);
-		v[4] = Int32GetDatum(free_ ? 0 : rbr_generator_max_tokens);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
-	}
+	plan_emit(rsinfo, jobs, est, n, 1, rbr_generator_max_tokens);
 	MemoryContextDelete(work);
 	hash_destroy(seen);
 	PG_RETURN_NULL();
