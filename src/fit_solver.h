@@ -1,9 +1,9 @@
 /*
  * fit_solver.h - fitting the RBR weights (Mu et al. 2024, "Fitting the weights").
  *
- * A pure C99 library with no PostgreSQL dependency (it includes only <stdint.h>, <stdbool.h>,
- * <stddef.h>, <math.h>, <string.h>), so that it can be unit-tested and benchmarked on its own and
- * called from an aggregate's final function.
+ * A pure C library (GNU C99: it uses the vector extensions of GCC and Clang) with no PostgreSQL
+ * dependency (it includes only <stdint.h>, <stdbool.h>, <stddef.h>, <math.h>, <string.h>), so that it
+ * can be unit-tested and benchmarked on its own and called from an aggregate's final function.
  *
  * Problem.  Rows are grouped by prompt.  Row i has features x_i (d doubles), a base reward r_i and a
  * tier (0 = best).  Inside one group every ordered pair (a, b) with tier(a) < tier(b) is compared
