@@ -1115,12 +1115,29 @@ static void chol_solve(const double *L, const double *sc, int n, double *x)
 /* Dot product of length n. */
 static inline double dotn(const double *a, const double *b, int n)
 {
-    double s = 0;
-    int j;
+    v2d s2 = {0, 0};
+    double s;
+    int j = 0;
 
-    for (j = 0; j < n; j++)
+    /* even and odd elements summed apart, then together: a fixed order, so results are repeatable */
+    for (; j + 2 <= n; j += 2)
+        s2 += ld2(a + j) * ld2(b + j);
+    s = s2[0] + s2[1];
+    for (; j < n; j++)
         s += a[j] * b[j];
     return s;
+}
+
+/* The smaller of a running minimum a (never NaN) and b, as fmin(a, b) there, without a call. */
+static inline double min_acc(double a, double b)
+{
+    return b < a ? b : a;
+}
+
+/* The larger of a running maximum a (never NaN) and b, as fmax(a, b) there, without a call. */
+static inline double max_acc(double a, double b)
+{
+    return b > a ? b : a;
 }
 
 /* ------------------------------------------------------------------ interior-point model solver */
@@ -1211,9 +1228,9 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
     {
         const double tk = B[k] - dotn(Z + k * n, w, n);
 
-        bmax = fmax(bmax, fabs(B[k]));
+        bmax = max_acc(bmax, fabs(B[k]));
         for (j = 0; j < n; j++)
-            zmax = fmax(zmax, fabs(Z[k * n + j]));
+            zmax = max_acc(zmax, fabs(Z[k * n + j]));
         u[k] = fmax(tk, 0.0) + eta;
         s[k] = u[k] - tk;
         a[k] = 0.5;
@@ -1241,7 +1258,7 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
         for (j = 0; j < n; j++)
         {
             rw[j] = rho * w[j] - g[j] - (box ? yl[j] - yh[j] : 0.0);
-            wmax = fmax(wmax, fabs(w[j]));
+            wmax = max_acc(wmax, fabs(w[j]));
         }
         pobj = (rho / 2) * dotn(w, w, n) - dotn(g, w, n);
         if (Cq)
@@ -1266,8 +1283,8 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
             ru[k] = 1.0 - a[k] - bt[k];
             comp += s[k] * a[k] + u[k] * bt[k];
             pobj += u[k];
-            nrs = fmax(nrs, fabs(rs[k]));
-            nru = fmax(nru, fabs(ru[k]));
+            nrs = max_acc(nrs, fabs(rs[k]));
+            nru = max_acc(nru, fabs(ru[k]));
         }
         if (box)
             for (j = 0; j < n; j++)
@@ -1394,25 +1411,25 @@ static int ipm_solve(Ctx *c, IpmWs *ws, KSet *K, const double *g, double rho, co
             for (k = 0; k < m; k++)
             {
                 if (ds[k] < 0)
-                    step = fmin(step, -s[k] / ds[k]);
+                    step = min_acc(step, -s[k] / ds[k]);
                 if (du[k] < 0)
-                    step = fmin(step, -u[k] / du[k]);
+                    step = min_acc(step, -u[k] / du[k]);
                 if (da[k] < 0)
-                    step = fmin(step, -a[k] / da[k]);
+                    step = min_acc(step, -a[k] / da[k]);
                 if (db[k] < 0)
-                    step = fmin(step, -bt[k] / db[k]);
+                    step = min_acc(step, -bt[k] / db[k]);
             }
             if (box)
                 for (j = 0; j < n; j++)
                 {
                     if (dwp[j] < 0)
-                        step = fmin(step, -p[j] / dwp[j]);
+                        step = min_acc(step, -p[j] / dwp[j]);
                     if (dwp[j] > 0)
-                        step = fmin(step, q[j] / dwp[j]);
+                        step = min_acc(step, q[j] / dwp[j]);
                     if (dylp[j] < 0)
-                        step = fmin(step, -yl[j] / dylp[j]);
+                        step = min_acc(step, -yl[j] / dylp[j]);
                     if (dyhp[j] < 0)
-                        step = fmin(step, -yh[j] / dyhp[j]);
+                        step = min_acc(step, -yh[j] / dyhp[j]);
                 }
             if (!corr)
             {
