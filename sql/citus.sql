@@ -17,9 +17,13 @@ INSERT INTO rbr.citus_resync DEFAULT VALUES;
 SELECT count(*) FROM rbr.citus_resync;
 DELETE FROM rbr.citus_resync;
 SELECT rbr.citus_resync_push();
+-- its sync only copies (no mirror, no lock): it may run in any transaction
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT count(*) FROM rbr_citus_sync();
+ROLLBACK;
 RESET ROLE;
 DROP ROLE rbr_citus_r;
--- a mirror must see every committed row: not in a transaction snapshot
+-- a superuser's sync mirrors, and a mirror must see every committed row: not in a transaction snapshot
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT count(*) FROM rbr_citus_sync();
 ROLLBACK;

@@ -7,9 +7,9 @@
 -------------------------------------------------------------------------------
 -- Citus: the workers mirror the coordinator's policies and models
 -------------------------------------------------------------------------------
--- rbr_citus_sync() also removes from the workers the rows the coordinator no
--- longer has (of the roles whose rows the caller sees), and reports them in
--- a new column, removed; a TRUNCATE of rbr.policy_version or rbr.model on the
+-- rbr_citus_sync() of a superuser or the extension's owner also removes from
+-- the workers the rows the coordinator no longer has, and reports them in a
+-- new column, removed; a TRUNCATE of rbr.policy_version or rbr.model on the
 -- coordinator is mirrored to the workers at commit.
 
 -- On a worker: store the policy versions and models the coordinator sent
@@ -185,12 +185,12 @@ CREATE CONSTRAINT TRIGGER resync_to_workers
 
 DROP FUNCTION @extschema@.rbr_citus_sync();
 
--- Mirror every policy version and model the caller sees to every Citus
--- worker (e.g. after citus_add_node, or after a worker was down): copy what
--- is missing or changed, remove what the coordinator no longer has (of the
--- roles whose rows the caller sees); one row per worker with the counts sent,
--- changed and removed there. Idempotent; nothing without Citus or on a
--- worker.
+-- Copy every policy version and model the caller sees to every Citus worker
+-- (e.g. after citus_add_node, or after a worker was down); called by a
+-- superuser or the extension's owner, also remove what the coordinator no
+-- longer has (a mirror, rbr.citus_sync()). One row per worker with the
+-- counts sent, changed and removed there. Idempotent; nothing without Citus
+-- or on a worker.
 CREATE FUNCTION @extschema@.rbr_citus_sync(OUT node text, OUT port int, OUT policy_versions int,
                                            OUT policy_versions_added int, OUT models int, OUT models_changed int,
                                            OUT removed int)

@@ -4463,12 +4463,12 @@ CREATE FUNCTION rbr.citus_sync(OUT node text, OUT port int, OUT result jsonb)
     AS 'MODULE_PATHNAME', 'rbr_citus_sync'
     LANGUAGE C VOLATILE;
 
--- Mirror every policy version and model the caller sees to every Citus
--- worker (e.g. after citus_add_node, or after a worker was down): copy what
--- is missing or changed, remove what the coordinator no longer has (of the
--- roles whose rows the caller sees); one row per worker with the counts sent,
--- changed and removed there. Idempotent; nothing without Citus or on a
--- worker.
+-- Copy every policy version and model the caller sees to every Citus worker
+-- (e.g. after citus_add_node, or after a worker was down); called by a
+-- superuser or the extension's owner, also remove what the coordinator no
+-- longer has (a mirror, rbr.citus_sync()). One row per worker with the
+-- counts sent, changed and removed there. Idempotent; nothing without Citus
+-- or on a worker.
 CREATE FUNCTION @extschema@.rbr_citus_sync(OUT node text, OUT port int, OUT policy_versions int,
                                            OUT policy_versions_added int, OUT models int, OUT models_changed int,
                                            OUT removed int)

@@ -5,12 +5,12 @@
  * rbr.policy_version and rbr.model are local tables of each node; queries
  * that Citus pushes down read them on the workers. The deferred triggers of
  * the SQL script copy each stored row at commit; rbr_citus_sync() copies
- * everything the caller may see (e.g. to a worker added later) and removes
- * from the workers those roles' rows the coordinator no longer has (deleted
- * while a worker was down). It reads the rows as the caller, so row security
- * decides what is copied and mirrored, and sends them
- * as the extension's owner (owner.c), whose connections to the workers may
- * write there. The caller passes nothing that reaches the workers: no role
+ * everything the caller may see (e.g. to a worker added later) and, called
+ * by a superuser or the extension's owner, removes from the workers the rows
+ * the coordinator no longer has (deleted while a worker was down). It reads
+ * the rows as the caller, so row security decides what is copied, and sends
+ * them as the extension's owner (owner.c), whose connections to the workers
+ * may write there. The caller passes nothing that reaches the workers: no role
  * can send rows it could not load on the coordinator.
  */
 #include "postgres.h"
@@ -20,6 +20,7 @@
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/tuplestore.h"
@@ -39,11 +40,21 @@ rbr_citus_sync(PG_FUNCTION_ARGS)
 	int			ret;
 
 	/*
-	 * A mirror removes on the workers what the payload lacks, so the payload
-	 * must hold every row committed before the workers apply it: a snapshot
-	 * taken after the lock below, which a transaction snapshot is not.
+	 * Removing from the workers what the coordinator no longer has needs a
+	 * lock that keeps every store of a policy or model waiting until this
+	 * transaction ends; a role that could hold it open would stop every
+	 * other role's loads. So only a superuser or the extension's owner
+	 * mirrors; any other role's sync copies (what it sees) and removes
+	 * nothing.
 	 */
-	if (IsolationUsesXactSnapshot())
+	bool		mirror = superuser() || has_privs_of_role(GetUserId(), rbr_extension_owner());
+
+	/*
+	 * A mirror's payload must hold every row committed before the workers
+	 * apply it: a snapshot taken after the lock below, which a transaction
+	 * snapshot is not.
+	 */
+	if (mirror && IsolationUsesXactSnapshot())
 		ereport(ERROR,
 				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
 				 errmsg("rbr_citus_sync() cannot run in a REPEATABLE READ or SERIALIZABLE transaction"),
@@ -53,18 +64,24 @@ rbr_citus_sync(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	SPI_connect();
 
-	/*
-	 * As the extension's owner: wait for the transactions that are storing
-	 * or deleting policies and models (their commit-time copies race with
-	 * the mirror), and keep new ones out until this transaction ends.
-	 */
-	ret = rbr_spi_execute_as_owner("LOCK TABLE rbr.policy_version, rbr.model IN SHARE MODE",
-								   0, NULL, NULL, NULL, false, 0);
-	if (ret != SPI_OK_UTILITY)
-		elog(ERROR, "rbr: locking the policies and models failed: %s", SPI_result_code_string(ret));
+	if (mirror)
+	{
+		/*
+		 * As the extension's owner: wait for the transactions that are
+		 * storing or deleting policies and models (their commit-time copies
+		 * race with the mirror), and keep new ones out until this
+		 * transaction ends.
+		 */
+		ret = rbr_spi_execute_as_owner("LOCK TABLE rbr.policy_version, rbr.model IN SHARE MODE",
+									   0, NULL, NULL, NULL, false, 0);
+		if (ret != SPI_OK_UTILITY)
+			elog(ERROR, "rbr: locking the policies and models failed: %s", SPI_result_code_string(ret));
+	}
 
 	/* as the caller, in a new snapshot: the rows row security lets it see */
-	ret = SPI_execute("SELECT rbr.citus_payload()", false, 1);
+	ret = SPI_execute(mirror ? "SELECT rbr.citus_payload()"
+					  : "SELECT rbr.citus_payload() OPERATOR(pg_catalog.-) 'mirror_owners'::pg_catalog.text",
+					  false, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "rbr: reading the policies and models to copy failed: %s", SPI_result_code_string(ret));
 	payload = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

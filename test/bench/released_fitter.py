@@ -5,13 +5,14 @@
 # rbr_fit's. This file holds none of the released code: it imports it from the
 # checkout given as the second argument.
 #
-# Usage: released_fitter.py ROWS.csv RELEASED_DIR MODE
+# Usage: released_fitter.py ROWS.csv RELEASED_DIR MODE [THREADS]
 #   ROWS.csv      prompt,rt,tier,rm,f1..fd (header line; tier 0 is best)
 #   RELEASED_DIR  a checkout holding rbr_weight_fitter.py
 #   MODE          "as-released": the fitter as published, which forms its pairs
 #                 by testing every pair of rows of a response type (n(n-1)/2);
 #                 "pairs-per-prompt": the same fitter with the same pairs formed
 #                 within each prompt only (the quadratic pair search replaced)
+#   THREADS       PyTorch's threads (default: every core)
 # Prints one JSON object per response type: seconds per phase and the weights.
 # Settings as the paper's example: lr 0.01, 1000 steps, weight decay 0.05,
 # margin 1; train_data_frac 1.0, so that it fits the pairs rbr_fit fits.
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import rbr_weight_fitter as rw  # noqa: E402
 
-torch.set_num_threads(os.cpu_count() or 1)
+torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else (os.cpu_count() or 1))
 if mode not in ("as-released", "pairs-per-prompt"):
     sys.exit("mode must be as-released or pairs-per-prompt")
 

@@ -11,9 +11,10 @@
 #  - rbr_fit / rbr_pair_accuracy grouped by a column other than the
 #    distribution column aggregate partially on the workers (EXPLAIN) and
 #    equal a local table's; the bytes the workers send are printed;
-#  - the workers mirror the coordinator: rbr_citus_sync() removes what the
-#    coordinator no longer has (of the roles the caller sees, waiting for
-#    stores in flight), and a TRUNCATE is mirrored at commit only.
+#  - the workers mirror the coordinator: a superuser's rbr_citus_sync()
+#    removes what the coordinator no longer has (waiting for stores in
+#    flight; another role's sync copies only and holds no lock), and a
+#    TRUNCATE is mirrored at commit only.
 # Skipped when citus.so is not installed in the PostgreSQL being tested.
 use strict;
 use warnings;
@@ -382,10 +383,11 @@ my $nrt = alice("SELECT count(*) FROM rbr.model WHERE name = 'v1'");
 my $stale = "SELECT string_agg(DISTINCT owner::text, ',' ORDER BY owner::text) FROM "
           . "(SELECT owner FROM rbr.policy_version WHERE policy LIKE 'stale%' UNION ALL SELECT owner FROM rbr.model WHERE name LIKE 'stale%') s";
 is(alice("SELECT string_agg(format('%s %s', port, removed), '; ' ORDER BY port) FROM rbr_citus_sync()"),
-   "$W1 0; $W2 " . (1 + $nrt), "alice's rbr_citus_sync() removes her stale version and models from the worker");
-is(q_ok($W2, $stale), 'bob', "... and leaves bob's, which are not hers to mirror");
-q_ok($C, "SELECT count(*) FROM rbr_citus_sync()");
-is(q_ok($W2, $stale) // '', '', "the superuser's sync removes bob's too");
+   "$W1 0; $W2 0", "alice's rbr_citus_sync() copies but removes nothing (only a superuser's mirrors)");
+is(q_ok($W2, $stale), 'alice,bob', '... so the stale rows stay');
+is(q_ok($C, "SELECT string_agg(format('%s %s', port, removed), '; ' ORDER BY port) FROM rbr_citus_sync()"),
+   "$W1 0; $W2 " . (2 + 2 * $nrt), "the superuser's sync removes every stale version and model from the worker");
+is(q_ok($W2, $stale) // '', '', '... alice\'s and bob\'s');
 my $all_c = "SELECT (SELECT count(*) FROM rbr.policy_version) || ' ' || (SELECT count(*) FROM rbr.model)";
 my $counts = q_ok($C, $all_c);
 is(on_workers($all_c), "$counts / $counts", '... and every row the coordinator has stays on the workers');
@@ -410,6 +412,21 @@ finish($bg) or diag("background load: $be");
 q_ok($C, "SELECT count(*) FROM rbr_citus_sync()");
 is(on_workers("SELECT count(*) FROM rbr.policy_version WHERE policy = 'held'"), '1 / 1',
    '... and once it committed, both workers have it');
+
+# attack: a role that keeps its transaction open after rbr_citus_sync() holds no lock
+# that would stop other roles' loads
+($bo, $be) = ('', '');
+$bsql = "BEGIN; SELECT count(*) FROM rbr_citus_sync(); SELECT pg_sleep(3); COMMIT;";
+$bg = start(["$bindir/psql", '-X', '-q', '-A', '-t', '-h', 'localhost', '-p', $C, '-v', 'ON_ERROR_STOP=1',
+             '-U', 'alice', '-d', 'postgres', '-c', $bsql], '>', \$bo, '2>', \$be, timeout(120));
+for (1 .. 100) {
+    last if q_ok($C, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND query LIKE '%pg_sleep%' AND state = 'active'");
+    select(undef, undef, undef, 0.05);
+}
+(undef, $e, $rc) = sq($C, "SET lock_timeout = '500ms'; SELECT rbr_policy_load('bobs_next', \$rbrpolicy\$$policy\$rbrpolicy\$::jsonb)",
+                      user => 'bob');
+is($rc, 0, "bob loads a policy while alice's transaction with rbr_citus_sync() is still open") or diag($e);
+finish($bg) or diag("alice's open sync: $be");
 
 # TRUNCATE: mirrored at commit, and not at all when rolled back
 q_ok($C, "BEGIN; TRUNCATE rbr.model; ROLLBACK");
