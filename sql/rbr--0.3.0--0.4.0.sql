@@ -14,8 +14,8 @@
 
 -- On a worker: store the policy versions and models the coordinator sent
 -- (rows as to_jsonb() of rbr.policy_version / rbr.model, roles by name) and
--- remove the deleted ones (named, or for a mirror every row of the listed
--- owners the payload lacks); returns what it sent and what changed here.
+-- remove the deleted ones (named, or for a mirror every row the payload
+-- lacks); returns what it sent and what changed here.
 -- Idempotent. A name owned here by another role is refused (the owner
 -- guard), so no role's policy or model replaces another's. Called by
 -- rbr.citus_ship() as the extension's owner; no other role may call it.
@@ -34,7 +34,6 @@ DECLARE
     md int := 0;
     md_changed int := 0;
     removed int := 0;
-    owners text[];
 BEGIN
     FOR p IN SELECT e.value FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e LOOP
         PERFORM rbr.citus_role(p ->> 'owner');
@@ -87,21 +86,18 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         removed := removed + n;
     END LOOP;
-    -- a mirror (rbr_citus_sync(), or a TRUNCATE on the coordinator): the
-    -- payload holds every row of the owners it lists, so their rows that it
-    -- lacks were deleted on the coordinator (while this node was down, or by
+    -- a mirror (a superuser's rbr_citus_sync(), or a TRUNCATE on the
+    -- coordinator): the payload holds every row of the coordinator, so the
+    -- rows it lacks were deleted there (while this node was down, or by
     -- TRUNCATE) and go here too; a version a model here still uses stays
-    IF payload ? 'mirror_owners' THEN
-        owners := ARRAY(SELECT jsonb_array_elements_text(payload -> 'mirror_owners'));
+    IF (payload ->> 'mirror')::boolean IS TRUE THEN
         DELETE FROM rbr.model m
-         WHERE m.owner::text = ANY (owners)
-           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'models', '[]')) e
+         WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'models', '[]')) e
                             WHERE e.value ->> 'name' = m.name AND e.value ->> 'response_type' = m.response_type);
         GET DIAGNOSTICS n = ROW_COUNT;
         removed := removed + n;
         DELETE FROM rbr.policy_version v
-         WHERE v.owner::text = ANY (owners)
-           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e
+         WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(COALESCE(payload -> 'policy_versions', '[]')) e
                             WHERE e.value ->> 'policy' = v.policy AND (e.value ->> 'version')::int = v.version)
            AND NOT EXISTS (SELECT 1 FROM rbr.model m WHERE m.policy = v.policy AND m.policy_version = v.version);
         GET DIAGNOSTICS n = ROW_COUNT;
@@ -110,24 +106,6 @@ BEGIN
     RETURN jsonb_build_object('policy_versions', pv, 'policy_versions_added', pv_added,
                               'models', md, 'models_changed', md_changed, 'removed', removed);
 END
-$$;
-
--- Every policy version and model the caller sees (row security: the rows
--- of the roles it has USAGE of), as a payload of rbr.citus_apply() that
--- mirrors them: those roles are listed, so that a worker removes their rows
--- the coordinator no longer has.
-CREATE OR REPLACE FUNCTION rbr.citus_payload() RETURNS jsonb
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp
-    AS $$
-    SELECT jsonb_build_object(
-        'policy_versions', COALESCE((SELECT jsonb_agg(to_jsonb(v) ORDER BY v.policy, v.version)
-                                       FROM rbr.policy_version v), '[]'),
-        'models', COALESCE((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.name, m.response_type)
-                              FROM rbr.model m), '[]'),
-        'mirror_owners', COALESCE((SELECT jsonb_agg(r.oid::regrole::text ORDER BY r.rolname)
-                                     FROM pg_catalog.pg_roles r
-                                    WHERE pg_catalog.pg_has_role(r.oid, 'USAGE')), '[]'))
 $$;
 
 -- A TRUNCATE of rbr.policy_version or rbr.model on the coordinator leaves a
@@ -172,7 +150,7 @@ CREATE FUNCTION rbr.citus_resync_push() RETURNS trigger
 BEGIN
     DELETE FROM rbr.citus_resync;
     IF FOUND THEN
-        PERFORM rbr.citus_ship(rbr.citus_payload());
+        PERFORM rbr.citus_ship(rbr.citus_payload() OPERATOR(pg_catalog.||) '{"mirror": true}'::jsonb);
     END IF;
     RETURN NULL;
 END

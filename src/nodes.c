@@ -78,9 +78,14 @@ rbr_citus_sync(PG_FUNCTION_ARGS)
 			elog(ERROR, "rbr: locking the policies and models failed: %s", SPI_result_code_string(ret));
 	}
 
-	/* as the caller, in a new snapshot: the rows row security lets it see */
-	ret = SPI_execute(mirror ? "SELECT rbr.citus_payload()"
-					  : "SELECT rbr.citus_payload() OPERATOR(pg_catalog.-) 'mirror_owners'::pg_catalog.text",
+	/*
+	 * As the caller, in a new snapshot: the rows row security lets it see.
+	 * A mirroring caller (a superuser, or the owner of rbr's tables) sees
+	 * every row, so its payload is marked a mirror: each worker removes the
+	 * rows it lacks.
+	 */
+	ret = SPI_execute(mirror ? "SELECT rbr.citus_payload() OPERATOR(pg_catalog.||) '{\"mirror\": true}'::pg_catalog.jsonb"
+					  : "SELECT rbr.citus_payload()",
 					  false, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "rbr: reading the policies and models to copy failed: %s", SPI_result_code_string(ret));
