@@ -17,6 +17,7 @@ INSERT INTO rbr.citus_resync DEFAULT VALUES;
 SELECT count(*) FROM rbr.citus_resync;
 DELETE FROM rbr.citus_resync;
 SELECT rbr.citus_resync_push();
+SELECT rbr.citus_truncated();
 -- its sync only copies (no mirror, no lock): it may run in any transaction
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT count(*) FROM rbr_citus_sync();
